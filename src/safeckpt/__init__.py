@@ -1,0 +1,17 @@
+"""safeckpt: safe, fast, portable model weights and training checkpoints.
+
+>>> import numpy as np, safeckpt
+>>> safeckpt.save_file({"w": np.ones((2, 2), np.float32)}, "model.safetensors")
+>>> safeckpt.load_file("model.safetensors")["w"]
+"""
+
+from .api import load, load_file, safe_open, save, save_file
+from .errors import HeaderError, SafeckptError
+from .format import RawTensor, SafetensorsFile, TensorInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "save_file", "load_file", "save", "load", "safe_open",
+    "SafeckptError", "HeaderError", "RawTensor", "SafetensorsFile", "TensorInfo",
+]

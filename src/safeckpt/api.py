@@ -1,0 +1,169 @@
+"""The safetensors API for every framework: save_file, load_file, save, load, safe_open."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+
+from . import errors, frameworks
+from .format.dtypes import DTYPES, storage_dtype
+from .format.reader import SafetensorsFile, parse_bytes_header
+from .format.writer import PreparedTensor, check_metadata, prepare, serialize, write_file
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _prepare_all(tensors: Mapping[str, Any], path=None) -> List[PreparedTensor]:
+    if not isinstance(tensors, Mapping):
+        raise errors.UnsupportedTensorError(
+            f"expected a dict of name -> tensor, got {type(tensors).__name__}", path=path)
+    prepared = []
+    for name, value in tensors.items():
+        try:
+            array = frameworks.to_numpy(value)
+        except errors.SafeckptError as exc:
+            raise type(exc)(exc.detail, path=path, tensor=name) from None
+        prepared.append(prepare(name, array, path))
+    return prepared
+
+
+def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Save a dict of tensors (numpy or any framework's) to a safetensors file.
+
+    Bytes are streamed from each tensor's memory, in logical order whatever
+    its strides; the file is replaced atomically.
+
+    >>> safeckpt.save_file({"w": np.zeros((2, 3), np.float32)}, "model.safetensors", {"step": "10"})
+    """
+    metadata = check_metadata(metadata, path)
+    write_file(_prepare_all(tensors, path), path, metadata)
+
+
+def save(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The safetensors bytes of a dict of tensors.
+
+    >>> data = safeckpt.save({"w": np.ones(3, np.float32)})
+    """
+    metadata = check_metadata(metadata)
+    return serialize(_prepare_all(tensors), metadata)
+
+
+class TensorSlice:
+    """A tensor not yet read; index it (numpy basic indexing) to read part of it.
+
+    >>> with safeckpt.safe_open("model.safetensors") as f:
+    ...     row = f.get_slice("embed.weight")[42]
+    """
+
+    def __init__(self, file: SafetensorsFile, name: str, adapter, device) -> None:
+        self._file, self._name, self._adapter, self._device = file, name, adapter, device
+        self._info = file.info(name)
+
+    def get_shape(self) -> List[int]:
+        return list(self._info.shape)
+
+    def get_dtype(self) -> str:
+        return self._info.dtype
+
+    @property
+    def shape(self) -> tuple:
+        return self._info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self._info.dtype
+
+    def __len__(self) -> int:
+        if not self._info.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self._info.shape[0]
+
+    def __getitem__(self, index):
+        return self._adapter.from_numpy(self._file.slice(self._name, index), self._device)
+
+
+class safe_open:
+    """Open a safetensors file lazily; tensors are read (zero-copy with mmap) on request.
+
+    `framework` accepts every name safetensors accepts ("np", "pt", "tf", "jax",
+    "flax", "mlx", "paddle", ...). `backend` is "mmap" (default, zero-copy,
+    private copy-on-write mapping) or "pread" (owned arrays, for filesystems
+    where mmap is slow or unavailable).
+
+    >>> with safeckpt.safe_open("model.safetensors", framework="pt") as f:
+    ...     f.keys(), f.metadata(), f.get_tensor("w"), f.get_slice("w")[0:2, ::2]
+    """
+
+    def __init__(self, filename: PathLike, framework: str = "numpy", device: Any = "cpu", *,
+                 backend: str = "mmap") -> None:
+        self._adapter = frameworks.get(framework)
+        self._device = device
+        self._file = SafetensorsFile(filename, backend=backend)
+
+    def keys(self) -> List[str]:
+        """Tensor names, sorted."""
+        return sorted(self._file.keys())
+
+    def offset_keys(self) -> List[str]:
+        """Tensor names in the order their bytes appear in the file."""
+        return self._file.keys()
+
+    def metadata(self) -> Optional[Dict[str, str]]:
+        return self._file.metadata()
+
+    def get_tensor(self, name: str):
+        file = self._file
+        return self._adapter.from_storage(file.storage(name), file.dtype(name), file.info(name).shape,
+                                          self._device)
+
+    def get_tensors(self) -> Dict[str, Any]:
+        """Every tensor, in file order."""
+        return {name: self.get_tensor(name) for name in self._file.keys()}
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self._file, name, self._adapter, self._device)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "safe_open":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_file(path: PathLike, *, framework: str = "numpy", device: Any = "cpu", copy: bool = False,
+              backend: str = "mmap") -> Dict[str, Any]:
+    """Load every tensor of a safetensors file.
+
+    By default arrays are zero-copy views of a private (copy-on-write) map of
+    the file: writable, and writes never reach the file. `copy=True` returns
+    arrays that own their memory (read with pread, no page faults on the map).
+
+    >>> tensors = safeckpt.load_file("model.safetensors", framework="pt")
+    """
+    adapter = frameworks.get(framework)
+    with SafetensorsFile(path, backend=backend) as file:
+        return {name: adapter.from_storage(file.storage(name, copy=copy), file.dtype(name),
+                                           file.info(name).shape, device)
+                for name in file.keys()}
+
+
+def load(data: Union[bytes, bytearray, memoryview], *, framework: str = "numpy", device: Any = "cpu") -> Dict[str, Any]:
+    """Load tensors from safetensors bytes; arrays own their memory.
+
+    >>> tensors = safeckpt.load(safeckpt.save({"w": np.ones(3, np.float32)}))
+    """
+    adapter = frameworks.get(framework)
+    header = parse_bytes_header(data)
+    buffer = np.frombuffer(bytearray(data), dtype=np.uint8)  # one owned, writable copy
+    result = {}
+    for name, info in header.tensors.items():
+        begin = header.data_start + info.data_offsets[0]
+        dtype = DTYPES[info.dtype]
+        storage = buffer[begin:begin + info.nbytes].view(storage_dtype(dtype))
+        result[name] = adapter.from_storage(storage, dtype, info.shape, device)
+    return result

@@ -1,0 +1,368 @@
+"""The safetensors header: parse and validate it, or build it.
+
+Specification (the Hugging Face format, https://github.com/huggingface/safetensors)::
+
+    [8 bytes]  N, unsigned 64-bit little-endian: the length of the header
+    [N bytes]  the header: UTF-8 JSON object
+    [rest]     the data buffer
+
+The header maps each tensor name to ``{"dtype": str, "shape": [int, ...],
+"data_offsets": [begin, end]}``, offsets relative to the start of the data
+buffer. An optional ``"__metadata__"`` maps strings to strings (``null`` is
+accepted on read). Sorted by offset, the tensors must tile the data buffer
+exactly: no gaps, no overlaps, no trailing bytes (zero-size tensors may share
+an offset). ``shape × dtype bits / 8`` must equal the span.
+
+JSON whitespace (space, tab, CR, LF) before and after the object is accepted,
+as the Rust implementation accepts it; writers pad with spaces to a multiple
+of 8 bytes. Everything else is strict: where the Rust implementation silently
+keeps the last of duplicate keys or ignores unknown fields, we refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from .. import errors
+from .dtypes import DTYPES, DType, byte_size
+
+LENGTH_PREFIX = 8
+# The format's own limit; it keeps a hostile file from making us parse gigabytes of JSON.
+MAX_HEADER_BYTES = 100_000_000
+# Far above any real tensor, far below anything that would overflow 64-bit sizes.
+MAX_DIM = 2**63 - 1
+METADATA_KEY = "__metadata__"
+TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+JSON_WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says of one tensor: dtype name, shape, and byte span."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated header. `tensors` is in file order (by offset)."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: Optional[dict[str, str]]
+    data_start: int  # absolute file offset of the data buffer
+    data_size: int = field(default=0)
+
+
+# --- parsing ------------------------------------------------------------------
+
+def read_length_prefix(prefix: bytes, file_size: int, path=None) -> int:
+    """Check and return N from the first 8 bytes of a file of `file_size` bytes."""
+    if file_size < LENGTH_PREFIX:
+        _raise_wrong_format(prefix, path)
+        raise errors.FileTooSmallError(
+            f"file is {file_size} bytes, smaller than the 8-byte header length of a safetensors file",
+            path=path)
+    (length,) = struct.unpack("<Q", prefix[:LENGTH_PREFIX])
+    if length > MAX_HEADER_BYTES:
+        _raise_wrong_format(prefix, path)
+        raise errors.HeaderTooLargeError(
+            f"header length {length} exceeds the format's limit of {MAX_HEADER_BYTES} bytes",
+            path=path)
+    if length > file_size - LENGTH_PREFIX:
+        _raise_wrong_format(prefix, path)
+        raise errors.HeaderLengthError(
+            f"header length {length} runs past the end of the file "
+            f"({file_size - LENGTH_PREFIX} bytes after the length prefix); the file may be truncated",
+            path=path)
+    return length
+
+
+def parse_header(raw: bytes, file_size: int, path=None) -> Header:
+    """Parse and validate the header bytes (without the length prefix).
+
+    `file_size` is the size of the whole file; the tensors must tile
+    ``file_size - 8 - len(raw)`` bytes exactly.
+    """
+    text = _decode(raw, path)
+    document = _load_json(text, path)
+    if not isinstance(document, dict):
+        raise errors.HeaderNotObjectError(
+            f"header is a JSON {_json_type(document)}, expected an object", path=path)
+    metadata = _check_metadata(document.pop(METADATA_KEY, None), path)
+    data_size = file_size - LENGTH_PREFIX - len(raw)
+    infos = {name: _check_entry(name, entry, path) for name, entry in document.items()}
+    ordered = _check_layout(infos, data_size, path)
+    return Header(ordered, metadata, LENGTH_PREFIX + len(raw), data_size)
+
+
+def _decode(raw: bytes, path) -> str:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise errors.HeaderEncodingError(
+            "header starts with a UTF-8 byte-order mark, which safetensors does not allow", path=path)
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise errors.HeaderJSONError(
+            f"header contains a NUL byte at file offset {LENGTH_PREFIX + nul}; "
+            "safetensors pads headers with spaces, not NULs", path=path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.HeaderEncodingError(
+            f"header is not valid UTF-8 (byte {LENGTH_PREFIX + exc.start}: {exc.reason})", path=path) from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _pairs_without_duplicates(path):
+    def hook(pairs):
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise errors.DuplicateKeyError(
+                    f"key {key!r} appears twice in the header; refusing to guess which one is meant",
+                    path=path)
+            result[key] = value
+        return result
+    return hook
+
+
+def _load_json(text: str, path) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_pairs_without_duplicates(path),
+                          parse_constant=_reject_constant)
+    except errors.SafeckptError:
+        raise
+    except RecursionError:
+        raise errors.HeaderJSONError("header JSON is nested too deeply", path=path) from None
+    except ValueError as exc:
+        raise errors.HeaderJSONError(f"header is not valid JSON: {exc}", path=path) from None
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"),
+                       (list, "array"), (dict, "object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _check_text(value: str, what: str, path, tensor=None) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.HeaderEncodingError(
+            f"{what} {value!r} contains a lone surrogate escape, which is not valid UTF-8",
+            path=path, tensor=tensor) from None
+    return value
+
+
+def _check_metadata(metadata: Any, path) -> Optional[dict[str, str]]:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise errors.MetadataError(
+            f"__metadata__ is a JSON {_json_type(metadata)}, expected an object of strings", path=path)
+    for key, value in metadata.items():
+        _check_text(key, "metadata key", path)
+        if not isinstance(value, str):
+            raise errors.MetadataError(
+                f"__metadata__[{key!r}] is a JSON {_json_type(value)}, expected a string", path=path)
+        _check_text(value, f"metadata value of {key!r}", path)
+    return metadata
+
+
+def _check_entry(name: str, entry: Any, path) -> TensorInfo:
+    _check_text(name, "tensor name", path)
+    if not isinstance(entry, dict):
+        raise errors.HeaderNotObjectError(
+            f"entry is a JSON {_json_type(entry)}, expected an object with {', '.join(TENSOR_FIELDS)}",
+            path=path, tensor=name)
+    missing = [f for f in TENSOR_FIELDS if f not in entry]
+    if missing:
+        raise errors.MissingFieldError(f"entry lacks {', '.join(missing)}", path=path, tensor=name)
+    extra = sorted(set(entry) - set(TENSOR_FIELDS))
+    if extra:
+        raise errors.UnexpectedFieldError(
+            f"entry has unknown field(s) {', '.join(map(repr, extra))}", path=path, tensor=name)
+    dtype = _check_dtype(entry["dtype"], name, path)
+    shape = _check_shape(entry["shape"], name, path)
+    offsets = _check_offsets(entry["data_offsets"], name, path)
+    size = byte_size(dtype, shape)
+    if size is None:
+        raise errors.SubByteSizeError(
+            f"{math.prod(shape)} elements of {dtype.name} ({dtype.bits} bits each) do not fill whole bytes",
+            path=path, tensor=name)
+    if size >= 2**64:
+        raise errors.SizeOverflowError(
+            f"shape {list(shape)} of {dtype.name} is {size} bytes, which overflows 64 bits",
+            path=path, tensor=name)
+    begin, end = offsets
+    if end < begin:
+        raise errors.ReversedOffsetsError(
+            f"data_offsets [{begin}, {end}] end before they begin", path=path, tensor=name)
+    if end - begin != size:
+        raise errors.SizeMismatchError(
+            f"data_offsets [{begin}, {end}] span {end - begin} bytes but shape {list(shape)} of "
+            f"{dtype.name} needs {size}", path=path, tensor=name)
+    return TensorInfo(dtype.name, shape, offsets)
+
+
+def _check_dtype(value: Any, name: str, path) -> DType:
+    if not isinstance(value, str):
+        raise errors.FieldTypeError(
+            f"dtype is a JSON {_json_type(value)}, expected a string", path=path, tensor=name)
+    dtype = DTYPES.get(value)
+    if dtype is None:
+        raise errors.UnknownDTypeError(
+            f"unknown dtype {value!r}; known: {', '.join(DTYPES)}", path=path, tensor=name)
+    return dtype
+
+
+def _is_json_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(value: Any, name: str, path) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise errors.FieldTypeError(
+            f"shape is a JSON {_json_type(value)}, expected an array of integers", path=path, tensor=name)
+    for dim in value:
+        if not _is_json_int(dim):
+            raise errors.InvalidShapeError(
+                f"shape {value!r} has a non-integer entry {dim!r}", path=path, tensor=name)
+        if dim < 0:
+            raise errors.InvalidShapeError(
+                f"shape {value!r} has a negative entry {dim}", path=path, tensor=name)
+        if dim > MAX_DIM:
+            raise errors.InvalidShapeError(
+                f"shape {value!r} has an entry larger than 2**63 - 1", path=path, tensor=name)
+    return tuple(value)
+
+
+def _check_offsets(value: Any, name: str, path) -> tuple[int, int]:
+    if not isinstance(value, list):
+        raise errors.FieldTypeError(
+            f"data_offsets is a JSON {_json_type(value)}, expected [begin, end]", path=path, tensor=name)
+    if len(value) != 2:
+        raise errors.InvalidOffsetsError(
+            f"data_offsets has {len(value)} entries, expected 2 ([begin, end])", path=path, tensor=name)
+    for offset in value:
+        if not _is_json_int(offset) or offset < 0 or offset >= 2**64:
+            raise errors.InvalidOffsetsError(
+                f"data_offsets {value!r} must be two non-negative 64-bit integers", path=path, tensor=name)
+    return value[0], value[1]
+
+
+def _check_layout(infos: dict[str, TensorInfo], data_size: int, path) -> dict[str, TensorInfo]:
+    """Tensors sorted by offset must tile the data buffer exactly."""
+    ordered = sorted(infos.items(), key=lambda item: item[1].data_offsets)
+    position, previous = 0, None
+    for name, info in ordered:
+        begin, end = info.data_offsets
+        if end > data_size:
+            raise errors.OffsetOutOfBoundsError(
+                f"data_offsets [{begin}, {end}] run past the end of the {data_size}-byte data buffer; "
+                "the file may be truncated", path=path, tensor=name)
+        if begin < position:
+            raise errors.OverlapError(
+                f"bytes [{begin}, {end}] overlap tensor {previous!r}, which ends at {position}",
+                path=path, tensor=name)
+        if begin > position:
+            raise errors.GapError(
+                f"starts at {begin} but the previous tensor ends at {position}: "
+                f"{begin - position} bytes belong to no tensor", path=path, tensor=name)
+        position = end
+        if end > begin:
+            previous = name
+    if position != data_size:
+        raise errors.TrailingBytesError(
+            f"the tensors cover {position} bytes but the data buffer has {data_size}: "
+            f"{data_size - position} trailing bytes belong to no tensor", path=path)
+    return dict(ordered)
+
+
+# --- recognising other formats ---------------------------------------------
+
+def sniff_other_format(head: bytes) -> Optional[tuple[str, str]]:
+    """Name the format of a file that is not safetensors, with advice, or None."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip", ("it is a zip archive, as written by torch.save (PyTorch >= 1.6); "
+                       "it holds a pickle that can run code: convert it with `safeckpt convert` "
+                       "(which never executes it) instead of loading it")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle", ("it is a Python pickle (a legacy torch.save or pickle.dump file) that "
+                          "can run code when loaded: convert it with `safeckpt convert`, "
+                          "which never executes it")
+    if head.startswith(b"version https://git-lfs"):
+        return "git-lfs-pointer", ("it is a Git LFS pointer, not the file itself: fetch the real "
+                                   "content with `git lfs pull` (or download it from the Hub)")
+    lowered = head.lstrip().lower()
+    if lowered.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "html", ("it is an HTML page, probably an error or login page saved instead of "
+                        "the model: download the file again (on the Hub use the /resolve/ URL, not /blob/)")
+    if head.startswith(b"GGUF"):
+        return "gguf", "it is a GGUF file (llama.cpp); read it with safeckpt.open_source"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy", "it is a numpy .npy file; read it with safeckpt.open_source"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip", "it is gzip-compressed: decompress it first"
+    return None
+
+
+def _raise_wrong_format(head: bytes, path) -> None:
+    found = sniff_other_format(head)
+    if found is not None:
+        kind, advice = found
+        raise errors.WrongFormatError(f"not a safetensors file: {advice}", detected=kind, path=path)
+
+
+def check_not_other_format(head: bytes, path) -> None:
+    """Raise WrongFormatError if `head` (the first bytes) shows another format.
+
+    Called when the header failed to parse, so a pickle or an HTML page gets
+    an error that says what the file really is.
+    """
+    _raise_wrong_format(head, path)
+
+
+# --- building -----------------------------------------------------------------
+
+def sort_for_writing(entries: Mapping[str, tuple[DType, tuple[int, ...]]]) -> list[str]:
+    """Names in write order: dtype rank descending, then name."""
+    return sorted(entries, key=lambda n: (-entries[n][0].rank, n))
+
+
+def build_header(ordered: list[tuple[str, DType, tuple[int, ...], int]],
+                 metadata: Optional[Mapping[str, str]]) -> tuple[bytes, int]:
+    """Header bytes (length prefix included, padded) and the data size.
+
+    `ordered` is ``(name, dtype, shape, nbytes)`` in write order. Produces the
+    bytes the Hugging Face writer produces: compact JSON, ``__metadata__``
+    first (keys sorted), entries in offset order, space padding to 8.
+    """
+    document: dict[str, Any] = {}
+    if metadata is not None:
+        document[METADATA_KEY] = dict(sorted(metadata.items()))
+    offset = 0
+    for name, dtype, shape, nbytes in ordered:
+        document[name] = {"dtype": dtype.name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offset

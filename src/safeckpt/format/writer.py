@@ -1,0 +1,243 @@
+"""Writing safetensors files: streamed, in logical order, atomically.
+
+The header is built first (every shape and dtype is known up front), then each
+tensor's bytes go straight from its own memory to the file: a C-contiguous
+little-endian array is written as one zero-copy buffer; any other array
+(transposed, Fortran-ordered, strided, big-endian) is written in logical
+order in blocks of at most `BLOCK_BYTES`, so memory stays bounded.
+
+Files are written to a temporary sibling (created with mode 0666 & ~umask,
+like any ordinary file), fsynced, renamed over the target and the directory
+fsynced: a crash or error leaves the old file untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+
+import numpy as np
+
+from .. import errors
+from .dtypes import DTYPES, DType, byte_size, dtype_for_numpy
+from .header import METADATA_KEY, build_header
+
+BLOCK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Bytes with a declared safetensors dtype and shape, written as they are.
+
+    For dtypes numpy cannot hold packed (F6_E2M3, F6_E3M2) or bytes already in
+    the file layout (F4 packed two per byte).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: Union[bytes, bytearray, memoryview, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PreparedTensor:
+    """A tensor checked and ready to write. `load` gives its numpy array on demand."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    nbytes: int
+    load: Callable[[], Union[np.ndarray, RawTensor]]
+
+
+def prepare(name: str, value: Union[np.ndarray, np.generic, RawTensor], path=None) -> PreparedTensor:
+    """Check a name and a numpy array (or RawTensor) and describe it for writing."""
+    check_name(name, path)
+    if isinstance(value, RawTensor):
+        return _prepare_raw(name, value, path)
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray):
+        raise errors.UnsupportedTensorError(
+            f"expected a numpy array or a framework tensor, got {type(value).__module__}.{type(value).__name__}",
+            path=path, tensor=name)
+    dtype = dtype_for_numpy(value.dtype)
+    if dtype is None:
+        raise errors.UnsupportedTensorError(
+            f"numpy dtype {value.dtype} has no safetensors equivalent; cast it first "
+            f"(safetensors dtypes: {', '.join(DTYPES)})", path=path, tensor=name)
+    shape = tuple(int(d) for d in value.shape)
+    nbytes = byte_size(dtype, shape)
+    if nbytes is None:
+        raise errors.UnsupportedTensorError(
+            f"{value.size} values of {dtype.name} do not fill whole bytes (F4 packs two per byte: "
+            "the element count must be even)", path=path, tensor=name)
+    return PreparedTensor(name, dtype, shape, nbytes, lambda: value)
+
+
+def _prepare_raw(name: str, raw: RawTensor, path) -> PreparedTensor:
+    dtype = DTYPES.get(raw.dtype)
+    if dtype is None:
+        raise errors.UnsupportedTensorError(f"unknown safetensors dtype {raw.dtype!r}", path=path, tensor=name)
+    shape = tuple(int(d) for d in raw.shape)
+    nbytes = byte_size(dtype, shape)
+    given = memoryview(raw.data).nbytes
+    if nbytes != given:
+        raise errors.UnsupportedTensorError(
+            f"shape {list(shape)} of {dtype.name} needs {nbytes} bytes but {given} were given",
+            path=path, tensor=name)
+    return PreparedTensor(name, dtype, shape, nbytes, lambda: raw)
+
+
+def check_name(name, path=None) -> None:
+    if not isinstance(name, str):
+        raise errors.InvalidNameError(f"tensor names must be strings, got {type(name).__name__} {name!r}",
+                                      path=path)
+    if name == METADATA_KEY:
+        raise errors.InvalidNameError(f"{METADATA_KEY!r} is reserved for the header's metadata", path=path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidNameError(f"tensor name {name!r} is not valid UTF-8", path=path) from None
+
+
+def check_metadata(metadata, path=None) -> Optional[dict[str, str]]:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise errors.InvalidMetadataError(
+            f"metadata must be a dict of str to str, got {type(metadata).__name__}", path=path)
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise errors.InvalidMetadataError(
+                f"metadata must map str to str; {key!r}: {value!r} is {type(key).__name__}: "
+                f"{type(value).__name__} (convert values with str() or json.dumps())", path=path)
+        try:
+            (key + value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.InvalidMetadataError(f"metadata {key!r} is not valid UTF-8", path=path) from None
+    return dict(metadata)
+
+
+# --- bytes in logical order ---------------------------------------------------
+
+def tensor_chunks(value: Union[np.ndarray, RawTensor]) -> Iterator[memoryview]:
+    """The tensor's file bytes, as buffers to write one after another."""
+    if isinstance(value, RawTensor):
+        view = memoryview(value.data).cast("B") if not isinstance(value.data, np.ndarray) \
+            else memoryview(np.ascontiguousarray(value.data).reshape(-1).view(np.uint8))
+        if view.nbytes:
+            yield view
+        return
+    if value.size == 0:
+        return
+    if dtype_for_numpy(value.dtype).name == "F4":
+        yield memoryview(pack_f4(value))
+        return
+    little = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
+    if value.flags.c_contiguous and value.dtype == little:
+        yield memoryview(value.reshape(-1).view(np.uint8))
+        return
+    for block in _logical_blocks(value):
+        yield memoryview(np.ascontiguousarray(block, dtype=little).reshape(-1).view(np.uint8))
+
+
+def _logical_blocks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """Consecutive pieces of `array` in C order, each at most about BLOCK_BYTES."""
+    if array.ndim == 0:
+        yield array
+        return
+    row_bytes = array.itemsize * math.prod(array.shape[1:])
+    if row_bytes > BLOCK_BYTES and array.ndim > 1:
+        for row in array:
+            yield from _logical_blocks(row)
+        return
+    rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, array.shape[0], rows):
+        yield array[start:start + rows]
+
+
+def pack_f4(values: np.ndarray) -> np.ndarray:
+    """One float4_e2m1fn per byte -> two per byte, the first in the low nibble."""
+    nibbles = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    return (nibbles[0::2] & 0x0F) | ((nibbles[1::2] & 0x0F) << 4)
+
+
+# --- files and bytes ---------------------------------------------------------
+
+def layout(tensors: Iterable[PreparedTensor]) -> list[PreparedTensor]:
+    """Write order: dtype rank descending (wider types first, so all aligned), then name."""
+    return sorted(tensors, key=lambda t: (-t.dtype.rank, t.name))
+
+
+def header_for(ordered: list[PreparedTensor], metadata) -> bytes:
+    header, _ = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in ordered], metadata)
+    return header
+
+
+def serialize(tensors: Iterable[PreparedTensor], metadata=None) -> bytes:
+    """The whole file as bytes."""
+    ordered = layout(tensors)
+    parts: list = [header_for(ordered, metadata)]
+    for tensor in ordered:
+        parts.extend(tensor_chunks(tensor.load()))
+    return b"".join(parts)
+
+
+def write_file(tensors: Iterable[PreparedTensor], path, metadata=None) -> None:
+    """Write a safetensors file atomically: temp file, fsync, rename, fsync dir."""
+    path = os.fspath(path)
+    ordered = layout(tensors)
+    header = header_for(ordered, metadata)
+    with atomic_output(path) as fd:
+        _write_all(fd, memoryview(header))
+        for tensor in ordered:
+            for chunk in tensor_chunks(tensor.load()):
+                _write_all(fd, chunk)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+class atomic_output:
+    """Context manager giving a file descriptor whose content replaces `path` on success."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        directory, base = os.path.split(os.path.abspath(path))
+        self.directory = directory
+        self.temp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(self.temp, flags, 0o666)  # the kernel applies the umask
+        return self.fd
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            if exc_type is None:
+                os.replace(self.temp, self.path)
+                _fsync_directory(self.directory)
+        finally:
+            if os.path.exists(self.temp):
+                os.unlink(self.temp)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
