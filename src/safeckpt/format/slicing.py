@@ -73,7 +73,9 @@ def as_numpy_index(selectors: list[Selector]) -> tuple:
 
 
 def _range_to_slice(r: range) -> slice:
-    stop = r.stop if r.stop >= 0 else None
+    if not r:
+        return slice(0, 0)
+    stop = r.stop if r.stop >= 0 else None  # a descending range that runs through index 0
     return slice(r.start, stop, r.step)
 
 

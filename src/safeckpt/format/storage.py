@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 import numpy as np
 
 from .. import errors
+
+# MAP_NORESERVE: a private writable map is otherwise charged in full against the
+# commit limit, and the kernel refuses one larger than RAM. Python does not name it.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 # Reads are issued in pieces so that one huge tensor does not need one huge syscall.
 _READ_CHUNK = 256 * 1024 * 1024
@@ -65,7 +70,7 @@ class MmapStorage:
         self.size = size
         self.path = path
         self.fd = fd
-        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
+        self._map = _private_map(fd, size) if size else None
         self._buffer = np.frombuffer(self._map, dtype=np.uint8) if size else np.empty(0, np.uint8)
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
@@ -86,6 +91,14 @@ class MmapStorage:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _private_map(fd: int, size: int) -> mmap.mmap:
+    """A copy-on-write map of the whole file: writable, and writes never reach the file."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 BACKENDS = {"mmap": MmapStorage, "pread": PreadStorage}
