@@ -104,6 +104,10 @@ def _check_tensor_dict(tensors) -> None:
         if not isinstance(value, torch.Tensor):
             raise errors.UnsupportedTensorError(
                 f"expected torch.Tensor but received {type(value)}", tensor=name)
+        if value.layout != torch.strided:
+            raise errors.UnsupportedTensorError(
+                f"sparse tensors ({value.layout}) cannot be saved; call .to_dense() first "
+                "(the file may be much larger)", tensor=name)
     _refuse_shared(tensors)
 
 
