@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
@@ -15,16 +16,25 @@ from .format.writer import PreparedTensor, check_metadata, prepare, serialize, w
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+@contextmanager
+def _naming(path, name: str):
+    """Give a framework adapter's error the file and tensor it was about."""
+    try:
+        yield
+    except errors.SafeckptError as exc:
+        if exc.path is not None:
+            raise
+        raise type(exc)(exc.detail, path=path, tensor=name) from None
+
+
 def _prepare_all(tensors: Mapping[str, Any], path=None) -> List[PreparedTensor]:
     if not isinstance(tensors, Mapping):
         raise errors.UnsupportedTensorError(
             f"expected a dict of name -> tensor, got {type(tensors).__name__}", path=path)
     prepared = []
     for name, value in tensors.items():
-        try:
+        with _naming(path, name):
             array = frameworks.to_numpy(value)
-        except errors.SafeckptError as exc:
-            raise type(exc)(exc.detail, path=path, tensor=name) from None
         prepared.append(prepare(name, array, path))
     return prepared
 
@@ -48,6 +58,11 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]] = None) 
     """
     metadata = check_metadata(metadata)
     return serialize(_prepare_all(tensors), metadata)
+
+
+def _read_tensor(adapter, file: SafetensorsFile, name: str, device, copy: bool = False):
+    with _naming(file.path, name):
+        return adapter.from_storage(file.storage(name, copy=copy), file.dtype(name), file.info(name).shape, device)
 
 
 class TensorSlice:
@@ -81,7 +96,8 @@ class TensorSlice:
         return self._info.shape[0]
 
     def __getitem__(self, index):
-        return self._adapter.from_numpy(self._file.slice(self._name, index), self._device)
+        with _naming(self._file.path, self._name):
+            return self._adapter.from_numpy(self._file.slice(self._name, index), self._device)
 
 
 class safe_open:
@@ -114,9 +130,7 @@ class safe_open:
         return self._file.metadata()
 
     def get_tensor(self, name: str):
-        file = self._file
-        return self._adapter.from_storage(file.storage(name), file.dtype(name), file.info(name).shape,
-                                          self._device)
+        return _read_tensor(self._adapter, self._file, name, self._device)
 
     def get_tensors(self) -> Dict[str, Any]:
         """Every tensor, in file order."""
@@ -147,9 +161,7 @@ def load_file(path: PathLike, *, framework: str = "numpy", device: Any = "cpu", 
     """
     adapter = frameworks.get(framework)
     with SafetensorsFile(path, backend=backend) as file:
-        return {name: adapter.from_storage(file.storage(name, copy=copy), file.dtype(name),
-                                           file.info(name).shape, device)
-                for name in file.keys()}
+        return {name: _read_tensor(adapter, file, name, device, copy) for name in file.keys()}
 
 
 def load(data: Union[bytes, bytearray, memoryview], *, framework: str = "numpy", device: Any = "cpu") -> Dict[str, Any]:
@@ -165,5 +177,6 @@ def load(data: Union[bytes, bytearray, memoryview], *, framework: str = "numpy",
         begin = header.data_start + info.data_offsets[0]
         dtype = DTYPES[info.dtype]
         storage = buffer[begin:begin + info.nbytes].view(storage_dtype(dtype))
-        result[name] = adapter.from_storage(storage, dtype, info.shape, device)
+        with _naming("<bytes>", name):
+            result[name] = adapter.from_storage(storage, dtype, info.shape, device)
     return result

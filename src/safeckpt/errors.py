@@ -11,6 +11,11 @@ import os
 from typing import Optional
 
 
+# A tensor name longer than this is cut in messages (it is kept whole in `.tensor`),
+# so that a hostile file cannot make every message megabytes long.
+_MAX_NAME_IN_MESSAGE = 200
+
+
 class SafeckptError(Exception):
     """Base class of every error safeckpt raises on bad input or misuse."""
 
@@ -26,7 +31,10 @@ class SafeckptError(Exception):
         if self.path is not None:
             where.append(f"{self.path}")
         if self.tensor is not None:
-            where.append(f"tensor {self.tensor!r}")
+            name = repr(self.tensor)
+            if len(name) > _MAX_NAME_IN_MESSAGE:
+                name = name[:_MAX_NAME_IN_MESSAGE] + "..."
+            where.append(f"tensor {name}")
         return (": ".join(where) + ": " if where else "") + self.detail
 
 

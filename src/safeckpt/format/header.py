@@ -15,8 +15,13 @@ an offset). ``shape × dtype bits / 8`` must equal the span.
 
 JSON whitespace (space, tab, CR, LF) before and after the object is accepted,
 as the Rust implementation accepts it; writers pad with spaces to a multiple
-of 8 bytes. Everything else is strict: where the Rust implementation silently
-keeps the last of duplicate keys or ignores unknown fields, we refuse.
+of 8 bytes. Numbers are read as serde_json reads them (``-0``, ``1.0``,
+``1e2`` and integers past 64 bits are floats, so not valid sizes). Everything
+else is strict, and stricter than Rust where Rust guesses or accepts what no
+array can hold: duplicate tensor names or metadata keys (Rust keeps the last),
+unknown fields and entries written as arrays (Rust ignores / accepts them),
+shapes of more than 64 dimensions or whose non-zero dimensions overflow a
+64-bit size (numpy cannot make such arrays) are all refused.
 """
 
 from __future__ import annotations
@@ -33,8 +38,18 @@ from .dtypes import DTYPES, DType, byte_size
 LENGTH_PREFIX = 8
 # The format's own limit; it keeps a hostile file from making us parse gigabytes of JSON.
 MAX_HEADER_BYTES = 100_000_000
-# Far above any real tensor, far below anything that would overflow 64-bit sizes.
+# numpy addresses arrays with a signed 64-bit size (npy_intp): a larger dimension,
+# or a tensor whose non-zero dimensions multiply past it, cannot be an array even
+# with no elements. The Rust implementation accepts e.g. [0, 2**64-1, 2**64-1];
+# we refuse it, as nothing could load it.
 MAX_DIM = 2**63 - 1
+MAX_ARRAY_BYTES = 2**63 - 1
+# numpy's NPY_MAXDIMS. The Rust implementation has no limit; numpy cannot make
+# an array of more dimensions, and the bound keeps shape arithmetic cheap.
+MAX_NDIM = 64
+# Values quoted in error messages are cut to this many characters, so that a
+# hostile header cannot make a message megabytes long.
+MAX_QUOTE = 80
 METADATA_KEY = "__metadata__"
 TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 JSON_WHITESPACE = b" \t\r\n"
@@ -135,23 +150,43 @@ def _pairs_without_duplicates(path):
         for key, value in pairs:
             if key in result:
                 raise errors.DuplicateKeyError(
-                    f"key {key!r} appears twice in the header; refusing to guess which one is meant",
-                    path=path)
+                    f"key {_quote(key)} appears twice in the header; refusing to guess which one is "
+                    "meant (the Rust implementation silently keeps the last)", path=path)
             result[key] = value
         return result
     return hook
 
 
+def _parse_int(text: str) -> "int | float":
+    """An integer literal as serde_json (the Rust implementation's parser) reads it.
+
+    serde_json reads ``-0`` and integers outside the 64-bit range as floats, so
+    such a shape entry or offset is refused there; reading them as floats here
+    refuses them too. The length test also keeps Python from converting a
+    100 MB run of digits to an int (quadratic time).
+    """
+    if len(text) > 20 or text == "-0":
+        return float(text)
+    value = int(text)
+    return value if -2**63 <= value < 2**64 else float(text)
+
+
 def _load_json(text: str, path) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_pairs_without_duplicates(path),
-                          parse_constant=_reject_constant)
+                          parse_constant=_reject_constant, parse_int=_parse_int)
     except errors.SafeckptError:
         raise
     except RecursionError:
         raise errors.HeaderJSONError("header JSON is nested too deeply", path=path) from None
     except ValueError as exc:
         raise errors.HeaderJSONError(f"header is not valid JSON: {exc}", path=path) from None
+
+
+def _quote(value: Any) -> str:
+    """repr(value), cut to MAX_QUOTE characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTE else text[:MAX_QUOTE] + "..."
 
 
 def _json_type(value: Any) -> str:
@@ -166,8 +201,9 @@ def _check_text(value: str, what: str, path, tensor=None) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
+        quoted = "" if tensor is not None else f" {_quote(value)}"
         raise errors.HeaderEncodingError(
-            f"{what} {value!r} contains a lone surrogate escape, which is not valid UTF-8",
+            f"{what}{quoted} contains a lone surrogate escape (\\ud800-\\udfff), which is not valid UTF-8",
             path=path, tensor=tensor) from None
     return value
 
@@ -182,13 +218,13 @@ def _check_metadata(metadata: Any, path) -> Optional[dict[str, str]]:
         _check_text(key, "metadata key", path)
         if not isinstance(value, str):
             raise errors.MetadataError(
-                f"__metadata__[{key!r}] is a JSON {_json_type(value)}, expected a string", path=path)
-        _check_text(value, f"metadata value of {key!r}", path)
+                f"__metadata__[{_quote(key)}] is a JSON {_json_type(value)}, expected a string", path=path)
+        _check_text(value, f"metadata value of {_quote(key)}", path)
     return metadata
 
 
 def _check_entry(name: str, entry: Any, path) -> TensorInfo:
-    _check_text(name, "tensor name", path)
+    _check_text(name, "the tensor name", path, tensor=name)
     if not isinstance(entry, dict):
         raise errors.HeaderNotObjectError(
             f"entry is a JSON {_json_type(entry)}, expected an object with {', '.join(TENSOR_FIELDS)}",
@@ -199,19 +235,15 @@ def _check_entry(name: str, entry: Any, path) -> TensorInfo:
     extra = sorted(set(entry) - set(TENSOR_FIELDS))
     if extra:
         raise errors.UnexpectedFieldError(
-            f"entry has unknown field(s) {', '.join(map(repr, extra))}", path=path, tensor=name)
+            f"entry has unknown field(s) {', '.join(map(_quote, extra))}; the format defines only "
+            f"{', '.join(TENSOR_FIELDS)}", path=path, tensor=name)
     dtype = _check_dtype(entry["dtype"], name, path)
-    shape = _check_shape(entry["shape"], name, path)
+    if not isinstance(entry["shape"], list):
+        raise errors.FieldTypeError(
+            f"shape is a JSON {_json_type(entry['shape'])}, expected an array of integers", path=path, tensor=name)
+    shape = check_shape(entry["shape"], path, name)
     offsets = _check_offsets(entry["data_offsets"], name, path)
-    size = byte_size(dtype, shape)
-    if size is None:
-        raise errors.SubByteSizeError(
-            f"{math.prod(shape)} elements of {dtype.name} ({dtype.bits} bits each) do not fill whole bytes",
-            path=path, tensor=name)
-    if size >= 2**64:
-        raise errors.SizeOverflowError(
-            f"shape {list(shape)} of {dtype.name} is {size} bytes, which overflows 64 bits",
-            path=path, tensor=name)
+    size = tensor_nbytes(dtype, shape, path, name)
     begin, end = offsets
     if end < begin:
         raise errors.ReversedOffsetsError(
@@ -229,8 +261,9 @@ def _check_dtype(value: Any, name: str, path) -> DType:
             f"dtype is a JSON {_json_type(value)}, expected a string", path=path, tensor=name)
     dtype = DTYPES.get(value)
     if dtype is None:
+        hint = f" (names are upper case: {value.upper()!r})" if value.upper() in DTYPES else ""
         raise errors.UnknownDTypeError(
-            f"unknown dtype {value!r}; known: {', '.join(DTYPES)}", path=path, tensor=name)
+            f"unknown dtype {_quote(value)}{hint}; known: {', '.join(DTYPES)}", path=path, tensor=name)
     return dtype
 
 
@@ -238,21 +271,48 @@ def _is_json_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_shape(value: Any, name: str, path) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise errors.FieldTypeError(
-            f"shape is a JSON {_json_type(value)}, expected an array of integers", path=path, tensor=name)
-    for dim in value:
+def check_shape(shape: Any, path=None, tensor: Optional[str] = None) -> tuple[int, ...]:
+    """`shape` as a tuple, if it is a sequence of at most 64 integers in [0, 2**63 - 1].
+
+    Raises InvalidShapeError otherwise (booleans and floats are not integers).
+    """
+    if len(shape) > MAX_NDIM:
+        raise errors.InvalidShapeError(
+            f"shape has {len(shape)} dimensions; numpy supports at most {MAX_NDIM}", path=path, tensor=tensor)
+    for dim in shape:
         if not _is_json_int(dim):
             raise errors.InvalidShapeError(
-                f"shape {value!r} has a non-integer entry {dim!r}", path=path, tensor=name)
+                f"shape {_quote(list(shape))} has a non-integer entry {_quote(dim)}", path=path, tensor=tensor)
         if dim < 0:
             raise errors.InvalidShapeError(
-                f"shape {value!r} has a negative entry {dim}", path=path, tensor=name)
+                f"shape {_quote(list(shape))} has a negative entry {dim}", path=path, tensor=tensor)
         if dim > MAX_DIM:
             raise errors.InvalidShapeError(
-                f"shape {value!r} has an entry larger than 2**63 - 1", path=path, tensor=name)
-    return tuple(value)
+                f"shape {_quote(list(shape))} has an entry larger than 2**63 - 1", path=path, tensor=tensor)
+    return tuple(shape)
+
+
+def tensor_nbytes(dtype: DType, shape: tuple[int, ...], path=None, tensor: Optional[str] = None) -> int:
+    """Bytes taken by a tensor of a checked `shape`; the same checks for readers and writers.
+
+    Raises SizeOverflowError if no array could have this shape, SubByteSizeError
+    if a sub-byte dtype does not fill whole bytes.
+
+    >>> tensor_nbytes(DTYPES["F4"], (2, 3))
+    3
+    """
+    # Zero dimensions are left out: numpy refuses [0, 2**62, 2**62] as well.
+    addressable = math.prod(dim for dim in shape if dim) * max(dtype.bits, 8) // 8
+    if addressable > MAX_ARRAY_BYTES:
+        raise errors.SizeOverflowError(
+            f"shape {_quote(list(shape))} of {dtype.name} overflows a 64-bit size: its non-zero "
+            f"dimensions alone need {addressable} bytes, more than 2**63 - 1", path=path, tensor=tensor)
+    size = byte_size(dtype, shape)
+    if size is None:
+        raise errors.SubByteSizeError(
+            f"{math.prod(shape)} elements of {dtype.name} ({dtype.bits} bits each) do not fill whole bytes",
+            path=path, tensor=tensor)
+    return size
 
 
 def _check_offsets(value: Any, name: str, path) -> tuple[int, int]:
@@ -265,7 +325,7 @@ def _check_offsets(value: Any, name: str, path) -> tuple[int, int]:
     for offset in value:
         if not _is_json_int(offset) or offset < 0 or offset >= 2**64:
             raise errors.InvalidOffsetsError(
-                f"data_offsets {value!r} must be two non-negative 64-bit integers", path=path, tensor=name)
+                f"data_offsets {_quote(value)} must be two non-negative 64-bit integers", path=path, tensor=name)
     return value[0], value[1]
 
 
@@ -281,7 +341,7 @@ def _check_layout(infos: dict[str, TensorInfo], data_size: int, path) -> dict[st
                 "the file may be truncated", path=path, tensor=name)
         if begin < position:
             raise errors.OverlapError(
-                f"bytes [{begin}, {end}] overlap tensor {previous!r}, which ends at {position}",
+                f"bytes [{begin}, {end}] overlap tensor {_quote(previous)}, which ends at {position}",
                 path=path, tensor=name)
         if begin > position:
             raise errors.GapError(
@@ -302,13 +362,11 @@ def _check_layout(infos: dict[str, TensorInfo], data_size: int, path) -> dict[st
 def sniff_other_format(head: bytes) -> Optional[tuple[str, str]]:
     """Name the format of a file that is not safetensors, with advice, or None."""
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "zip", ("it is a zip archive, as written by torch.save (PyTorch >= 1.6); "
-                       "it holds a pickle that can run code: convert it with `safeckpt convert` "
-                       "(which never executes it) instead of loading it")
+        return "zip", ("it is a zip archive, as written by torch.save (PyTorch >= 1.6); it holds a "
+                       "pickle that can run code when loaded: do not load it unless you trust its source")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pickle", ("it is a Python pickle (a legacy torch.save or pickle.dump file) that "
-                          "can run code when loaded: convert it with `safeckpt convert`, "
-                          "which never executes it")
+                          "can run code when loaded: do not load it unless you trust its source")
     if head.startswith(b"version https://git-lfs"):
         return "git-lfs-pointer", ("it is a Git LFS pointer, not the file itself: fetch the real "
                                    "content with `git lfs pull` (or download it from the Hub)")
@@ -322,6 +380,9 @@ def sniff_other_format(head: bytes) -> Optional[tuple[str, str]]:
         return "npy", "it is a numpy .npy file; read it with safeckpt.open_source"
     if head.startswith(b"\x1f\x8b"):
         return "gzip", "it is gzip-compressed: decompress it first"
+    # A real length prefix is never printable text: its high bytes are zero.
+    if len(head) >= 8 and all(32 <= c < 127 or c in b"\t\r\n" for c in head[:8]):
+        return "text", f"it is a text file (it starts with {bytes(head[:32])!r})"
     return None
 
 

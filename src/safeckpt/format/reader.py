@@ -34,7 +34,7 @@ def read_header_from_fd(fd: int, file_size: int, path) -> Header:
 
 def parse_bytes_header(data: bytes, path="<bytes>") -> Header:
     """Read, parse and validate the header of a safetensors file held in memory."""
-    length = read_length_prefix(bytes(data[:LENGTH_PREFIX]), len(data), path)
+    length = read_length_prefix(bytes(data[:_SNIFF_BYTES]), len(data), path)
     try:
         return parse_header(bytes(data[LENGTH_PREFIX:LENGTH_PREFIX + length]), len(data), path)
     except errors.HeaderError:
@@ -121,9 +121,14 @@ class SafetensorsFile:
         info = self.info(name)
         dtype = DTYPES[info.dtype]
         selectors = normalize_index(index, info.shape, self.path, name)
-        if dtype.packed or dtype.numpy is None:
+        if dtype.numpy is None:
+            raise errors.DTypeConversionError(
+                f"{dtype.name} values are {dtype.bits} bits, packed across byte boundaries, and numpy has "
+                "no type for them, so they cannot be sliced: read the raw bytes with get_tensor()",
+                path=self.path, tensor=name)
+        if dtype.packed:
             # Sub-byte values do not sit on byte boundaries: read the tensor, then index.
-            return np.ascontiguousarray(self.array(name, copy=True)[as_numpy_index(selectors)])
+            return np.asarray(self.array(name, copy=True)[as_numpy_index(selectors)], order="C")
         if isinstance(self._storage, PreadStorage):
             base = self.header.data_start + info.data_offsets[0]
             return gather(self._storage.read, base, info.shape, dtype.numpy, selectors)

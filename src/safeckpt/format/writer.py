@@ -14,6 +14,7 @@ fsynced: a crash or error leaves the old file untouched.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import secrets
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 
 from .. import errors
 from .dtypes import DTYPES, DType, byte_size, dtype_for_numpy
-from .header import METADATA_KEY, build_header
+from .header import METADATA_KEY, build_header, check_shape, tensor_nbytes
 
 BLOCK_BYTES = 16 * 1024 * 1024
 
@@ -81,8 +82,12 @@ def _prepare_raw(name: str, raw: RawTensor, path) -> PreparedTensor:
     dtype = DTYPES.get(raw.dtype)
     if dtype is None:
         raise errors.UnsupportedTensorError(f"unknown safetensors dtype {raw.dtype!r}", path=path, tensor=name)
-    shape = tuple(int(d) for d in raw.shape)
-    nbytes = byte_size(dtype, shape)
+    try:
+        shape = check_shape(tuple(operator.index(d) for d in raw.shape), path, name)
+        nbytes = tensor_nbytes(dtype, shape, path, name)
+    except (TypeError, errors.HeaderError) as exc:
+        # The checks a header gets, so that we never write a file we would refuse to read.
+        raise errors.UnsupportedTensorError(getattr(exc, "detail", str(exc)), path=path, tensor=name) from None
     given = memoryview(raw.data).nbytes
     if nbytes != given:
         raise errors.UnsupportedTensorError(
@@ -162,6 +167,8 @@ def _logical_blocks(array: np.ndarray) -> Iterator[np.ndarray]:
 def pack_f4(values: np.ndarray) -> np.ndarray:
     """One float4_e2m1fn per byte -> two per byte, the first in the low nibble."""
     nibbles = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    if nibbles.size % 2:
+        raise errors.UnsupportedTensorError(f"F4 packs two values per byte; {nibbles.size} values is odd")
     return (nibbles[0::2] & 0x0F) | ((nibbles[1::2] & 0x0F) << 4)
 
 

@@ -101,10 +101,13 @@ def _to_device(tensor, device):
 def from_numpy(array: np.ndarray, device="cpu"):
     """A numpy array (ml_dtypes included) as a torch tensor sharing its memory."""
     torch = _torch()
+    if any(stride < 0 for stride in array.strides):  # torch has no negative strides
+        array = array.copy()
     dtype = dtype_for_numpy(array.dtype)
     if dtype is None:
         raise errors.DTypeConversionError(f"numpy dtype {array.dtype} has no torch equivalent here")
     if dtype.name == "F4":
+        _check_f4_shape(array.shape)
         return from_storage(pack_f4(array), dtype, array.shape, device)
     torch_dtype, carrier = tables()[0].get(dtype.name, (None, None))
     if torch_dtype is None:
@@ -117,15 +120,21 @@ def from_numpy(array: np.ndarray, device="cpu"):
     return _to_device(torch.from_numpy(raw).view(torch_dtype), device)
 
 
+def _check_f4_shape(shape: tuple[int, ...]):
+    """torch's float4_e2m1fn_x2, if it can hold F4 values of this shape (paired along the last axis)."""
+    f4 = getattr(_torch(), "float4_e2m1fn_x2", None)
+    if f4 is None or not shape or shape[-1] % 2:
+        raise errors.DTypeConversionError(
+            f"F4 tensor of shape {list(shape)} cannot become a torch float4_e2m1fn_x2 "
+            "(needs torch >= 2.8 and an even last dimension); read it with framework='numpy'")
+    return f4
+
+
 def from_storage(storage: np.ndarray, dtype: DType, shape: tuple[int, ...], device="cpu"):
     """A tensor from its stored bytes; packed F4 becomes float4_e2m1fn_x2 without unpacking."""
     torch = _torch()
     if dtype.name == "F4":
-        f4 = getattr(torch, "float4_e2m1fn_x2", None)
-        if f4 is None or not shape or shape[-1] % 2:
-            raise errors.DTypeConversionError(
-                f"F4 tensor of shape {list(shape)} cannot become a torch float4_e2m1fn_x2 "
-                "(needs torch >= 2.8 and an even last dimension); read it with framework='numpy'")
+        f4 = _check_f4_shape(shape)
         packed_shape = tuple(shape[:-1]) + (shape[-1] // 2,)
         return _to_device(torch.from_numpy(storage.view(np.uint8)).view(f4).reshape(packed_shape), device)
     if dtype.numpy is None:
