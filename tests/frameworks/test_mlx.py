@@ -173,7 +173,7 @@ def test_is_tensor():
 
 def test_missing_mlx_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx.core", None)  # `import mlx.core` now raises ImportError
-    monkeypatch.setattr(adapter, "_TABLES", None)
+    adapter.tables.cache_clear()
     with pytest.raises(errors.FrameworkError, match="pip install"):
         adapter.from_numpy(np.ones(2, np.float32))
 

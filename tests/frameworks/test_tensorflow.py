@@ -235,7 +235,7 @@ def test_is_tensor():
 
 def test_missing_tensorflow_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now raises ImportError
-    monkeypatch.setattr(adapter, "_TABLES", None)
+    adapter.tables.cache_clear()
     with pytest.raises(errors.FrameworkError, match="pip install"):
         adapter.from_numpy(np.ones(2, np.float32))
 

@@ -18,6 +18,7 @@ is unified; the device picks where ops run), so `device` is only checked.
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 
 from .. import errors
@@ -34,7 +35,9 @@ def _mx():
     return mx
 
 
-def _tables():
+@functools.cache
+def tables():
+    """(by safetensors name, by framework dtype), built on first use so the import stays lazy."""
     mx = _mx()
     # safetensors dtype -> (mlx dtype, same-width integer that carries it through numpy, or None)
     by_name = {
@@ -48,16 +51,6 @@ def _tables():
         by_name["F64"] = (mx.float64, None)
     by_mx = {mx_dtype: name for name, (mx_dtype, _) in by_name.items()}
     return by_name, by_mx
-
-
-_TABLES = None
-
-
-def tables():
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = _tables()
-    return _TABLES
 
 
 def is_tensor(value) -> bool:

@@ -23,6 +23,7 @@ are compared, never their names.
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 
 from .. import errors
@@ -39,7 +40,9 @@ def _paddle():
     return paddle
 
 
-def _tables():
+@functools.cache
+def tables():
+    """(by safetensors name, by framework dtype), built on first use so the import stays lazy."""
     paddle = _paddle()
     # safetensors dtype -> (paddle dtype, same-width integer that carries it through DLPack, or None)
     by_name = {
@@ -54,16 +57,6 @@ def _tables():
             by_name[name] = (getattr(paddle, attr), getattr(paddle, carrier) if carrier else None)
     by_paddle = {paddle_dtype: name for name, (paddle_dtype, _) in by_name.items()}
     return by_name, by_paddle
-
-
-_TABLES = None
-
-
-def tables():
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = _tables()
-    return _TABLES
 
 
 def is_tensor(value) -> bool:

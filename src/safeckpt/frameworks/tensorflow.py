@@ -21,6 +21,7 @@ Keras variables (of any backend) are unwrapped to their backend's tensor.
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 
 from .. import errors
@@ -40,7 +41,9 @@ def _tf():
     return tf
 
 
-def _tables():
+@functools.cache
+def tables():
+    """(by safetensors name, by framework dtype), built on first use so the import stays lazy."""
     tf = _tf()
     # safetensors dtype -> (tf dtype, how bytes cross: "dlpack", "bitcast" (bf16 as uint16), "copy")
     by_name = {
@@ -58,16 +61,6 @@ def _tables():
             by_name[name] = (getattr(experimental, attr), "copy")
     by_tf = {tf_dtype: name for name, (tf_dtype, _) in by_name.items()}
     return by_name, by_tf
-
-
-_TABLES = None
-
-
-def tables():
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = _tables()
-    return _TABLES
 
 
 def is_tensor(value) -> bool:

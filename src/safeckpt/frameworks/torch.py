@@ -7,6 +7,7 @@ type (`Tensor.view(dtype)` / `ndarray.view(dtype)`): no copy, no float32 detour.
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 
 from .. import errors
@@ -24,7 +25,9 @@ def _torch():
     return torch
 
 
-def _tables():
+@functools.cache
+def tables():
+    """(by safetensors name, by framework dtype), built on first use so the import stays lazy."""
     torch = _torch()
     # safetensors dtype -> (torch dtype, same-width integer used to carry the bytes or None)
     by_name = {
@@ -41,16 +44,6 @@ def _tables():
             by_name[name] = (getattr(torch, attr), torch.uint8)
     by_torch = {torch_dtype: (name, carrier) for name, (torch_dtype, carrier) in by_name.items()}
     return by_name, by_torch
-
-
-_TABLES = None
-
-
-def tables():
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = _tables()
-    return _TABLES
 
 
 def is_tensor(value) -> bool:
