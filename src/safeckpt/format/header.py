@@ -26,11 +26,14 @@ shapes of more than 64 dimensions or whose non-zero dimensions overflow a
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import re
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 from .. import errors
 from .dtypes import DTYPES, DType, byte_size
@@ -55,9 +58,12 @@ TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 JSON_WHITESPACE = b" \t\r\n"
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the header says of one tensor: dtype name, shape, and byte span."""
+class TensorInfo(NamedTuple):
+    """What the header says of one tensor: dtype name, shape, and byte span.
+
+    A named tuple: files may hold hundreds of thousands of these, and a tuple
+    is the cheapest immutable record to make.
+    """
 
     dtype: str
     shape: tuple[int, ...]
@@ -113,15 +119,31 @@ def parse_header(raw: bytes, file_size: int, path=None) -> Header:
     ``file_size - 8 - len(raw)`` bytes exactly.
     """
     text = _decode(raw, path)
-    document = _load_json(text, path)
+    with _collector_paused():
+        document = _load_json(text, path)
     if not isinstance(document, dict):
         raise errors.HeaderNotObjectError(
             f"header is a JSON {_json_type(document)}, expected an object", path=path)
     metadata = _check_metadata(document.pop(METADATA_KEY, None), path)
     data_size = file_size - LENGTH_PREFIX - len(raw)
-    infos = {name: _check_entry(name, entry, path) for name, entry in document.items()}
-    ordered = _check_layout(infos, data_size, path)
+    check_names = _SURROGATE_ESCAPE.search(text) is not None
+    with _collector_paused():
+        infos = {name: _check_entry(name, entry, path, check_names) for name, entry in document.items()}
+        ordered = _check_layout(infos, data_size, path)
     return Header(ordered, metadata, LENGTH_PREFIX + len(raw), data_size)
+
+
+@contextmanager
+def _collector_paused():
+    """Parsing makes a container per tensor and no cycles; letting the garbage
+    collector scan them all, again and again, would double the parse time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _decode(raw: bytes, path) -> str:
@@ -146,15 +168,24 @@ def _reject_constant(name: str):
 
 def _pairs_without_duplicates(path):
     def hook(pairs):
-        result = {}
-        for key, value in pairs:
-            if key in result:
-                raise errors.DuplicateKeyError(
-                    f"key {_quote(key)} appears twice in the header; refusing to guess which one is "
-                    "meant (the Rust implementation silently keeps the last)", path=path)
-            result[key] = value
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise errors.DuplicateKeyError(
+                        f"key {_quote(key)} appears twice in the header; refusing to guess which one is "
+                        "meant (the Rust implementation silently keeps the last)", path=path)
+                seen.add(key)
         return result
     return hook
+
+
+# Integer literals that serde_json reads as floats: -0, and anything of 20+ digits
+# (which may not fit in 64 bits). Matches inside strings only cost the slower parse.
+_SERDE_SPECIAL_INT = re.compile(r"-0(?![0-9.eE])|[0-9]{20}")
+# A JSON escape of a UTF-16 surrogate: the only way a lone surrogate gets into a name.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _parse_int(text: str) -> "int | float":
@@ -172,9 +203,12 @@ def _parse_int(text: str) -> "int | float":
 
 
 def _load_json(text: str, path) -> Any:
+    # Python's own int parsing is much faster; serde_json's reading is only needed
+    # where the text holds a literal it would read differently.
+    parse_int = _parse_int if _SERDE_SPECIAL_INT.search(text) else None
     try:
         return json.loads(text, object_pairs_hook=_pairs_without_duplicates(path),
-                          parse_constant=_reject_constant, parse_int=_parse_int)
+                          parse_constant=_reject_constant, parse_int=parse_int)
     except errors.SafeckptError:
         raise
     except RecursionError:
@@ -223,8 +257,38 @@ def _check_metadata(metadata: Any, path) -> Optional[dict[str, str]]:
     return metadata
 
 
-def _check_entry(name: str, entry: Any, path) -> TensorInfo:
-    _check_text(name, "the tensor name", path, tensor=name)
+def _well_formed_entry(entry: Any) -> Optional[TensorInfo]:
+    """The usual, valid, non-empty entry, checked in few steps; None sends it to the full checks.
+
+    Accepts nothing the full checks would refuse (the full checks say why).
+    """
+    if type(entry) is not dict or len(entry) != 3:
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(dtype) is not str or type(shape) is not list or type(offsets) is not list:
+        return None
+    dtype = DTYPES.get(dtype)
+    if dtype is None or len(shape) > MAX_NDIM or len(offsets) != 2:
+        return None
+    count = 1
+    for dim in shape:
+        if type(dim) is not int or dim <= 0:
+            return None
+        count *= dim
+    begin, end = offsets
+    bits = count * dtype.bits
+    if (type(begin) is not int or type(end) is not int or begin < 0 or bits % 8
+            or end - begin != bits // 8 or count > MAX_DIM or end - begin > MAX_ARRAY_BYTES):
+        return None
+    return TensorInfo(dtype.name, tuple(shape), (begin, end))
+
+
+def _check_entry(name: str, entry: Any, path, check_name: bool = True) -> TensorInfo:
+    if check_name:
+        _check_text(name, "the tensor name", path, tensor=name)
+    info = _well_formed_entry(entry)
+    if info is not None:
+        return info
     if not isinstance(entry, dict):
         raise errors.HeaderNotObjectError(
             f"entry is a JSON {_json_type(entry)}, expected an object with {', '.join(TENSOR_FIELDS)}",
