@@ -60,9 +60,10 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]] = None) 
     return serialize(_prepare_all(tensors), metadata)
 
 
-def _read_tensor(adapter, file: SafetensorsFile, name: str, device, copy: bool = False):
+def _read_tensor(adapter, file: SafetensorsFile, name: str, device, storage=None):
     with _naming(file.path, name):
-        return adapter.from_storage(file.storage(name, copy=copy), file.dtype(name), file.info(name).shape, device)
+        storage = file.storage(name) if storage is None else storage
+        return adapter.from_storage(storage, file.dtype(name), file.info(name).shape, device)
 
 
 class TensorSlice:
@@ -161,7 +162,9 @@ def load_file(path: PathLike, *, framework: str = "numpy", device: Any = "cpu", 
     """
     adapter = frameworks.get(framework)
     with SafetensorsFile(path, backend=backend) as file:
-        return {name: _read_tensor(adapter, file, name, device, copy) for name in file.keys()}
+        names = file.keys()
+        storages = file.storages(names, copy=copy)
+        return {name: _read_tensor(adapter, file, name, device, storage) for name, storage in zip(names, storages)}
 
 
 def load(data: Union[bytes, bytearray, memoryview], *, framework: str = "numpy", device: Any = "cpu") -> Dict[str, Any]:

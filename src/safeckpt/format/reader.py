@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -106,10 +106,14 @@ class SafetensorsFile:
     # -- the data
     def storage(self, name: str, *, copy: bool = False) -> np.ndarray:
         """The tensor's bytes as a 1-D array of its storage dtype (uint8 for packed types)."""
-        info = self.info(name)
-        begin = self.header.data_start + info.data_offsets[0]
-        raw = self._storage.read(begin, info.nbytes) if copy else self._storage.view(begin, info.nbytes)
-        return raw.view(storage_dtype(DTYPES[info.dtype]))
+        return self.storages([name], copy=copy)[0]
+
+    def storages(self, names: Sequence[str], *, copy: bool = False) -> list[np.ndarray]:
+        """`storage` of several tensors; with `copy` they are read in parallel."""
+        infos = [self.info(name) for name in names]
+        spans = [(self.header.data_start + info.data_offsets[0], info.nbytes) for info in infos]
+        raws = self._storage.read_many(spans) if copy else [self._storage.view(*span) for span in spans]
+        return [raw.view(storage_dtype(DTYPES[info.dtype])) for raw, info in zip(raws, infos)]
 
     def array(self, name: str, *, copy: bool = False) -> np.ndarray:
         """The tensor as a numpy array: a writable zero-copy view unless `copy`."""
