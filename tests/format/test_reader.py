@@ -197,3 +197,8 @@ def test_sparse_file_larger_than_ram(tmp_path, backend):
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 256 * 1024
     os.unlink(path)
+
+
+def test_directory_is_an_oserror_not_a_map_failure(tmp_path):
+    with pytest.raises(IsADirectoryError):
+        safeckpt.load_file(tmp_path)

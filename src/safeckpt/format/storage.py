@@ -9,8 +9,10 @@ filesystems, FUSE) and for `copy=True`.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
@@ -131,8 +133,10 @@ def open_storage(path, backend: str):
                                    path=path)
     fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        size = os.fstat(fd).st_size
-        return BACKENDS[backend](fd, size, path)
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a safetensors file", os.fspath(path))
+        return BACKENDS[backend](fd, status.st_size, path)
     except BaseException:
         os.close(fd)
         raise
