@@ -155,8 +155,9 @@ def load_file(path: PathLike, *, framework: str = "numpy", device: Any = "cpu", 
     """Load every tensor of a safetensors file.
 
     By default arrays are zero-copy views of a private (copy-on-write) map of
-    the file: writable, and writes never reach the file. `copy=True` returns
-    arrays that own their memory (read with pread, no page faults on the map).
+    the file: writable, and writes never reach the file. `copy=True` reads the
+    tensors into memory of their own (one allocation they share, filled by
+    parallel preads), so nothing refers to the file afterwards.
 
     >>> tensors = safeckpt.load_file("model.safetensors", framework="pt")
     """

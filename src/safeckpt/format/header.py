@@ -119,7 +119,7 @@ def parse_header(raw: bytes, file_size: int, path=None) -> Header:
     ``file_size - 8 - len(raw)`` bytes exactly.
     """
     text = _decode(raw, path)
-    with _collector_paused():
+    with collector_paused():
         document = _load_json(text, path)
     if not isinstance(document, dict):
         raise errors.HeaderNotObjectError(
@@ -127,16 +127,16 @@ def parse_header(raw: bytes, file_size: int, path=None) -> Header:
     metadata = _check_metadata(document.pop(METADATA_KEY, None), path)
     data_size = file_size - LENGTH_PREFIX - len(raw)
     check_names = _SURROGATE_ESCAPE.search(text) is not None
-    with _collector_paused():
+    with collector_paused():
         infos = {name: _check_entry(name, entry, path, check_names) for name, entry in document.items()}
         ordered = _check_layout(infos, data_size, path)
     return Header(ordered, metadata, LENGTH_PREFIX + len(raw), data_size)
 
 
 @contextmanager
-def _collector_paused():
-    """Parsing makes a container per tensor and no cycles; letting the garbage
-    collector scan them all, again and again, would double the parse time."""
+def collector_paused():
+    """Parsing (and writing) makes objects per tensor and no cycles; letting the
+    garbage collector scan them, and the rest of the heap, would double the time."""
     enabled = gc.isenabled()
     gc.disable()
     try:

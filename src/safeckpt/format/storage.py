@@ -31,6 +31,9 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswit
 _READ_PIECE = 16 * 1024 * 1024
 _READ_THREADS = min(8, os.cpu_count() or 1)
 _pool: Optional[ThreadPoolExecutor] = None
+# Arrays of a batched read start at multiples of this from the start of their shared
+# buffer, which keeps each aligned for its dtype.
+_ALIGN = 64
 
 
 def _read_pool() -> ThreadPoolExecutor:
@@ -62,8 +65,19 @@ class _FileStorage:
         self.bytes_read = 0  # for measuring how much a slice touched
 
     def read_many(self, spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Owned uint8 arrays of the bytes at each ``(offset, nbytes)``, read in parallel."""
-        arrays = [np.empty(nbytes, dtype=np.uint8) for _, nbytes in spans]
+        """Owned uint8 arrays of the bytes at each ``(offset, nbytes)``, read in parallel.
+
+        The arrays are aligned views of one allocation: a single large array is
+        backed by transparent huge pages (about 500 page faults per GiB instead
+        of about 100,000 for a few hundred separate arrays, half the time of a
+        full copy). The allocation is freed with the last of them.
+        """
+        starts, total = [], 0
+        for _, nbytes in spans:
+            starts.append(total)
+            total += -(-nbytes // _ALIGN) * _ALIGN
+        buffer = np.empty(total, dtype=np.uint8)
+        arrays = [buffer[start:start + nbytes] for start, (_, nbytes) in zip(starts, spans)]
         pieces = [(memoryview(array)[start:start + _READ_PIECE], offset + start)
                   for array, (offset, nbytes) in zip(arrays, spans)
                   for start in range(0, nbytes, _READ_PIECE)]

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import errors
 from .dtypes import DTYPES, DType, byte_size, dtype_for_numpy
-from .header import METADATA_KEY, build_header, check_shape, tensor_nbytes
+from .header import METADATA_KEY, build_header, check_shape, collector_paused, tensor_nbytes
 
 BLOCK_BYTES = 16 * 1024 * 1024
 
@@ -198,7 +198,7 @@ def write_file(tensors: Iterable[PreparedTensor], path, metadata=None) -> None:
     path = os.fspath(path)
     ordered = layout(tensors)
     header = header_for(ordered, metadata)
-    with atomic_output(path) as fd:
+    with atomic_output(path) as fd, collector_paused():
         _write_all(fd, memoryview(header))
         for tensor in ordered:
             for chunk in tensor_chunks(tensor.load()):

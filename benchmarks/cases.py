@@ -1,0 +1,304 @@
+"""What each benchmark case does, run inside its own subprocess (see `child`).
+
+A case is a function of the run's configuration that does all its untimed
+preparation (imports, building tensors, warming the page cache) and returns
+the operation to time. The operation's return value is kept alive until the
+peak RSS has been read, so a lazy load is not unmapped inside the timing; a
+`Measured` return value also carries numbers to report (bytes read, pages).
+
+Case names are `group.variant.library`: the runner pairs ours with each peer
+of the same group and variant.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict
+
+import numpy as np
+
+from . import probes
+from .statedict import model_spec, numpy_state_dict, slice_tensor, spec_bytes, torch_state_dict
+
+Op = Callable[[], Any]
+CASES: Dict[str, Callable[[dict], Op]] = {}
+
+# Files of a run, in its directory.
+MODEL = "model.safetensors"
+MODEL_PT = "model.pt"
+MODEL_NPZ = "model.npz"
+SLICE = "slice4096.safetensors"
+SLICE_NAME = "weight"
+SLICE_ROW = 1234
+SLICE_SHAPE = (4096, 4096)
+ROW_BYTES = SLICE_SHAPE[1] * 4
+PAGE = 4096
+
+
+@dataclass
+class Measured:
+    keep: Any = None
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+def case(name: str):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def path(cfg: dict, name: str) -> str:
+    return os.path.join(cfg["dir"], name)
+
+
+def warm(cfg: dict, filename: str) -> None:
+    """Read a file once so that it is in the page cache (a no-op on tmpfs, where it always is)."""
+    if cfg.get("tmpfs"):
+        return
+    buffer = bytearray(16 << 20)
+    with open(filename, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
+def touch_pages_torch(tensors) -> int:
+    """Read one byte of every 4 KiB page of every tensor: the same full read for every library."""
+    import torch
+
+    total = 0
+    for tensor in tensors:
+        total += int(tensor.reshape(-1).view(torch.uint8)[::PAGE].sum())
+    return total
+
+
+def numpy_views(tensors) -> dict:
+    """Zero-copy numpy views of torch tensors (bf16 through int16, as ml_dtypes.bfloat16)."""
+    import ml_dtypes
+    import torch
+
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.bfloat16:
+            out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[name] = tensor.numpy()
+    return out
+
+
+# --- the files every read case uses ---------------------------------------------------
+
+@case("setup")
+def setup(cfg: dict) -> Op:
+    """Write the model in each format (safetensors by `safetensors`), check ours writes the same bytes."""
+    import safetensors.torch
+    import torch
+
+    import safeckpt.torch
+
+    spec = model_spec(cfg["size"])
+    tensors = torch_state_dict(spec)
+
+    def op():
+        safetensors.torch.save_file(tensors, path(cfg, MODEL))
+        torch.save(tensors, path(cfg, MODEL_PT))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            np.savez(path(cfg, MODEL_NPZ), **numpy_views(tensors))
+        safetensors.torch.save_file({SLICE_NAME: torch.from_numpy(slice_tensor(*SLICE_SHAPE))}, path(cfg, SLICE))
+        ours = path(cfg, "ours-check.safetensors")
+        safeckpt.torch.save_file(tensors, ours)
+        same = filecmp.cmp(ours, path(cfg, MODEL), shallow=False)
+        os.unlink(ours)
+        return Measured(extras={"identical_bytes": same, "tensors": len(spec), **spec_bytes(spec)})
+    return op
+
+
+# --- save ---------------------------------------------------------------------------
+
+def _saver(kind: str, library: str) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        spec = model_spec(cfg["size"])
+        out = cfg["out"]
+        if kind == "torch":
+            import torch
+
+            tensors = torch_state_dict(spec)
+            if library == "ours":
+                from safeckpt.torch import save_file
+            elif library == "safetensors":
+                from safetensors.torch import save_file
+            else:  # torch.save
+                def save_file(tensors, out):
+                    torch.save(tensors, out)
+        else:
+            tensors = numpy_state_dict(spec)
+            if library == "ours":
+                from safeckpt.numpy import save_file
+            elif library == "safetensors":
+                from safetensors.numpy import save_file
+            else:  # numpy.savez
+                def save_file(tensors, out):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # ml_dtypes bf16 is stored as raw V2
+                        with open(out, "wb") as f:
+                            np.savez(f, **tensors)
+        return lambda: save_file(tensors, out)
+    return prepare
+
+
+for _kind, _peers in (("torch", ("ours", "safetensors", "torch_save")),
+                      ("numpy", ("ours", "safetensors", "savez"))):
+    for _library in _peers:
+        case(f"save.{_kind}.{_library}")(_saver(_kind, _library))
+
+
+# --- load with torch: lazy, and full (touching every page) -----------------------------
+
+def _torch_loader(library: str) -> Callable[[dict], Any]:
+    import safetensors.torch
+    import torch
+
+    import safeckpt.torch
+
+    if library in ("ours", "safetensors"):
+        module = safeckpt.torch if library == "ours" else safetensors.torch
+        return lambda cfg: module.load_file(path(cfg, MODEL))
+    mmap = library == "torch_mmap"
+    return lambda cfg: torch.load(path(cfg, MODEL_PT), weights_only=True, mmap=mmap)
+
+
+def _torch_load_case(full: bool, library: str) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        load = _torch_loader(library)
+        warm(cfg, path(cfg, MODEL_PT if library.startswith("torch") else MODEL))
+        if not full:
+            return lambda: load(cfg)
+
+        def op():
+            tensors = load(cfg)
+            touch_pages_torch(tensors.values())
+            return tensors
+        return op
+    return prepare
+
+
+for _library in ("ours", "safetensors", "torch_mmap"):
+    case(f"load.lazy.{_library}")(_torch_load_case(False, _library))
+for _library in ("ours", "safetensors", "torch_mmap", "torch_nommap"):
+    case(f"load.full.{_library}")(_torch_load_case(True, _library))
+
+
+# --- load with numpy ---------------------------------------------------------------
+
+@case("load.numpy.ours")
+def load_numpy_ours(cfg: dict) -> Op:
+    from safeckpt.numpy import load_file
+
+    warm(cfg, path(cfg, MODEL))
+    return lambda: load_file(path(cfg, MODEL))
+
+
+@case("load.numpy.safetensors")
+def load_numpy_safetensors(cfg: dict) -> Op:
+    from safetensors.numpy import load_file
+
+    warm(cfg, path(cfg, MODEL))
+    return lambda: load_file(path(cfg, MODEL))
+
+
+@case("load.numpy.npz")
+def load_numpy_npz(cfg: dict) -> Op:
+    warm(cfg, path(cfg, MODEL_NPZ))
+
+    def op():
+        with np.load(path(cfg, MODEL_NPZ)) as npz:  # NpzFile is lazy: read every array
+            return {name: npz[name] for name in npz.files}
+    return op
+
+
+# --- copy=True against memcpy ---------------------------------------------------------
+
+@case("copy.ours")
+def copy_ours(cfg: dict) -> Op:
+    import safeckpt
+
+    warm(cfg, path(cfg, MODEL))
+
+    def op():
+        tensors = safeckpt.load_file(path(cfg, MODEL), framework="numpy", copy=True)
+        return Measured(tensors, {"bytes": sum(a.nbytes for a in tensors.values())})
+    return op
+
+
+@case("copy.memcpy")
+def copy_memcpy(cfg: dict) -> Op:
+    """The machine's memcpy: an in-memory array of the model's size into a fresh array."""
+    from .statedict import fill
+
+    nbytes = spec_bytes(model_spec(cfg["size"]))["total"]
+    source = np.empty(nbytes, dtype=np.uint8)
+    fill(source, "F32")
+
+    def op():
+        target = np.empty_like(source)
+        np.copyto(target, source)
+        return Measured((source, target), {"bytes": nbytes})
+    return op
+
+
+# --- get_slice of one row: bytes read (pread) and pages mapped (mmap) ---------------------
+
+@case("slice.pread_row.ours")
+def slice_pread_row(cfg: dict) -> Op:
+    from safeckpt.format.reader import SafetensorsFile
+
+    f = SafetensorsFile(path(cfg, SLICE), backend="pread")
+
+    def op():
+        row = f.slice(SLICE_NAME, SLICE_ROW)
+        return Measured((f, row), {"bytes": f.bytes_read, "result_bytes": row.nbytes})
+    return op
+
+
+@case("slice.pread_whole.ours")
+def slice_pread_whole(cfg: dict) -> Op:
+    from safeckpt.format.reader import SafetensorsFile
+
+    f = SafetensorsFile(path(cfg, SLICE), backend="pread")
+
+    def op():
+        whole = f.array(SLICE_NAME, copy=True)
+        return Measured((f, whole), {"bytes": f.bytes_read, "result_bytes": whole.nbytes})
+    return op
+
+
+def _mmap_slice_case(library: str, whole: bool) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        filename = path(cfg, SLICE)
+        warm(cfg, filename)
+        if library == "ours":
+            from safeckpt import safe_open
+        else:
+            from safetensors import safe_open
+        f = safe_open(filename, framework="numpy")
+
+        def op():
+            before, faults = probes.mapped_rss(filename), probes.minor_faults()
+            if whole:
+                result = np.array(f.get_tensor(SLICE_NAME), copy=True)
+            else:
+                result = np.array(f.get_slice(SLICE_NAME)[SLICE_ROW], copy=True)
+            return Measured((f, result), {"bytes": probes.mapped_rss(filename) - before,
+                                          "minor_faults": probes.minor_faults() - faults,
+                                          "result_bytes": result.nbytes})
+        return op
+    return prepare
+
+
+for _library in ("ours", "safetensors"):
+    case(f"slice.mmap_row.{_library}")(_mmap_slice_case(_library, False))
+    case(f"slice.mmap_whole.{_library}")(_mmap_slice_case(_library, True))
