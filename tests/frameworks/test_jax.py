@@ -19,24 +19,11 @@ import safeckpt  # noqa: E402
 from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES  # noqa: E402
 from safeckpt.frameworks import jax as adapter  # noqa: E402
+from framework_samples import SHAPES, SLICES, sample  # noqa: E402
 
 # Every safetensors dtype jax holds; the 64-bit ones need jax_enable_x64 (the x64 fixture).
 JAX_DTYPES = [name for name, d in DTYPES.items() if d.numpy is not None]
 THEIR_DTYPES = [name for name in JAX_DTYPES if name != "F4"]  # safetensors.numpy cannot write F4
-SHAPES = [(), (0,), (3, 0, 2), (4, 6)]
-SLICES = {(): (), (0,): np.s_[0:0], (3, 0, 2): np.s_[1:, :, ::2], (4, 6): np.s_[1:3, ::2]}
-
-
-def sample(name: str, shape: tuple, seed: int = 0) -> np.ndarray:
-    """Random bit patterns of a dtype (NaN payloads, infinities, -0 and all)."""
-    dtype = DTYPES[name].numpy
-    rng = np.random.default_rng(seed)
-    count = int(np.prod(shape))
-    if name == "BOOL":
-        return rng.integers(0, 2, shape).astype(bool)
-    if name == "F4":  # one value per byte, in the low nibble
-        return rng.integers(0, 16, count, dtype=np.uint8).view(dtype).reshape(shape)
-    return rng.integers(0, 256, count * dtype.itemsize, dtype=np.uint8).view(dtype).reshape(shape)
 
 
 def assert_same(actual, expected: np.ndarray) -> None:

@@ -16,24 +16,13 @@ import safeckpt  # noqa: E402
 from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES, dtype_for_numpy  # noqa: E402
 from safeckpt.frameworks import mlx as adapter  # noqa: E402
+from framework_samples import SHAPES, SLICES, sample  # noqa: E402
 
 MLX = {"BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "I16": mx.int16, "U16": mx.uint16, "F16": mx.float16,
        "BF16": mx.bfloat16, "I32": mx.int32, "U32": mx.uint32, "F32": mx.float32, "C64": mx.complex64,
        "F64": mx.float64, "I64": mx.int64, "U64": mx.uint64}
 # safetensors.mlx goes through np.asarray, which refuses bf16 ("not a valid PEP 3118 buffer format").
 THEIR_DTYPES = [name for name in MLX if name != "BF16"]
-SHAPES = [(), (0,), (3, 0, 2), (4, 6)]
-SLICES = {(): (), (0,): np.s_[0:0], (3, 0, 2): np.s_[1:, :, ::2], (4, 6): np.s_[1:3, ::2]}
-
-
-def sample(name: str, shape: tuple, seed: int = 0) -> np.ndarray:
-    """Random bit patterns of a dtype (NaN payloads, infinities, -0 and all)."""
-    dtype = DTYPES[name].numpy
-    rng = np.random.default_rng(seed)
-    count = int(np.prod(shape))
-    if name == "BOOL":
-        return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 256, count * dtype.itemsize, dtype=np.uint8).view(dtype).reshape(shape)
 
 
 def mlx_array(source: np.ndarray):

@@ -18,6 +18,7 @@ import safeckpt  # noqa: E402
 from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES, dtype_for_numpy  # noqa: E402
 from safeckpt.frameworks import paddle as adapter  # noqa: E402
+from framework_samples import SHAPES, SLICES, sample  # noqa: E402
 
 PADDLE = {"BOOL": paddle.bool, "U8": paddle.uint8, "I8": paddle.int8, "I16": paddle.int16, "U16": paddle.uint16,
           "F16": paddle.float16, "BF16": paddle.bfloat16, "I32": paddle.int32, "U32": paddle.uint32,
@@ -25,18 +26,6 @@ PADDLE = {"BOOL": paddle.bool, "U8": paddle.uint8, "I8": paddle.int8, "I16": pad
           "U64": paddle.uint64, "F8_E4M3": paddle.float8_e4m3fn, "F8_E5M2": paddle.float8_e5m2}
 # safetensors.paddle cannot write U16 (it names paddle.uint16 "bfloat16"), U32 or U64.
 THEIR_DTYPES = [name for name in PADDLE if name not in ("U16", "U32", "U64")]
-SHAPES = [(), (0,), (3, 0, 2), (4, 6)]
-SLICES = {(): (), (0,): np.s_[0:0], (3, 0, 2): np.s_[1:, :, ::2], (4, 6): np.s_[1:3, ::2]}
-
-
-def sample(name: str, shape: tuple, seed: int = 0) -> np.ndarray:
-    """Random bit patterns of a dtype (NaN payloads, infinities, -0 and all)."""
-    dtype = DTYPES[name].numpy
-    rng = np.random.default_rng(seed)
-    count = int(np.prod(shape))
-    if name == "BOOL":
-        return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 256, count * dtype.itemsize, dtype=np.uint8).view(dtype).reshape(shape)
 
 
 def paddle_tensor(source: np.ndarray):

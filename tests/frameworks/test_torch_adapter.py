@@ -16,6 +16,7 @@ from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES, dtype_for_numpy  # noqa: E402
 from safeckpt.format.writer import pack_f4  # noqa: E402
 from safeckpt.frameworks import torch as adapter  # noqa: E402
+from framework_samples import SHAPES, sample  # noqa: E402
 
 TORCH = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
          "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
@@ -25,21 +26,8 @@ TORCH = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.i
          "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F4": torch.float4_e2m1fn_x2}
 # safetensors.torch cannot write F8_E8M0 or F4 (they are missing from its size table).
 THEIR_DTYPES = [name for name in TORCH if name not in ("F8_E8M0", "F4")]
-SHAPES = [(), (0,), (3, 0, 2), (4, 6)]
 SLICES = {(): (), (0,): np.s_[0:0], (3, 0, 2): np.s_[1:, :, ::2], (4, 6): np.s_[1:3, 2:6]}
 CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def sample(name: str, shape: tuple, seed: int = 0) -> np.ndarray:
-    """Random bit patterns of a dtype (NaN payloads, infinities, -0 and all)."""
-    dtype = DTYPES[name].numpy
-    rng = np.random.default_rng(seed)
-    count = int(np.prod(shape))
-    if name == "BOOL":
-        return rng.integers(0, 2, shape).astype(bool)
-    if name == "F4":  # one value per byte, in the low nibble
-        return rng.integers(0, 16, count, dtype=np.uint8).view(dtype).reshape(shape)
-    return rng.integers(0, 256, count * dtype.itemsize, dtype=np.uint8).view(dtype).reshape(shape)
 
 
 def torch_tensor(source: np.ndarray):

@@ -128,7 +128,7 @@ def run_story(story: Story, workdir: Path, torch) -> None:
 
     story.step("Build a tiny language model")
     torch.manual_seed(0)
-    model = TinyLM().eval()
+    model = TinyLM().train(False)
     state = model.state_dict()
     story.python("model = TinyLM()  # embedding tied to the head, bf16 linear layers, fp32 norms")
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
@@ -165,7 +165,7 @@ def run_story(story: Story, workdir: Path, torch) -> None:
     story.python("from safeckpt.torch import load_model", "fresh = TinyLM()",
                  f"load_model(fresh, {str(model_path)!r})")
     torch.manual_seed(1)
-    fresh = TinyLM().eval()
+    fresh = TinyLM().train(False)
     outcome = load_model(fresh, model_path)
     story.say(repr(outcome))
     story.check(outcome == (set(), []), "no missing or unexpected keys")
