@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
 from . import errors, frameworks
 from .format.dtypes import DTYPES, storage_dtype
+from .format.header import collector_paused
 from .format.reader import SafetensorsFile, parse_bytes_header
 from .format.writer import PreparedTensor, check_metadata, prepare, serialize, write_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-@contextmanager
-def _naming(path, name: str):
-    """Give a framework adapter's error the file and tensor it was about."""
-    try:
-        yield
-    except errors.SafeckptError as exc:
-        if exc.path is not None:
-            raise
-        raise type(exc)(exc.detail, path=path, tensor=name) from None
+def _located(exc: errors.SafeckptError, path, name: str) -> errors.SafeckptError:
+    """A framework adapter's error, made to name the file and tensor it was about."""
+    if exc.path is not None:
+        return exc
+    return type(exc)(exc.detail, path=path, tensor=name)
 
 
 def _prepare_all(tensors: Mapping[str, Any], path=None) -> List[PreparedTensor]:
@@ -33,8 +29,10 @@ def _prepare_all(tensors: Mapping[str, Any], path=None) -> List[PreparedTensor]:
             f"expected a dict of name -> tensor, got {type(tensors).__name__}", path=path)
     prepared = []
     for name, value in tensors.items():
-        with _naming(path, name):
+        try:
             array = frameworks.to_numpy(value)
+        except errors.SafeckptError as exc:
+            raise _located(exc, path, name) from None
         prepared.append(prepare(name, array, path))
     return prepared
 
@@ -61,9 +59,11 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]] = None) 
 
 
 def _read_tensor(adapter, file: SafetensorsFile, name: str, device, storage=None):
-    with _naming(file.path, name):
+    try:
         storage = file.storage(name) if storage is None else storage
         return adapter.from_storage(storage, file.dtype(name), file.info(name).shape, device)
+    except errors.SafeckptError as exc:
+        raise _located(exc, file.path, name) from None
 
 
 class TensorSlice:
@@ -97,8 +97,10 @@ class TensorSlice:
         return self._info.shape[0]
 
     def __getitem__(self, index):
-        with _naming(self._file.path, self._name):
+        try:
             return self._adapter.from_numpy(self._file.slice(self._name, index), self._device)
+        except errors.SafeckptError as exc:
+            raise _located(exc, self._file.path, self._name) from None
 
 
 class safe_open:
@@ -162,7 +164,7 @@ def load_file(path: PathLike, *, framework: str = "numpy", device: Any = "cpu", 
     >>> tensors = safeckpt.load_file("model.safetensors", framework="pt")
     """
     adapter = frameworks.get(framework)
-    with SafetensorsFile(path, backend=backend) as file:
+    with SafetensorsFile(path, backend=backend) as file, collector_paused():
         names = file.keys()
         storages = file.storages(names, copy=copy)
         return {name: _read_tensor(adapter, file, name, device, storage) for name, storage in zip(names, storages)}
@@ -181,6 +183,8 @@ def load(data: Union[bytes, bytearray, memoryview], *, framework: str = "numpy",
         begin = header.data_start + info.data_offsets[0]
         dtype = DTYPES[info.dtype]
         storage = buffer[begin:begin + info.nbytes].view(storage_dtype(dtype))
-        with _naming("<bytes>", name):
+        try:
             result[name] = adapter.from_storage(storage, dtype, info.shape, device)
+        except errors.SafeckptError as exc:
+            raise _located(exc, "<bytes>", name) from None
     return result
