@@ -55,7 +55,6 @@ MAX_NDIM = 64
 MAX_QUOTE = 80
 METADATA_KEY = "__metadata__"
 TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
-JSON_WHITESPACE = b" \t\r\n"
 
 
 class TensorInfo(NamedTuple):
@@ -467,11 +466,6 @@ def check_not_other_format(head: bytes, path) -> None:
 
 
 # --- building -----------------------------------------------------------------
-
-def sort_for_writing(entries: Mapping[str, tuple[DType, tuple[int, ...]]]) -> list[str]:
-    """Names in write order: dtype rank descending, then name."""
-    return sorted(entries, key=lambda n: (-entries[n][0].rank, n))
-
 
 def build_header(ordered: list[tuple[str, DType, tuple[int, ...], int]],
                  metadata: Optional[Mapping[str, str]]) -> tuple[bytes, int]:
