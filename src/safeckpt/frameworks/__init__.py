@@ -42,6 +42,15 @@ def get(framework: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def require(module: str, framework: str, install: str) -> ModuleType:
+    """Import a framework on first use, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise errors.FrameworkError(
+            f"framework {framework!r} requested but it is not installed ({install})") from None
+
+
 def adapter_for(value) -> ModuleType:
     """The adapter whose framework made `value`, found without importing anything."""
     package = type(value).__module__.split(".")[0]

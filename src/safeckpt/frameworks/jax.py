@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 
 from .. import errors
+from . import require
 from ..format.dtypes import DType, dtype_for_numpy
 from ..format.reader import to_logical
 
@@ -33,12 +34,7 @@ _ENABLE_X64 = "jax.config.update('jax_enable_x64', True)"
 
 
 def _jax():
-    try:
-        import jax
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise errors.FrameworkError("framework 'jax' requested but jax is not installed "
-                                    "(pip install 'safeckpt[jax]')") from None
-    return jax
+    return require("jax", "jax", "pip install 'safeckpt[jax]'")
 
 
 def is_tensor(value) -> bool:

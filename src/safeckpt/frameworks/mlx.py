@@ -22,17 +22,13 @@ import functools
 import numpy as np
 
 from .. import errors
+from . import require
 from ..format.dtypes import DTYPES, DType, dtype_for_numpy
 from ..format.reader import to_logical
 
 
 def _mx():
-    try:
-        import mlx.core as mx
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise errors.FrameworkError("framework 'mlx' requested but mlx is not installed "
-                                    "(pip install 'safeckpt[mlx]'; on Linux: pip install 'mlx[cpu]')") from None
-    return mx
+    return require("mlx.core", "mlx", "pip install 'safeckpt[mlx]'; on Linux: pip install 'mlx[cpu]'")
 
 
 @functools.cache

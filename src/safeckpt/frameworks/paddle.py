@@ -27,17 +27,13 @@ import functools
 import numpy as np
 
 from .. import errors
+from . import require
 from ..format.dtypes import DTYPES, DType, dtype_for_numpy
 from ..format.reader import to_logical
 
 
 def _paddle():
-    try:
-        import paddle
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise errors.FrameworkError("framework 'paddle' requested but paddlepaddle is not installed "
-                                    "(pip install 'safeckpt[paddle]')") from None
-    return paddle
+    return require("paddle", "paddle", "pip install 'safeckpt[paddle]'")
 
 
 @functools.cache

@@ -25,6 +25,7 @@ import functools
 import numpy as np
 
 from .. import errors
+from . import require
 from ..format.dtypes import DTYPES, DType, dtype_for_numpy
 from ..format.reader import to_logical
 
@@ -33,12 +34,7 @@ TF_ALIGNMENT = 64
 
 
 def _tf():
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise errors.FrameworkError("framework 'tensorflow' requested but tensorflow is not installed "
-                                    "(pip install 'safeckpt[tensorflow]')") from None
-    return tf
+    return require("tensorflow", "tensorflow", "pip install 'safeckpt[tensorflow]'")
 
 
 @functools.cache

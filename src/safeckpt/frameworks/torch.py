@@ -11,18 +11,14 @@ import functools
 import numpy as np
 
 from .. import errors
+from . import require
 from ..format.dtypes import DTYPES, DType, dtype_for_numpy
 from ..format.reader import to_logical
 from ..format.writer import RawTensor, pack_f4
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise errors.FrameworkError("framework 'torch' requested but torch is not installed "
-                                    "(pip install 'safeckpt[torch]')") from None
-    return torch
+    return require("torch", "torch", "pip install 'safeckpt[torch]'")
 
 
 @functools.cache
