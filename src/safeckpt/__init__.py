@@ -6,12 +6,14 @@
 """
 
 from .api import load, load_file, safe_open, save, save_file
-from .errors import HeaderError, SafeckptError
+from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
 from .format import RawTensor, SafetensorsFile, TensorInfo
+from .sources import TensorSource, open_source
 
 __version__ = "0.1.0"
 
 __all__ = [
     "save_file", "load_file", "save", "load", "safe_open",
-    "SafeckptError", "HeaderError", "RawTensor", "SafetensorsFile", "TensorInfo",
+    "SafeckptError", "HeaderError", "SourceError", "UnsafeFileError",
+    "RawTensor", "SafetensorsFile", "TensorInfo", "open_source", "TensorSource",
 ]

@@ -177,3 +177,24 @@ class InvalidMetadataError(SafeckptError, ValueError):
 
 class FrameworkError(SafeckptError, ValueError):
     """An unknown framework name, or a framework that is not installed."""
+
+
+# --- foreign formats (sources/) --------------------------------------------
+
+class SourceError(SafeckptError, ValueError):
+    """A checkpoint in a foreign format (torch, npz, GGUF, ...) that is malformed or unreadable."""
+
+
+class UnknownFormatError(SourceError):
+    """The content matches no format we read (the extension is never trusted)."""
+
+
+class UnsafeFileError(SafeckptError, ValueError):
+    """A file whose scan found code execution or other hostile content; nothing was run.
+
+    `report` holds the scan report with the findings.
+    """
+
+    def __init__(self, detail: str, *, report=None, **kwargs) -> None:
+        self.report = report
+        super().__init__(detail, **kwargs)

@@ -1,4 +1,10 @@
 """Readers for foreign checkpoint formats; each turns a file into data without executing it.
 
-`pickle_vm` is the restricted pickle machine that every pickle-based format goes through.
+`open_source` recognises a file by content and returns a `TensorSource`; `pickle_vm`
+is the restricted pickle machine that every pickle-based format goes through.
 """
+
+from .base import TensorInfo, TensorSource
+from .detect import open_source
+
+__all__ = ["open_source", "TensorSource", "TensorInfo"]

@@ -719,7 +719,7 @@ class _Machine:
         d = 0
         for c in children:
             if isinstance(c, _CONTAINERS):
-                d = max(d, self.depth(c))
+                d = max(d, self.depth(c) or 1)  # containers of depth 1 are not recorded
         self.set_depth(container, d + 1)
         return container
 
@@ -727,10 +727,12 @@ class _Machine:
         d = self.depth(container) - 1
         for c in children:
             if isinstance(c, _CONTAINERS):
-                d = max(d, self.depth(c))
+                d = max(d, self.depth(c) or 1)
         self.set_depth(container, d + 1)
 
     def set_depth(self, container: Any, d: int) -> None:
+        if d <= 1:  # a leaf; depth() answers 0 for it and callers count it as 1
+            return
         if d > self.limits.max_nesting:
             raise self.fail(f"containers nest deeper than {self.limits.max_nesting} "
                             "(raise Limits.max_nesting)")
@@ -891,6 +893,14 @@ def op_long(m: _Machine, pos: int) -> int:
 _FIXED = {(1, False): struct.Struct("<B"), (2, False): struct.Struct("<H"),
           (4, False): struct.Struct("<I"), (8, False): struct.Struct("<Q"),
           (4, True): struct.Struct("<i")}
+
+
+def op_binint1(m: _Machine, pos: int) -> int:
+    # the commonest opcode of all, with BINGET/BINPUT: one byte read inline
+    if pos >= m.n:
+        raise m.fail("needs 1 byte but none is left (truncated data)")
+    m.stack.append(m.data[pos])
+    return pos + 1
 
 
 def _binint(size: int, signed: bool) -> Callable:
@@ -1193,6 +1203,20 @@ def _ext(width: int) -> Callable:
     return handler
 
 
+def op_binget(m: _Machine, pos: int) -> int:
+    if pos >= m.n:
+        raise m.fail("needs 1 byte but none is left (truncated data)")
+    m.memo_get(m.data[pos])
+    return pos + 1
+
+
+def op_binput(m: _Machine, pos: int) -> int:
+    if pos >= m.n:
+        raise m.fail("needs 1 byte but none is left (truncated data)")
+    m.memo_put(m.data[pos], m.top())
+    return pos + 1
+
+
 def _get(width: Optional[int]) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
         if width is None:
@@ -1239,7 +1263,7 @@ def op_frame(m: _Machine, pos: int) -> int:
 _HANDLERS: dict = {
     "MARK": op_mark, "STOP": op_stop, "POP": op_pop, "POP_MARK": op_pop_mark, "DUP": op_dup,
     "FLOAT": op_float, "BINFLOAT": op_binfloat, "INT": op_int, "LONG": op_long,
-    "BININT": _binint(4, True), "BININT1": _binint(1, False), "BININT2": _binint(2, False),
+    "BININT": _binint(4, True), "BININT1": op_binint1, "BININT2": _binint(2, False),
     "LONG1": _long_n(1), "LONG4": _long_n(4),
     "STRING": op_string, "BINSTRING": _counted(4, _py2_string),
     "SHORT_BINSTRING": _counted(1, _py2_string),
@@ -1254,8 +1278,8 @@ _HANDLERS: dict = {
     "DICT": op_dict, "EMPTY_DICT": _push_new(dict), "EMPTY_LIST": _push_new(list),
     "EMPTY_TUPLE": _push_const(()), "EMPTY_SET": _push_new(set), "ADDITEMS": op_additems,
     "FROZENSET": op_frozenset, "TUPLE": op_tuple, "TUPLE1": _tuple_n(1), "TUPLE2": _tuple_n(2),
-    "TUPLE3": _tuple_n(3), "GET": _get(None), "BINGET": _get(1), "LONG_BINGET": _get(4),
-    "PUT": _put(None), "BINPUT": _put(1), "LONG_BINPUT": _put(4), "MEMOIZE": op_memoize,
+    "TUPLE3": _tuple_n(3), "GET": _get(None), "BINGET": op_binget, "LONG_BINGET": _get(4),
+    "PUT": _put(None), "BINPUT": op_binput, "LONG_BINPUT": _put(4), "MEMOIZE": op_memoize,
     "SETITEM": op_setitem, "SETITEMS": op_setitems, "LIST": op_list, "INST": op_inst,
     "OBJ": op_obj, "NEWOBJ": op_newobj, "NEWOBJ_EX": op_newobj_ex, "REDUCE": op_reduce,
     "PERSID": op_persid, "BINPERSID": op_binpersid,

@@ -1,0 +1,241 @@
+"""TensorSource: every readable format as one lazy, read-only mapping of tensors.
+
+A source maps tensor names to `TensorInfo(dtype, shape, nbytes)` (dtype is a
+safetensors dtype name) and gives each tensor's values with `read(name)` as a
+numpy array: a zero-copy view of the file where its bytes allow it. Everything
+in a checkpoint that is not a tensor (epoch, hyper-parameters, optimizer
+scalars, the names of classes a pickle wanted built) is in `tree`, JSON-able,
+with each tensor replaced by ``{"__tensor__": name}``.
+
+Names of tensors found inside nested containers are their paths joined with
+dots (``state_dict.encoder.weight``, ``optimizer_states.0.state.3.exp_avg``),
+which is what a flattened state dict looks like to every other tool.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+import numpy as np
+
+from .. import errors
+
+# A tree is cut below this depth (pickles may nest up to pickle_vm.MAX_NESTING; a
+# recursive JSON encoder would fail long before that).
+MAX_TREE_DEPTH = 100
+# Nodes emitted into a tree in total; a DAG that shares containers is emitted once
+# per container (later uses become references), so this only bounds huge flat data.
+MAX_TREE_NODES = 2_000_000
+# Items of one container shown in the tree; the rest are summarised.
+MAX_TREE_ITEMS = 100_000
+
+
+class TensorInfo(NamedTuple):
+    """One tensor of a source: safetensors dtype name, shape, size in bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class TensorSource(abc.ABC):
+    """A checkpoint opened for reading; nothing in it is ever executed.
+
+    >>> with safeckpt.open_source("pytorch_model.bin") as src:
+    ...     for name in src:
+    ...         print(name, src[name].shape, src.read(name).mean())
+    """
+
+    #: short format name: "safetensors", "torch-zip", "torch-legacy", "npz", ...
+    format: str = "?"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tree: Any = None
+        self.metadata: Optional[dict[str, str]] = None
+        #: name -> the name of an identical tensor (same bytes of the same storage,
+        #: same shape, strides and dtype): tied weights, stored once on conversion.
+        self.aliases: dict[str, str] = {}
+        #: notes on what opening found that a user should know (placeholders made,
+        #: names disambiguated); the scan gives the verdict.
+        self.notes: list[str] = []
+
+    # -- the mapping
+    @property
+    @abc.abstractmethod
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every tensor, in the source's own order."""
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise errors.TensorNotFoundError(
+                f"no tensor named {name!r} in this {self.format} file ({len(self.infos)} tensors)",
+                path=self.path) from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for name, info in self.infos.items() if name not in self.aliases)
+
+    # -- the data
+    @abc.abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's values; a read-only zero-copy view of the file where possible.
+
+        dtypes with no numpy equivalent of their own come as ml_dtypes arrays (bf16,
+        fp8, fp4 unpacked); F6 tensors come as their packed bytes (uint8).
+        """
+
+    def release(self, name: str) -> None:
+        """A hint that `name`'s bytes are no longer needed (mapped pages may be dropped).
+
+        Converting a model larger than memory stays within bounds this way: the file
+        pages already written out are given back as the conversion goes.
+        """
+
+    def describe(self) -> str:
+        """One line: what the file is."""
+        return f"{self.format} file, {len(self)} tensors"
+
+    def close(self) -> None:
+        """Release the file; arrays already read stay valid only for copying sources."""
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path!r}: {self.describe()}>"
+
+
+# --- from a nested value (a pickle's result) to names and a JSON-able tree ------
+
+class FlatTree(NamedTuple):
+    """Tensors found in a nested value, by dotted path, and the rest as JSON-able data."""
+
+    tensors: dict[str, Any]
+    tree: Any
+    notes: list[str]
+
+
+def flatten(value: Any, is_tensor: Callable[[Any], bool],
+            describe_object: Optional[Callable[[Any], Optional[dict]]] = None) -> FlatTree:
+    """Walk `value`; tensors get dotted names, everything else becomes JSON-able.
+
+    Bounded whatever the input: depth (`MAX_TREE_DEPTH`), total nodes
+    (`MAX_TREE_NODES`), and a container reached a second time (pickles can share
+    objects, and a DAG's tree can be exponentially large) becomes
+    ``{"__same_as__": "its.first.path"}``; a tensor reached again gets its new
+    name as an alias by the caller (`tensors` maps both names to the one object).
+
+    `describe_object(x)` turns a non-plain object into a dict of its parts (to be
+    walked further), or None to fall back to its repr.
+    """
+    walker = _Walker(is_tensor, describe_object)
+    tree = walker.walk(value, "", 0)
+    return FlatTree(walker.tensors, tree, walker.notes)
+
+
+class _Walker:
+    def __init__(self, is_tensor: Callable, describe_object: Optional[Callable]) -> None:
+        self.is_tensor = is_tensor
+        self.describe_object = describe_object
+        self.tensors: dict[str, Any] = {}
+        self.seen: dict[int, tuple[str, Any]] = {}  # id -> (first path, object kept alive)
+        self.nodes = 0
+        self.notes: list[str] = []
+
+    def name_for(self, path: str) -> str:
+        name = path or "tensor"
+        if name not in self.tensors:
+            return name
+        k = 2
+        while f"{name}~{k}" in self.tensors:
+            k += 1
+        self.notes.append(f"two tensors are both named {name!r}; the second is {name}~{k}")
+        return f"{name}~{k}"
+
+    def walk(self, x: Any, path: str, depth: int) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_TREE_NODES:
+            if self.nodes == MAX_TREE_NODES + 1:
+                self.notes.append(f"the structure has more than {MAX_TREE_NODES} parts; the rest is cut")
+            return "<cut: too many parts>"
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, int):
+            return x if abs(x) < 1 << 63 else str(x)
+        if isinstance(x, float):
+            return x if math.isfinite(x) else {"__float__": repr(x)}
+        if self.is_tensor(x):
+            name = self.name_for(path)
+            self.tensors[name] = x
+            return {"__tensor__": name}
+        if isinstance(x, np.generic):
+            return self.walk(x.item(), path, depth)
+        if isinstance(x, (bytes, bytearray)):
+            return {"__bytes__": len(x), "head": bytes(x[:32]).hex()}
+        if isinstance(x, complex):
+            return {"__complex__": [self.walk(x.real, path, depth), self.walk(x.imag, path, depth)]}
+        if depth >= MAX_TREE_DEPTH:
+            return "<cut: nested too deep>"
+        first = self.seen.get(id(x))
+        if first is not None and first[1] is x:
+            return {"__same_as__": first[0]}
+        self.seen[id(x)] = (path, x)
+        if isinstance(x, dict):
+            out: dict = {}
+            for i, (k, v) in enumerate(x.items()):
+                if i >= MAX_TREE_ITEMS:
+                    out["__cut__"] = f"{len(x) - i} more items"
+                    break
+                key = _key_text(k)
+                out[key if key not in out else f"{key}~{i}"] = self.walk(v, _join(path, key), depth + 1)
+            return out
+        if isinstance(x, (list, tuple, set, frozenset)):
+            items = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
+            out_list = [self.walk(v, _join(path, str(i)), depth + 1)
+                        for i, v in enumerate(items) if i < MAX_TREE_ITEMS]
+            if len(items) > MAX_TREE_ITEMS:
+                out_list.append(f"<cut: {len(items) - MAX_TREE_ITEMS} more items>")
+            return out_list
+        parts = self.describe_object(x) if self.describe_object is not None else None
+        if parts is not None:
+            return {k: self.walk(v, _join(path, k), depth + 1) if not k.startswith("__") else v
+                    for k, v in parts.items()}
+        return {"__repr__": repr(x)[:200]}
+
+
+def _key_text(k: Any) -> str:
+    if isinstance(k, str):
+        return k
+    if isinstance(k, (bool, int, float)) or k is None:
+        return str(k)
+    if isinstance(k, tuple):
+        return ",".join(_key_text(v) for v in k)
+    return repr(k)[:100]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

@@ -1,0 +1,172 @@
+"""open_source: recognise a checkpoint by its content (never its name) and open it.
+
+Formats are told apart by their first bytes (`sniff`), then by what is inside
+a container: a zip holding ``<prefix>/data.pkl`` is a PyTorch checkpoint, one
+holding ``.npy`` members is an npz; a pickle whose first value is torch's magic
+number is a legacy torch file, any other pickle is read as plain data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from .. import errors
+from .base import TensorSource
+
+# Bytes read to recognise a format.
+SNIFF_BYTES = 4096
+# A directory or index JSON is recognised up to this size.
+_JSON_START = (b"{", b"\xef\xbb\xbf{")
+
+
+def _looks_safetensors(head: bytes) -> bool:
+    if len(head) < 10:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= 100_000_000 and head[8:9] == b"{"
+
+
+def _looks_pickle(head: bytes) -> bool:
+    # protocol 2+ starts with PROTO; protocols 0/1 of a dict/list/tuple with MARK/EMPTY_*
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or \
+        head[:1] in (b"}", b"]", b"(", b")")
+
+
+def _looks_tar(head: bytes) -> bool:
+    return len(head) >= 263 and head[257:262] == b"ustar"
+
+
+def sniff(head: bytes) -> Optional[str]:
+    """The container kind `head` (a file's first bytes) shows, or None."""
+    from .npz import is_npy
+    from .zip_archive import is_zip
+    if _looks_safetensors(head):
+        return "safetensors"
+    if is_zip(head):
+        return "zip"
+    if is_npy(head):
+        return "npy"
+    if _looks_tar(head):
+        return "tar"
+    if _looks_pickle(head):
+        return "pickle"
+    if head.lstrip()[:1] == b"{" or head.startswith(b"\xef\xbb\xbf"):
+        return "json"
+    return None
+
+
+def open_source(path: "os.PathLike | str", *, template: Optional[object] = None) -> TensorSource:
+    """Open any supported checkpoint for reading; the format comes from the content.
+
+    `path` may be a file, a sharded model's index JSON, or a model folder (its
+    index, or its single checkpoint file). `template` reads a raw ``.bin`` dump
+    (a JSON template or a safetensors file naming each tensor's dtype and shape).
+    Nothing in the file is executed: pickles go through the restricted machine.
+
+    >>> with open_source("pytorch_model.bin") as src:
+    ...     print(src.describe(), src.keys()[:3])
+    """
+    path = os.fspath(path)
+    if template is not None:
+        from .raw import RawSource
+        return RawSource(path, template)
+    if os.path.isdir(path):
+        return _open_directory(path)
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    kind = sniff(head)
+    opener = _OPENERS.get(kind) if kind else None
+    if opener is None:
+        _refuse(path, head)
+    return opener(path, head)
+
+
+def _refuse(path: str, head: bytes) -> None:
+    from ..format.header import sniff_other_format
+    other = sniff_other_format(head)
+    detail = other[1] if other and other[0] not in ("zip", "pickle", "npy", "gguf") else \
+        f"it starts with {head[:16]!r}"
+    if not head:
+        detail = "the file is empty"
+    raise errors.UnknownFormatError(
+        "not a checkpoint format safeckpt reads (safetensors, PyTorch zip/legacy/tar, Lightning "
+        f"and SD .ckpt, plain pickles, Paddle .pdparams, npy/npz, sharded index JSON): {detail}",
+        path=path)
+
+
+def _open_safetensors(path: str, head: bytes) -> TensorSource:
+    from .safetensors_source import SafetensorsSource
+    return SafetensorsSource(path)
+
+
+def _open_zip(path: str, head: bytes) -> TensorSource:
+    from .npz import NpzSource
+    from .torch_file import map_file, open_torch_zip
+    from .zip_archive import ZipArchive
+    mapping = map_file(path)
+    try:
+        names = ZipArchive(mapping, path).names()
+    finally:
+        try:
+            mapping.close()
+        except BufferError:
+            pass
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return open_torch_zip(path)
+    if names and all(n.endswith(".npy") for n in names):
+        return NpzSource(path)
+    raise errors.UnknownFormatError(
+        "a zip archive that is neither a PyTorch checkpoint (no data.pkl) nor an npz "
+        f"(members: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})", path=path)
+
+
+def _open_npy(path: str, head: bytes) -> TensorSource:
+    from .npz import NpySource
+    return NpySource(path)
+
+
+def _open_tar(path: str, head: bytes) -> TensorSource:
+    from .torch_file import open_torch_tar
+    from .torch_legacy import is_legacy_tar
+    if not is_legacy_tar(head):
+        raise errors.UnknownFormatError("a tar archive that is not a legacy PyTorch checkpoint "
+                                        "(no sys_info/pickle/storages/tensors members)", path=path)
+    return open_torch_tar(path)
+
+
+def _open_pickle(path: str, head: bytes) -> TensorSource:
+    from .torch_file import open_pickle, open_torch_legacy
+    from .torch_legacy import is_legacy
+    if is_legacy(head):
+        return open_torch_legacy(path)
+    return open_pickle(path)
+
+
+def _open_json(path: str, head: bytes) -> TensorSource:
+    from .sharded import ShardedSource
+    return ShardedSource(path, open_source)
+
+
+_OPENERS: dict[str, Callable[[str, bytes], TensorSource]] = {
+    "safetensors": _open_safetensors, "zip": _open_zip, "npy": _open_npy, "tar": _open_tar,
+    "pickle": _open_pickle, "json": _open_json,
+}
+
+# Names a model folder's single checkpoint usually has, most preferred first.
+_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.ckpt",
+                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _open_directory(path: str) -> TensorSource:
+    from .sharded import ShardedSource, find_index
+    index = find_index(path)
+    if index is not None:
+        return ShardedSource(index, open_source)
+    for name in _MODEL_FILES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return open_source(candidate)
+    raise errors.UnknownFormatError(
+        "a folder with no sharded-checkpoint index (*.index.json) and no model file "
+        f"({', '.join(_MODEL_FILES[:3])}, ...): name the file to open", path=path)

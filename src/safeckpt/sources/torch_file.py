@@ -1,0 +1,369 @@
+"""PyTorch checkpoints (and other pickles of tensors) as TensorSources, without torch.
+
+The zip format (``torch.save`` since PyTorch 1.6)
+-------------------------------------------------
+A zip archive (members stored, not compressed) whose entries all sit under one
+top folder, the *archive prefix* (the file's stem when it was saved, often
+``archive``); the prefix is taken from the first entry, as torch does:
+
+* ``<prefix>/data.pkl``: the pickled object. Each tensor is a call to
+  ``torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride,
+  requires_grad, backward_hooks)`` (``_rebuild_tensor_v3`` adds the dtype, for
+  dtypes with no typed storage class: fp8, uint16, ...), and each storage is
+  a persistent id ``('storage', storage_type, key, location, numel)``; numel
+  counts elements of the storage type (bytes for ``UntypedStorage``).
+* ``<prefix>/data/<key>``: the storage's raw bytes, aligned to 64 bytes in
+  the file (``.storage_alignment``) since torch 2.x.
+* ``<prefix>/byteorder``: ``little`` or ``big`` (absent before 1.13: little).
+* ``<prefix>/version`` (``.format_version``): the format version, 1 to 3.
+* ``<prefix>/.data/serialization_id``: an identifier, ignored.
+
+Tensors are strided views into storages (a storage may hold several tensors, as
+tied weights or slices do), so each becomes a read-only numpy view of the file
+bytes; nothing is copied unless the file is big-endian.
+
+The legacy formats (``_use_new_zipfile_serialization=False`` and the tar format)
+are parsed in `torch_legacy` and come out here as the same records. A file that
+is only a pickle (a ``pickle.dump`` of numpy arrays, a Paddle ``.pdparams``) is
+read the same way: its numpy arrays are its tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .. import errors
+from ..format.dtypes import DTYPES, dtype_for_numpy
+from . import pickle_vm
+from .base import TensorInfo, TensorSource, flatten
+from .pickle_vm import (Placeholder, PlaceholderCall, StorageRef, TensorRef, TorchDType,
+                        TorchStorageType)
+from .zip_archive import ZipArchive
+
+# torch dtype name -> safetensors dtype name (complex128 and complex32 have none)
+TORCH_TO_SAFETENSORS = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "complex64": "C64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+}
+# The zip members a data.pkl is read from; the largest data.pkl we accept.
+DATA_PKL = "data.pkl"
+MAX_PICKLE_BYTES = 1 << 31
+_PAGE = mmap.PAGESIZE
+
+
+def is_tensor_like(x: Any) -> bool:
+    return isinstance(x, (TensorRef, StorageRef, np.ndarray))
+
+
+def describe_object(x: Any) -> Optional[dict]:
+    """What the JSON tree shows for the pickle machine's records."""
+    if isinstance(x, Placeholder):
+        return {"__global__": x.qualname}
+    if isinstance(x, PlaceholderCall):
+        parts: dict = {"__object__": _callee_name(x.func), "args": list(x.args)}
+        for key in ("kwargs", "state", "items", "setitems"):
+            value = getattr(x, key)
+            if value:
+                parts[key] = value
+        return parts
+    if isinstance(x, (TorchDType, TorchStorageType)):
+        return {"__torch__": f"torch.{x.name}" if isinstance(x, TorchDType) else x.name}
+    if isinstance(x, slice):
+        return {"__slice__": [x.start, x.stop, x.step]}
+    return None
+
+
+def _callee_name(func: Any) -> str:
+    if isinstance(func, Placeholder):
+        return func.qualname
+    if isinstance(func, PlaceholderCall):
+        return _callee_name(func.func) + "()"
+    return "persistent id" if func is None else type(func).__name__
+
+
+class PickleSource(TensorSource):
+    """Tensors and structure of a pickle-based checkpoint, read through `pickle_vm`.
+
+    `storage_bytes(key)` gives a storage's raw bytes (a zero-copy view of the file).
+    """
+
+    def __init__(self, path: str, *, format: str, result: Any, globals: list, findings: list,
+                 storage_bytes: Callable[[str], memoryview], byteorder: str = "little",
+                 mapping: Optional[mmap.mmap] = None, details: str = "") -> None:
+        super().__init__(path)
+        self.format = format
+        self.globals = globals
+        self.pickle_findings = list(findings)
+        self._storage_bytes = storage_bytes
+        self._byteorder = byteorder
+        self._mapping = mapping
+        self._details = details
+        flat = flatten(result, is_tensor_like, describe_object)
+        self.tree = flat.tree
+        self.notes = flat.notes
+        self._objects: dict[str, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        first_of: dict[Any, str] = {}
+        for name, obj in flat.tensors.items():
+            info = self._info(name, obj)
+            if info is None:
+                continue
+            self._objects[name], self._infos[name] = obj, info
+            identity = _identity(obj)
+            if identity in first_of:
+                self.aliases[name] = first_of[identity]
+            else:
+                first_of[identity] = name
+
+    # -- what each tensor is
+    def _info(self, name: str, obj: Any) -> Optional[TensorInfo]:
+        if isinstance(obj, np.ndarray):
+            dtype = dtype_for_numpy(obj.dtype)
+            if dtype is None:
+                self.notes.append(f"{name}: numpy dtype {obj.dtype} has no safetensors equivalent; skipped")
+                return None
+            return TensorInfo(dtype.name, tuple(obj.shape), obj.nbytes)
+        torch_dtype = _torch_dtype_of(obj)
+        st = TORCH_TO_SAFETENSORS.get(torch_dtype.name) if torch_dtype else None
+        if st is None:
+            what = torch_dtype.name if torch_dtype else "an unknown dtype"
+            self.notes.append(f"{name}: torch.{what} has no safetensors equivalent; skipped")
+            return None
+        shape = obj.size if isinstance(obj, TensorRef) else (obj.numel,)
+        return TensorInfo(st, tuple(shape), math.prod(shape) * DTYPES[st].bits // 8)
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    # -- the data
+    def read(self, name: str) -> np.ndarray:
+        info = self[name]
+        obj = self._objects[name]
+        if isinstance(obj, np.ndarray):
+            out = obj.view()
+            out.flags.writeable = False
+            return out
+        dtype = DTYPES[info.dtype]
+        np_dtype = np.dtype(dtype.numpy)
+        if isinstance(obj, StorageRef):
+            return self._typed_storage(obj, np_dtype, name)[:info.shape[0]]
+        storage = self._typed_storage(obj.storage, np_dtype, name)
+        itemsize = np_dtype.itemsize
+        if not all(obj.size):
+            return np.zeros(obj.size, np_dtype)
+        last = obj.storage_offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride))
+        if last >= storage.size:
+            raise errors.SourceError(
+                f"tensor of shape {list(obj.size)} at element offset {obj.storage_offset} with "
+                f"strides {list(obj.stride)} runs past its storage of {storage.size} elements",
+                path=self.path, tensor=name)
+        base = storage[obj.storage_offset:]
+        return np.lib.stride_tricks.as_strided(
+            base, shape=obj.size, strides=tuple(s * itemsize for s in obj.stride), writeable=False)
+
+    def _typed_storage(self, ref: Any, np_dtype: np.dtype, name: str) -> np.ndarray:
+        if not isinstance(ref, StorageRef):
+            raise errors.SourceError(f"the tensor's storage is {type(ref).__name__}, not a stored "
+                                     "record", path=self.path, tensor=name)
+        raw = self._storage_bytes(ref.key)
+        declared = ref.numel * ref.dtype.itemsize
+        if len(raw) < declared:  # the pickle claims more than the record holds
+            raise errors.SourceError(
+                f"storage {ref.key!r} is declared as {ref.numel} x {ref.dtype.itemsize} bytes "
+                f"but its record holds only {len(raw)} bytes", path=self.path, tensor=name)
+        usable = declared - declared % np_dtype.itemsize
+        array = np.frombuffer(raw, np.uint8, usable).view(np_dtype)
+        if self._byteorder == "big" and np_dtype.itemsize > 1:
+            array = array.byteswap().view(np_dtype)
+            array.flags.writeable = False
+        return array
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor's storage (they are re-read if needed again)."""
+        obj = self._objects.get(name)
+        ref = obj.storage if isinstance(obj, TensorRef) else obj
+        if self._mapping is None or not isinstance(ref, StorageRef):
+            return
+        try:
+            raw = self._storage_bytes(ref.key)
+        except errors.SafeckptError:
+            return
+        span = _span_in(self._mapping, raw)
+        if span is not None:
+            start, end = -(-span[0] // _PAGE) * _PAGE, span[1] // _PAGE * _PAGE
+            if end > start:
+                self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def describe(self) -> str:
+        text = f"{_FORMAT_NAMES.get(self.format, self.format)}, {len(self)} tensors"
+        return f"{text}, {self._details}" if self._details else text
+
+    def close(self) -> None:
+        self._objects.clear()
+        self._storage_bytes = _closed  # drops the archive and its views of the mapping
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:  # arrays still point into it; the OS unmaps at exit
+                pass
+
+
+def _closed(key: str) -> memoryview:
+    raise errors.SourceError("the source is closed", tensor=key)
+
+
+_FORMAT_NAMES = {
+    "torch-zip": "PyTorch checkpoint (zip, torch.save since 1.6)",
+    "torch-legacy": "PyTorch checkpoint (legacy pre-1.6 format)",
+    "torch-tar": "PyTorch checkpoint (legacy tar format)",
+    "pickle": "Python pickle",
+}
+
+
+def _torch_dtype_of(obj: Any) -> Optional[TorchDType]:
+    if isinstance(obj, TensorRef):
+        dtype = obj.dtype or getattr(obj.storage, "dtype", None)
+    else:
+        dtype = obj.dtype
+    return dtype if isinstance(dtype, TorchDType) else None
+
+
+def _identity(obj: Any) -> Any:
+    if isinstance(obj, TensorRef) and isinstance(obj.storage, StorageRef):
+        return (obj.storage.key, obj.storage_offset, obj.size, obj.stride, _torch_dtype_of(obj))
+    return id(obj)
+
+
+def _span_in(mapping: mmap.mmap, raw: memoryview) -> Optional[tuple[int, int]]:
+    """The byte range `raw` (a view into `mapping`) covers, or None."""
+    try:
+        base = np.frombuffer(mapping, np.uint8)
+        start = np.frombuffer(raw, np.uint8).ctypes.data - base.ctypes.data
+    except (ValueError, TypeError):
+        return None
+    if 0 <= start and start + len(raw) <= len(mapping):
+        return start, start + len(raw)
+    return None
+
+
+# --- opening each format ----------------------------------------------------------
+
+def map_file(path: str) -> mmap.mmap:
+    """The whole file, mapped read-only."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise errors.SourceError("the file is empty", path=path)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _load_pickle(data: Any, path: str, member: Optional[str] = None, **kwargs: Any) -> Any:
+    try:
+        return pickle_vm.load(data, **kwargs)
+    except pickle_vm.PickleError as exc:
+        where = f"{member}: " if member else ""
+        raise errors.SourceError(f"{where}{exc.detail}", path=path) from None
+
+
+def open_torch_zip(path: str) -> PickleSource:
+    """A ``torch.save`` zip checkpoint; storages are mapped zero-copy from the file."""
+    mapping = map_file(path)
+    try:
+        archive = ZipArchive(mapping, path)
+        names = archive.names()
+        if not names:
+            raise errors.SourceError("the zip archive is empty: not a PyTorch checkpoint", path=path)
+        prefix = names[0].split("/", 1)[0] if "/" in names[0] else ""
+        member = lambda rel: f"{prefix}/{rel}" if prefix else rel  # noqa: E731
+        pkl_names = [n for n in names if n == member(DATA_PKL)]
+        if not pkl_names:
+            raise errors.SourceError(
+                f"no {member(DATA_PKL)} in the zip archive: not a PyTorch checkpoint "
+                f"(members: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})", path=path)
+        byteorder = "little"
+        if member("byteorder") in names:
+            byteorder = bytes(archive.read(member("byteorder"), max_size=16)).decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise errors.SourceError(f"{member('byteorder')} says {byteorder!r}, not little or big",
+                                         path=path)
+        data_pkl = archive.read(member(DATA_PKL), max_size=MAX_PICKLE_BYTES)
+        result = _load_pickle(data_pkl, path, member(DATA_PKL))
+
+        def storage_bytes(key: str) -> memoryview:
+            name = member(f"data/{key}")
+            try:
+                record = archive.member(name)
+            except errors.SafeckptError:
+                raise errors.SourceError(f"the pickle names storage {key!r} but the archive has "
+                                         f"no member {name!r}", path=path) from None
+            if record.method != 0:
+                raise errors.SourceError(f"storage record {name!r} is compressed (method "
+                                         f"{record.method}); torch writes them stored", path=path)
+            return archive.read(record)
+
+        details = f"archive prefix {prefix!r}" + (f", {byteorder}-endian" if byteorder != "little" else "")
+        return PickleSource(path, format="torch-zip", result=result.value, globals=result.globals,
+                            findings=result.findings, storage_bytes=storage_bytes,
+                            byteorder=byteorder, mapping=mapping, details=details)
+    except BaseException:
+        mapping.close()
+        raise
+
+
+def open_pickle(path: str) -> PickleSource:
+    """A file that is one pickle (numpy arrays inside are its tensors; Paddle ``.pdparams``)."""
+    mapping = map_file(path)
+    try:
+        result = _load_pickle(mapping, path)
+
+        def no_storages(key: str) -> memoryview:
+            raise errors.SourceError(f"the pickle names torch storage {key!r}, but a plain pickle "
+                                     "file holds no storage records", path=path)
+
+        return PickleSource(path, format="pickle", result=result.value, globals=result.globals,
+                            findings=result.findings, storage_bytes=no_storages, mapping=None)
+    finally:
+        mapping.close()
+
+
+def open_torch_legacy(path: str) -> PickleSource:
+    """A pre-1.6 ``torch.save`` file (or one saved with ``_use_new_zipfile_serialization=False``)."""
+    from .torch_legacy import read_legacy
+    return _from_layout(path, read_legacy)
+
+
+def open_torch_tar(path: str) -> PickleSource:
+    """A ``torch.save`` file in the oldest, tar-based format."""
+    from .torch_legacy import read_legacy_tar
+    return _from_layout(path, read_legacy_tar)
+
+
+def _from_layout(path: str, reader: Callable) -> PickleSource:
+    mapping = map_file(path)
+    try:
+        layout = reader(mapping, path)
+
+        def storage_bytes(key: str) -> memoryview:
+            try:
+                offset, nbytes = layout.storages[key]
+            except KeyError:
+                raise errors.SourceError(f"the pickle names storage {key!r}, which the file does "
+                                         "not hold", path=path) from None
+            return memoryview(mapping)[offset:offset + nbytes]
+
+        little = layout.sys_info.get("little_endian", True) if isinstance(layout.sys_info, dict) else True
+        return PickleSource(path, format=layout.kind, result=layout.value, globals=layout.globals,
+                            findings=layout.findings, storage_bytes=storage_bytes,
+                            byteorder="little" if little else "big", mapping=mapping)
+    except BaseException:
+        mapping.close()
+        raise
