@@ -302,3 +302,66 @@ def _mmap_slice_case(library: str, whole: bool) -> Callable[[dict], Op]:
 for _library in ("ours", "safetensors"):
     case(f"slice.mmap_row.{_library}")(_mmap_slice_case(_library, False))
     case(f"slice.mmap_whole.{_library}")(_mmap_slice_case(_library, True))
+
+
+# --- pickle-based checkpoints: list, scan, convert ---------------------------------------
+
+@case("list.ours")
+def list_ours(cfg: dict) -> Op:
+    """Open a torch.save file and list every tensor's name, dtype and shape."""
+    from safeckpt import open_source
+
+    warm(cfg, path(cfg, MODEL_PT))
+
+    def op():
+        with open_source(path(cfg, MODEL_PT)) as source:
+            return Measured(extras={"tensors": len(dict(source.infos))})
+    return op
+
+
+@case("list.torch")
+def list_torch(cfg: dict) -> Op:
+    import torch
+
+    warm(cfg, path(cfg, MODEL_PT))
+
+    def op():
+        tensors = torch.load(path(cfg, MODEL_PT), weights_only=True)
+        return Measured(tensors, {"tensors": len({n: (t.dtype, t.shape) for n, t in tensors.items()})})
+    return op
+
+
+@case("scan.ours")
+def scan_ours(cfg: dict) -> Op:
+    import safeckpt.ops.scan
+
+    warm(cfg, path(cfg, MODEL_PT))
+
+    def op():
+        report = safeckpt.ops.scan.scan(path(cfg, MODEL_PT))
+        assert report.verdict == "safe", report.to_dict()
+        return report
+    return op
+
+
+@case("convert.ours")
+def convert_ours(cfg: dict) -> Op:
+    """torch .pt -> safetensors with safeckpt.convert (source sha256 included)."""
+    from safeckpt.ops.convert import convert
+
+    warm(cfg, path(cfg, MODEL_PT))
+    return lambda: convert(path(cfg, MODEL_PT), cfg["out"])
+
+
+@case("convert.torch_safetensors")
+def convert_peer(cfg: dict) -> Op:
+    """The usual recipe: torch.load, then safetensors.torch.save_file."""
+    import safetensors.torch
+    import torch
+
+    warm(cfg, path(cfg, MODEL_PT))
+
+    def op():
+        tensors = torch.load(path(cfg, MODEL_PT), weights_only=True)
+        safetensors.torch.save_file(tensors, cfg["out"], metadata={"format": "pt"})
+    return op

@@ -25,6 +25,8 @@ class Comparison:
       "speedup"   ratio = ours / peer seconds; passes if ratio <= floor (floor = 1 / required speedup)
       "bandwidth" ratio = our bandwidth / peer bandwidth; passes if ratio >= floor
       "memory"    ours = extra peak RSS; passes if ours <= floor bytes (peer shown for reference)
+      "memory_ratio" ratio = ours / peer extra peak RSS; passes if ratio <= floor
+      "seconds"   ours = seconds; passes if ours <= floor seconds (peer shown for reference)
       "bytes"     ours = bytes touched; passes if ours <= floor bytes; ratio = ours / peer bytes
     """
 
@@ -70,6 +72,16 @@ COMPARISONS = [
                floor_text=f"≤ {SLICE_SLACK}× row ({human_bytes(SLICE_SLACK * ROW_BYTES)})"),
     Comparison("get_slice one row, mmap: pages resident", "slice.mmap_row.ours", "slice.mmap_row.safetensors",
                "safetensors", kind="bytes"),
+    Comparison("open a torch .pt and list its tensors", "list.ours", "list.torch",
+               "torch.load(weights_only=True)", kind="speedup", floor=0.1,
+               floor_text="≤ 0.10× (≥ 10× faster)"),
+    Comparison("scan a torch .pt", "scan.ours", "list.torch", "torch.load (reference)", kind="seconds",
+               floor=0.1, floor_text="≤ 0.1 s"),
+    Comparison("convert torch .pt -> safetensors", "convert.ours", "convert.torch_safetensors",
+               "torch.load + safetensors save_file", floor=0.6, floor_text="≤ 0.60×"),
+    Comparison("convert torch .pt -> safetensors: extra peak RSS", "convert.ours",
+               "convert.torch_safetensors", "torch.load + safetensors save_file", kind="memory_ratio",
+               floor=0.3, floor_text="≤ 0.30× theirs"),
 ]
 
 
@@ -103,10 +115,18 @@ class Row:
 def evaluate(comparison: Comparison, results: Results) -> Row:
     c = comparison
     verdict, ratio_text, best_text, bests_pass = "", "—", "—", False
-    if c.kind == "memory":
+    if c.kind in ("memory", "memory_ratio"):
         ours, peer = median(results, c.ours, "peak_extra"), median(results, c.peer, "peak_extra")
         ours_text = "error" if ours is None else human_bytes(ours)
         peer_text = "error" if peer is None else human_bytes(peer)
+        if c.kind == "memory" and ours is not None:
+            verdict = "pass" if ours <= c.floor else "FAIL"
+        elif ours is not None and peer:
+            ratio_text = f"{ours / peer:.2f}×"
+            verdict = "pass" if ours / peer <= c.floor else "FAIL"
+    elif c.kind == "seconds":
+        ours, peer = median(results, c.ours, "seconds"), median(results, c.peer, "seconds")
+        ours_text, peer_text = _seconds(ours), _seconds(peer)
         if ours is not None:
             verdict = "pass" if ours <= c.floor else "FAIL"
     elif c.kind == "bytes":
@@ -140,7 +160,7 @@ def evaluate(comparison: Comparison, results: Results) -> Row:
                 bests_pass = c.floor is not None and best_ratio <= c.floor
                 if c.floor is not None:
                     verdict = "pass" if ratio <= c.floor else "FAIL"
-    needs_peer = c.floor is not None and c.kind in ("time", "speedup", "bandwidth")
+    needs_peer = c.floor is not None and c.kind in ("time", "speedup", "bandwidth", "memory_ratio")
     if ours is None or (needs_peer and peer is None):
         verdict = "error"
     return Row(c.label, c.peer_label, ours_text, peer_text, ratio_text, best_text, c.floor_text, verdict,

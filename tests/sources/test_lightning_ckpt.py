@@ -63,7 +63,7 @@ def test_structure_tree_is_readable(lightning_ckpt):
     path, model, trainer = lightning_ckpt
     with open_source(path) as src:
         tree = src.tree
-        assert tree["epoch"] == 0 and tree["global_step"] == 4
+        assert tree["epoch"] == trainer.current_epoch and tree["global_step"] == trainer.global_step == 4
         assert tree["pytorch-lightning_version"] == pl.__version__
         hp = tree["hyper_parameters"]
         assert hp["hidden"] == 8 and hp["lr"] == 0.05

@@ -42,8 +42,8 @@ def all_dtypes_state():
         "i64": torch.arange(7), "i32": torch.arange(7, dtype=torch.int32),
         "i16": torch.arange(7, dtype=torch.int16), "i8": torch.arange(-3, 4, dtype=torch.int8),
         "u8": torch.arange(7, dtype=torch.uint8), "bool": base > 0,
-        "c64": torch.complex(base, -base), "u16": torch.arange(5, dtype=torch.uint16),
-        "u32": torch.arange(5, dtype=torch.uint32), "u64": torch.arange(5, dtype=torch.uint64),
+        "c64": torch.complex(base, -base), "u16": torch.arange(5).to(torch.uint16),
+        "u32": torch.arange(5).to(torch.uint32), "u64": torch.arange(5).to(torch.uint64),
         "f8e4m3": base.to(torch.float8_e4m3fn), "f8e5m2": base.to(torch.float8_e5m2),
         "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3),
     }

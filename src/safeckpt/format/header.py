@@ -426,10 +426,14 @@ def sniff_other_format(head: bytes) -> Optional[tuple[str, str]]:
     """Name the format of a file that is not safetensors, with advice, or None."""
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip", ("it is a zip archive, as written by torch.save (PyTorch >= 1.6); it holds a "
-                       "pickle that can run code when loaded: do not load it unless you trust its source")
+                       "pickle that can run code when loaded: do not load it unless you trust its source; "
+                       "`safeckpt scan` checks it and `safeckpt convert` turns it into safetensors "
+                       "without running anything")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pickle", ("it is a Python pickle (a legacy torch.save or pickle.dump file) that "
-                          "can run code when loaded: do not load it unless you trust its source")
+                          "can run code when loaded: do not load it unless you trust its source; "
+                          "`safeckpt scan` checks it and `safeckpt convert` turns it into safetensors "
+                          "without running anything")
     if head.startswith(b"version https://git-lfs"):
         return "git-lfs-pointer", ("it is a Git LFS pointer, not the file itself: fetch the real "
                                    "content with `git lfs pull` (or download it from the Hub)")
@@ -440,7 +444,7 @@ def sniff_other_format(head: bytes) -> Optional[tuple[str, str]]:
     if head.startswith(b"GGUF"):
         return "gguf", "it is a GGUF file (llama.cpp); read it with safeckpt.open_source"
     if head.startswith(b"\x93NUMPY"):
-        return "npy", "it is a numpy .npy file; read it with safeckpt.open_source"
+        return "npy", "it is a numpy .npy file; read it with safeckpt.open_source or `safeckpt convert`"
     if head.startswith(b"\x1f\x8b"):
         return "gzip", "it is gzip-compressed: decompress it first"
     # A real length prefix is never printable text: its high bytes are zero.

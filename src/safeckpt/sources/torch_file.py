@@ -166,9 +166,12 @@ class PickleSource(TensorSource):
                 f"tensor of shape {list(obj.size)} at element offset {obj.storage_offset} with "
                 f"strides {list(obj.stride)} runs past its storage of {storage.size} elements",
                 path=self.path, tensor=name)
-        base = storage[obj.storage_offset:]
-        return np.lib.stride_tricks.as_strided(
+        # as_strided cannot carry ml_dtypes (bf16, fp8): stride a same-width view, then relabel
+        plain = np.dtype(f"V{itemsize}") if np_dtype.kind == "V" or np_dtype.isbuiltin != 1 else np_dtype
+        base = storage.view(plain)[obj.storage_offset:]
+        view = np.lib.stride_tricks.as_strided(
             base, shape=obj.size, strides=tuple(s * itemsize for s in obj.stride), writeable=False)
+        return view if plain is np_dtype else view.view(np_dtype)
 
     def _typed_storage(self, ref: Any, np_dtype: np.dtype, name: str) -> np.ndarray:
         if not isinstance(ref, StorageRef):
