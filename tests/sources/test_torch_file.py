@@ -248,3 +248,15 @@ def test_sharded_torch_bin_index(tmp_path):
     with open_source(tmp_path) as src:
         assert "torch-zip" in src.describe()
         np.testing.assert_array_equal(src.read("y"), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_plain_pickles_of_every_protocol_are_recognised(tmp_path, protocol):
+    import collections
+    path = tmp_path / "state.pkl"
+    data = collections.OrderedDict(w=np.arange(6, dtype=np.float64).reshape(2, 3), step=4)
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    with open_source(path) as src:
+        assert src.format == "pickle"
+        np.testing.assert_array_equal(src.read("w"), data["w"])
+        assert src.tree["step"] == 4

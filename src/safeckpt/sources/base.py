@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import abc
 import math
+import mmap
+import os
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
 from .. import errors
+from .pickle_vm import Placeholder, PlaceholderCall, TorchDType, TorchStorageType
 
 # A tree is cut below this depth (pickles may nest up to pickle_vm.MAX_NESTING; a
 # recursive JSON encoder would fail long before that).
@@ -239,3 +242,40 @@ def _key_text(k: Any) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+# --- shared by the pickle-based sources --------------------------------------------
+
+def describe_object(x: Any) -> Optional[dict]:
+    """What the JSON tree shows for the pickle machine's records."""
+    if isinstance(x, Placeholder):
+        return {"__global__": x.qualname}
+    if isinstance(x, PlaceholderCall):
+        parts: dict = {"__object__": _callee_name(x.func), "args": list(x.args)}
+        for key in ("kwargs", "state", "items", "setitems"):
+            value = getattr(x, key)
+            if value:
+                parts[key] = value
+        return parts
+    if isinstance(x, (TorchDType, TorchStorageType)):
+        return {"__torch__": f"torch.{x.name}" if isinstance(x, TorchDType) else x.name}
+    if isinstance(x, slice):
+        return {"__slice__": [x.start, x.stop, x.step]}
+    return None
+
+
+def _callee_name(func: Any) -> str:
+    if isinstance(func, Placeholder):
+        return func.qualname
+    if isinstance(func, PlaceholderCall):
+        return _callee_name(func.func) + "()"
+    return "persistent id" if func is None else type(func).__name__
+
+
+def map_file(path: str) -> mmap.mmap:
+    """The whole file, mapped read-only."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise errors.SourceError("the file is empty", path=path)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -9,6 +9,7 @@ number is a legacy torch file, any other pickle is read as plain data.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Optional
 
 from .. import errors
@@ -27,10 +28,13 @@ def _looks_safetensors(head: bytes) -> bool:
     return 2 <= n <= 100_000_000 and head[8:9] == b"{"
 
 
+_PROTOCOL_0_GLOBAL = re.compile(rb"c[A-Za-z_][\w.]*\n[A-Za-z_][\w.]*\n")
+
+
 def _looks_pickle(head: bytes) -> bool:
-    # protocol 2+ starts with PROTO; protocols 0/1 of a dict/list/tuple with MARK/EMPTY_*
+    # protocol 2+ starts with PROTO; protocols 0/1 with MARK, EMPTY_DICT/LIST/TUPLE or GLOBAL
     return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or \
-        head[:1] in (b"}", b"]", b"(", b")")
+        head[:1] in (b"}", b"]", b"(", b")") or _PROTOCOL_0_GLOBAL.match(head) is not None
 
 
 def _looks_tar(head: bytes) -> bool:
@@ -102,7 +106,8 @@ def _open_safetensors(path: str, head: bytes) -> TensorSource:
 
 def _open_zip(path: str, head: bytes) -> TensorSource:
     from .npz import NpzSource
-    from .torch_file import map_file, open_torch_zip
+    from .base import map_file
+    from .torch_file import open_torch_zip
     from .zip_archive import ZipArchive
     mapping = map_file(path)
     try:

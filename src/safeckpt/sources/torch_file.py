@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -40,9 +39,8 @@ import numpy as np
 from .. import errors
 from ..format.dtypes import DTYPES, dtype_for_numpy
 from . import pickle_vm
-from .base import TensorInfo, TensorSource, flatten
-from .pickle_vm import (Placeholder, PlaceholderCall, StorageRef, TensorRef, TorchDType,
-                        TorchStorageType)
+from .base import TensorInfo, TensorSource, describe_object, flatten, map_file
+from .pickle_vm import StorageRef, TensorRef, TorchDType
 from .zip_archive import ZipArchive
 
 # torch dtype name -> safetensors dtype name (complex128 and complex32 have none)
@@ -61,32 +59,6 @@ _PAGE = mmap.PAGESIZE
 
 def is_tensor_like(x: Any) -> bool:
     return isinstance(x, (TensorRef, StorageRef, np.ndarray))
-
-
-def describe_object(x: Any) -> Optional[dict]:
-    """What the JSON tree shows for the pickle machine's records."""
-    if isinstance(x, Placeholder):
-        return {"__global__": x.qualname}
-    if isinstance(x, PlaceholderCall):
-        parts: dict = {"__object__": _callee_name(x.func), "args": list(x.args)}
-        for key in ("kwargs", "state", "items", "setitems"):
-            value = getattr(x, key)
-            if value:
-                parts[key] = value
-        return parts
-    if isinstance(x, (TorchDType, TorchStorageType)):
-        return {"__torch__": f"torch.{x.name}" if isinstance(x, TorchDType) else x.name}
-    if isinstance(x, slice):
-        return {"__slice__": [x.start, x.stop, x.step]}
-    return None
-
-
-def _callee_name(func: Any) -> str:
-    if isinstance(func, Placeholder):
-        return func.qualname
-    if isinstance(func, PlaceholderCall):
-        return _callee_name(func.func) + "()"
-    return "persistent id" if func is None else type(func).__name__
 
 
 class PickleSource(TensorSource):
@@ -259,15 +231,6 @@ def _span_in(mapping: mmap.mmap, raw: memoryview) -> Optional[tuple[int, int]]:
 
 
 # --- opening each format ----------------------------------------------------------
-
-def map_file(path: str) -> mmap.mmap:
-    """The whole file, mapped read-only."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise errors.SourceError("the file is empty", path=path)
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
 
 def _load_pickle(data: Any, path: str, member: Optional[str] = None, **kwargs: Any) -> Any:
     try:
