@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from .. import errors
-from .pickle_vm import Placeholder, PlaceholderCall, TorchDType, TorchStorageType
+from .pickle_vm import Placeholder, PlaceholderCall, TorchDType, TorchStorageType, brief
 
 # A tree is cut below this depth (pickles may nest up to pickle_vm.MAX_NESTING; a
 # recursive JSON encoder would fail long before that).
@@ -217,7 +217,7 @@ class _Walker:
                 out[key if key not in out else f"{key}~{i}"] = self.walk(v, _join(path, key), depth + 1)
             return out
         if isinstance(x, (list, tuple, set, frozenset)):
-            items = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
+            items = sorted(x, key=brief) if isinstance(x, (set, frozenset)) else x
             out_list = [self.walk(v, _join(path, str(i)), depth + 1)
                         for i, v in enumerate(items) if i < MAX_TREE_ITEMS]
             if len(items) > MAX_TREE_ITEMS:
@@ -227,7 +227,7 @@ class _Walker:
         if parts is not None:
             return {k: self.walk(v, _join(path, k), depth + 1) if not k.startswith("__") else v
                     for k, v in parts.items()}
-        return {"__repr__": repr(x)[:200]}
+        return {"__repr__": brief(x)}
 
 
 def _key_text(k: Any) -> str:
@@ -237,7 +237,7 @@ def _key_text(k: Any) -> str:
         return str(k)
     if isinstance(k, tuple):
         return ",".join(_key_text(v) for v in k)
-    return repr(k)[:100]
+    return brief(k)
 
 
 def _join(path: str, key: str) -> str:

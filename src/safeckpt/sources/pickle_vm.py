@@ -69,6 +69,7 @@ import dataclasses
 import ntpath
 import pickletools
 import posixpath
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -137,6 +138,22 @@ class Limits:
 
 # --- records -----------------------------------------------------------------
 
+# Values from the file shown in messages: DUP/GET share objects, so a small pickle can
+# describe a DAG whose full repr is exponentially long; reprlib bounds depth and width.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 60, 60, 40
+_BRIEF.maxtuple = _BRIEF.maxlist = _BRIEF.maxdict = _BRIEF.maxset = _BRIEF.maxfrozenset = 4
+
+
+def brief(x: Any) -> str:
+    """A short, bounded description of a value built from a file."""
+    try:
+        text = _BRIEF.repr(x)
+    except Exception:  # noqa: BLE001 - a record's own repr failing must not hide the real error
+        text = f"<{type(x).__name__}>"
+    return text[:120]
+
+
 @dataclass(frozen=True)
 class GlobalUse:
     """One global named by the pickle (GLOBAL, STACK_GLOBAL, INST or EXT)."""
@@ -160,7 +177,7 @@ class Placeholder:
         return f"{self.module}.{self.name}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class PlaceholderCall:
     """What calling or building a placeholder would have made; nothing was called.
 
@@ -177,6 +194,9 @@ class PlaceholderCall:
     state: list = field(default_factory=list)
     items: list = field(default_factory=list)
     setitems: list = field(default_factory=list)
+
+    def __repr__(self) -> str:  # bounded: args may share objects (a DAG)
+        return f"PlaceholderCall({brief(self.func)}, {self.kind} at {self.offset}, args={brief(self.args)})"
 
 
 @dataclass(frozen=True)
@@ -334,7 +354,7 @@ def _numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
     elif isinstance(spec, str) and len(spec) <= 16:
         dt = np.dtype(spec)
     else:
-        raise PickleError(f"numpy dtype spec {spec!r:.60} is not a plain type string")
+        raise PickleError(f"numpy dtype spec {brief(spec)} is not a plain type string")
     if dt.kind not in _NUMPY_KINDS or dt.fields is not None or dt.subdtype is not None:
         # object/structured/void dtypes are never built; the array using it becomes inert
         return PlaceholderCall(Placeholder("numpy", "dtype", -1), (spec, align, copy), {}, "REDUCE", -1)
@@ -595,6 +615,11 @@ def _build_allowlist() -> dict:
     add("collections.defaultdict", _defaultdict)
     for name in ("builtins.object", "typing.Any"):  # type references in omegaconf metadata
         add(name, _type_only(name))
+    # tensor classes, named (never called) by the legacy tar format's tensor records
+    for cls in _TORCH_STORAGES:
+        for prefix in ("torch.", "torch.cuda."):
+            name = prefix + cls.replace("Storage", "Tensor")
+            add(name, _type_only(name))
     add("copyreg._reconstructor", _copyreg_reconstructor)
     add("argparse.Namespace", _plain_dict)
     add(["pytorch_lightning.utilities.parsing.AttributeDict",
@@ -770,7 +795,7 @@ class _Machine:
         if isinstance(out.func, Placeholder):
             out.func.offset = self.op_pos
             self.findings.append(f"{self.op_name} at offset {self.op_pos}: "
-                                 f"{out.func.qualname} with {out.args!r:.80} was not built")
+                                 f"{out.func.qualname} with {brief(out.args)} was not built")
 
     def memo_put(self, key: Any, value: Any) -> None:
         if key not in self.memo and len(self.memo) >= self.limits.max_memo:
@@ -783,7 +808,7 @@ class _Machine:
         try:
             self.stack.append(self.memo[key])
         except KeyError:
-            raise self.fail(f"memo key {key!r:.40} was never stored") from None
+            raise self.fail(f"memo key {brief(key)} was never stored") from None
 
     @property
     def op_name(self) -> str:
@@ -816,7 +841,7 @@ class _Machine:
                     raise
                 raise self.fail(e.detail) from None
             except (Exception, RecursionError) as e:  # noqa: BLE001 - nothing else may escape
-                msg = str(e)[:200]
+                msg = f"missing {brief(e.args[0])}" if isinstance(e, KeyError) and e.args else str(e)[:200]
                 raise self.fail(f"{type(e).__name__}: {msg}") from None
             if pos < 0:
                 return -pos

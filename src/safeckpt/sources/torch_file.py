@@ -326,10 +326,9 @@ def _from_layout(path: str, reader: Callable) -> PickleSource:
                                          "not hold", path=path) from None
             return memoryview(mapping)[offset:offset + nbytes]
 
-        little = layout.sys_info.get("little_endian", True) if isinstance(layout.sys_info, dict) else True
         return PickleSource(path, format=layout.kind, result=layout.value, globals=layout.globals,
                             findings=layout.findings, storage_bytes=storage_bytes,
-                            byteorder="little" if little else "big", mapping=mapping)
+                            byteorder=layout.byteorder, mapping=mapping)
     except BaseException:
         mapping.close()
         raise
