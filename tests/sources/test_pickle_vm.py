@@ -570,3 +570,18 @@ def test_errors_keep_the_globals_seen_before_them(tmp_path):
     assert [(g.module, g.name, g.offset, g.allowed) for g in info.value.globals] == [
         ("os", "system", 2, False)]
     assert not canary.exists()
+
+
+def test_messages_about_shared_values_stay_short():
+    # DUP + TUPLE2 forty times: a 90-byte DAG whose full repr would be 2**40 items long
+    import signal
+    dag = b"N" + b"2\x86" * 40
+    signal.alarm(20)
+    try:
+        with pytest.raises(PickleError, match=r"dtype spec \(\(\(") as info:
+            load(b"\x80\x02cnumpy\ndtype\n" + dag + b"\x85R.")
+        assert len(str(info.value)) < 400
+        result = load(b"\x80\x02cos\nsystem\n" + dag + b"\x85R.")
+        assert len(repr(result.value)) < 400
+    finally:
+        signal.alarm(0)
