@@ -698,8 +698,7 @@ class _Machine:
         if isinstance(self.data, bytes):
             nl = self.data.find(b"\n", pos, end_search)
         else:
-            nl = bytes(self.data[pos:end_search]).find(b"\n")
-            nl = -1 if nl < 0 else pos + nl
+            nl = self.find_newline(pos, end_search)
         if nl < 0:
             if end_search < self.n:
                 raise self.fail(f"line argument longer than {self.limits.max_line} bytes "
@@ -707,6 +706,17 @@ class _Machine:
             raise self.fail("line argument has no newline (truncated data)")
         self.total_bytes += nl - pos
         return self.take(pos, nl - pos), nl + 1
+
+    def find_newline(self, pos: int, end: int) -> int:
+        # in growing chunks: a view is copied to search it, and lines are usually short
+        chunk = 256
+        while pos < end:
+            stop = min(end, pos + chunk)
+            found = bytes(self.data[pos:stop]).find(b"\n")
+            if found >= 0:
+                return pos + found
+            pos, chunk = stop, chunk * 4
+        return -1
 
     def uint(self, pos: int, size: int, signed: bool = False) -> tuple:
         if pos + size > self.n:

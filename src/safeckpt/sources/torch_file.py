@@ -236,8 +236,10 @@ def _load_pickle(data: Any, path: str, member: Optional[str] = None, **kwargs: A
     try:
         return pickle_vm.load(data, **kwargs)
     except pickle_vm.PickleError as exc:
-        where = f"{member}: " if member else ""
-        raise errors.SourceError(f"{where}{exc.detail}", path=path) from None
+        detail = exc.detail
+    # raised outside the handler: the PickleError's frames (holding views of the file's
+    # mapping, which would keep it from closing) are gone by now
+    raise errors.SourceError(f"{member}: {detail}" if member else detail, path=path)
 
 
 def open_torch_zip(path: str) -> PickleSource:
@@ -298,7 +300,10 @@ def open_pickle(path: str) -> PickleSource:
         return PickleSource(path, format="pickle", result=result.value, globals=result.globals,
                             findings=result.findings, storage_bytes=no_storages, mapping=None)
     finally:
-        mapping.close()
+        try:
+            mapping.close()
+        except BufferError:  # a view is still alive (an error on its way up): unmapped when freed
+            pass
 
 
 def open_torch_legacy(path: str) -> PickleSource:
