@@ -8,6 +8,8 @@
 from .api import load, load_file, safe_open, save, save_file
 from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
 from .format import RawTensor, SafetensorsFile, TensorInfo
+from .ops.convert import ConvertReport, convert
+from .ops.scan import ScanReport, scan
 from .sources import TensorSource, open_source
 
 __version__ = "0.1.0"
@@ -16,4 +18,5 @@ __all__ = [
     "save_file", "load_file", "save", "load", "safe_open",
     "SafeckptError", "HeaderError", "SourceError", "UnsafeFileError",
     "RawTensor", "SafetensorsFile", "TensorInfo", "open_source", "TensorSource",
+    "scan", "ScanReport", "convert", "ConvertReport",
 ]

@@ -199,13 +199,14 @@ def write_file(tensors: Iterable[PreparedTensor], path, metadata=None) -> None:
     ordered = layout(tensors)
     header = header_for(ordered, metadata)
     with atomic_output(path) as fd, collector_paused():
-        _write_all(fd, memoryview(header))
+        write_all(fd, memoryview(header))
         for tensor in ordered:
             for chunk in tensor_chunks(tensor.load()):
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
+    """Write all of `data` to `fd` (os.write may write less than asked)."""
     data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
     while data:
         written = os.write(fd, data)

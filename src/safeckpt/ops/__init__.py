@@ -1,0 +1,1 @@
+"""Operations over checkpoints: convert, cast, scan, verify, diff, merge."""

@@ -1,0 +1,140 @@
+"""`safeckpt convert`: exit codes, output, options, and a refused malicious source."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+import safeckpt
+from safeckpt.cli import COMMANDS, main
+from safeckpt.cli import convert as convert_cli
+
+torch = pytest.importorskip("torch")
+st_torch = pytest.importorskip("safetensors.torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
+from test_convert import malicious_torch_file  # noqa: E402
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"enc.weight": torch.randn(8, 8), "enc.bias": torch.randn(8), "dec.weight": torch.randn(8, 8),
+               "steps": torch.arange(3), "huge": torch.tensor([1.0, 1e5, -1e6])}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(tensors, path)
+    return path, tensors
+
+
+def test_registered():
+    assert "convert" in main.commands and convert_cli.command in COMMANDS
+
+
+def test_convert_prints_a_summary(tmp_path, checkpoint):
+    path, tensors = checkpoint
+    result = invoke("convert", path, tmp_path / "model.safetensors")
+    assert result.exit_code == 0, result.output
+    assert f"converted {path} (torch-zip)" in result.stdout and "5 tensors" in result.stdout
+    loaded = st_torch.load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_json_report(tmp_path, checkpoint):
+    path, _ = checkpoint
+    result = invoke("convert", path, tmp_path / "out", "--shard-size", "300B", "--dtype", "bf16",
+                    "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["converted"] is True and report["verified"] is True and report["cast"] == "BF16"
+    assert report["index"].endswith("model.safetensors.index.json") and len(report["outputs"]) > 1
+    index = json.loads(Path(report["index"]).read_text())
+    assert sorted(index["weight_map"]) == sorted(checkpoint[1])
+    with safeckpt.safe_open(report["outputs"][0]) as f:
+        assert "safeckpt.source_sha256" in f.metadata()
+
+
+def test_overflow_is_shown(tmp_path, checkpoint):
+    path, _ = checkpoint
+    result = invoke("convert", path, tmp_path / "h.safetensors", "--dtype", "fp16")
+    assert result.exit_code == 0, result.output
+    assert "warning: values overflowed F16 in 1 tensors" in result.stdout
+    assert "huge" in result.stdout and "RuntimeWarning" not in result.output
+
+
+def test_select_exclude_extract_and_no_hash(tmp_path, checkpoint):
+    path, _ = checkpoint
+    result = invoke("convert", path, tmp_path / "s.safetensors", "--select", "enc.*", "--select", "steps",
+                    "--exclude", "*.bias", "--no-source-hash", "--extract", "none")
+    assert result.exit_code == 0, result.output
+    assert sorted(st_torch.load_file(str(tmp_path / "s.safetensors"))) == ["enc.weight", "steps"]
+    assert "skipped 3 source tensors" in result.stdout
+    with safeckpt.safe_open(tmp_path / "s.safetensors") as f:
+        assert "safeckpt.source_sha256" not in f.metadata()
+
+
+def test_ema_flags(tmp_path):
+    weights = {"model.a.weight": torch.zeros(2), "model_ema.aweight": torch.ones(2),
+               "model_ema.decay": torch.tensor(0.99)}
+    torch.save({"state_dict": weights}, tmp_path / "sd.ckpt")
+    result = invoke("convert", tmp_path / "sd.ckpt", tmp_path / "e.safetensors", "--ema-only")
+    assert result.exit_code == 0, result.output
+    assert torch.equal(st_torch.load_file(str(tmp_path / "e.safetensors"))["model.a.weight"], torch.ones(2))
+    result = invoke("convert", tmp_path / "sd.ckpt", tmp_path / "d.safetensors", "--drop-ema")
+    assert result.exit_code == 0 and list(st_torch.load_file(str(tmp_path / "d.safetensors"))) == ["model.a.weight"]
+    result = invoke("convert", tmp_path / "sd.ckpt", tmp_path / "x.safetensors", "--drop-ema", "--ema-only")
+    assert result.exit_code == 2 and "exclude each other" in result.stderr
+
+
+def test_malicious_source_is_refused(tmp_path):
+    canary = tmp_path / "canary"
+    malicious_torch_file(tmp_path / "evil.bin", canary)
+    result = invoke("convert", tmp_path / "evil.bin", tmp_path / "out.safetensors")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("REFUSED ") and "posix.system" in result.stderr
+    assert "--allow-unsafe-structure" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.bin"] and not canary.exists()
+    result = invoke("convert", tmp_path / "evil.bin", tmp_path / "out.safetensors", "--json")
+    assert result.exit_code == 2 and json.loads(result.stdout)["scan"]["verdict"] == "malicious"
+    result = invoke("convert", tmp_path / "evil.bin", tmp_path / "out.safetensors", "--allow-unsafe-structure")
+    assert result.exit_code == 0, result.output
+    assert "malicious" in result.stdout and not canary.exists()
+    assert list(st_torch.load_file(str(tmp_path / "out.safetensors"))) == ["w"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.bin", "o.safetensors"], "missing.bin: No such file or directory"),
+    (["{src}", "o.safetensors", "--dtype", "int3"], "cannot cast to 'int3'"),
+    (["{src}", "o.safetensors", "--shard-size", "lots"], "is not a size"),
+    (["{src}", "o.safetensors", "--select", "nothing*"], "nothing to convert"),
+])
+def test_errors_exit_2_with_one_line(tmp_path, checkpoint, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("convert", *[a.format(src=checkpoint[0]) for a in args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("ERROR ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_progress_bar_only_after_a_second(monkeypatch):
+    shown = io.StringIO()
+    monkeypatch.setattr(convert_cli.output, "make_console",
+                        lambda stderr=False: Console(file=shown, force_terminal=True, width=100))
+    bar = convert_cli._ProgressBar(enabled=True)
+    bar(10, 100, "first")
+    assert bar.bar is None  # under a second: nothing drawn
+    bar.started -= convert_cli.PROGRESS_AFTER_SECONDS
+    bar(50, 100, "layers.0.weight")
+    assert bar.bar is not None
+    bar.close()
+    assert "layers.0.weight" in shown.getvalue()
