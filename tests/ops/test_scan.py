@@ -81,7 +81,9 @@ def test_opening_and_converting_the_corpus_never_runs_it(corpus, tmp_path):
             for name in src.keys():
                 src.read(name)
 
-    steps = {"open_source": read_all,
+    from safeckpt.cli.inspect import describe
+
+    steps = {"open_source": read_all, "inspect": describe,
              "convert": lambda path: convert(path, tmp_path / "out.safetensors"),
              "convert --allow-unsafe-structure": lambda path: convert(
                  path, tmp_path / "out.safetensors", allow_unsafe_structure=True)}
@@ -374,3 +376,20 @@ def test_special_files_in_a_directory_are_skipped(tmp_path):
     (tmp_path / "w.pkl").write_bytes(benign_pickle())
     report = scan(tmp_path)
     assert [Path(r.path).name for r in report.files] == ["w.pkl"] and report.exit_code() == 0
+
+
+def test_the_commands_never_run_the_corpus(corpus, tmp_path):
+    """The same through the command line, where a user meets these files."""
+    from click.testing import CliRunner
+
+    from safeckpt.cli import main
+
+    runner = CliRunner()
+    for item in corpus:
+        for args in (["inspect", str(item.path)], ["scan", str(item.path)],
+                     ["convert", str(item.path), str(tmp_path / "out.safetensors")]):
+            result = runner.invoke(main, args)
+            assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.output)
+            assert "Traceback" not in result.output
+            assert not item.canary.exists(), (args, item.name)
+        assert result.exit_code == 2 and not (tmp_path / "out.safetensors").exists()
