@@ -344,13 +344,18 @@ def scan_ours(cfg: dict) -> Op:
     return op
 
 
-@case("convert.ours")
-def convert_ours(cfg: dict) -> Op:
-    """torch .pt -> safetensors with safeckpt.convert (source sha256 included)."""
-    from safeckpt.ops.convert import convert
+def _convert_ours(source_hash: bool) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        from safeckpt.ops.convert import convert
 
-    warm(cfg, path(cfg, MODEL_PT))
-    return lambda: convert(path(cfg, MODEL_PT), cfg["out"])
+        warm(cfg, path(cfg, MODEL_PT))
+        return lambda: convert(path(cfg, MODEL_PT), cfg["out"], source_hash=source_hash)
+    return prepare
+
+
+# with the source's sha256 in the metadata (the default), and without (--no-source-hash)
+case("convert.ours")(_convert_ours(True))
+case("convert.ours_nohash")(_convert_ours(False))
 
 
 @case("convert.torch_safetensors")

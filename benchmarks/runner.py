@@ -32,7 +32,7 @@ ORDER = [
     "slice.pread_row.ours", "slice.pread_whole.ours",
     "slice.mmap_row.ours", "slice.mmap_whole.ours",
     "slice.mmap_row.safetensors", "slice.mmap_whole.safetensors",
-    "list.ours", "list.torch", "scan.ours", "convert.ours", "convert.torch_safetensors",
+    "list.ours", "list.torch", "scan.ours", "convert.ours", "convert.ours_nohash", "convert.torch_safetensors",
 ]
 assert set(ORDER) == set(CASES) - {"setup"}, "every case is run"
 

@@ -382,7 +382,13 @@ def test_stable_diffusion_ema(tmp_path, stable_diffusion_like):
 
 # --- verification, failures, hostile input -------------------------------------------
 
-def test_verify_detects_a_corrupted_write(tmp_path, model_like, monkeypatch):
+@pytest.fixture
+def no_kernel_copy(monkeypatch):
+    """Tensor bytes go through user space (and writer.write_all), not copy_file_range."""
+    monkeypatch.setattr(convert_module._Run, "_copy_in_kernel", lambda *args: False)
+
+
+def test_verify_detects_a_corrupted_write(tmp_path, model_like, monkeypatch, no_kernel_copy):
     src = tmp_path / "in.safetensors"
     safeckpt.save_file(model_like, src)
     real = convert_module.writer.write_all
@@ -415,22 +421,22 @@ def test_failure_midway_leaves_nothing(tmp_path, failure, monkeypatch):
     torch.save({f"t{i}": torch.full((300,), float(i)) for i in range(6)}, tmp_path / "m.pt")
     out = tmp_path / "out"
     reads = []
-    original = convert_module._Run._read
+    original = convert_module._Run._write_tensor
 
-    def failing_read(self, plan):
+    def failing_write(self, fd, plan, path):
         reads.append(plan.name)
         if len(reads) == 4:
             raise failure
-        return original(self, plan)
+        return original(self, fd, plan, path)
 
-    monkeypatch.setattr(convert_module._Run, "_read", failing_read)
+    monkeypatch.setattr(convert_module._Run, "_write_tensor", failing_write)
     with pytest.raises(type(failure)):
         convert(tmp_path / "m.pt", out / "model.safetensors", shard_size=2400)  # two tensors per shard
     assert not out.exists()  # shards already renamed, temp files and the new directory are all gone
     monkeypatch.undo()
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "model.safetensors").write_bytes(b"old")
-    monkeypatch.setattr(convert_module._Run, "_read", failing_read)
+    monkeypatch.setattr(convert_module._Run, "_write_tensor", failing_write)
     reads.clear()
     with pytest.raises(type(failure)):
         convert(tmp_path / "m.pt", tmp_path / "kept" / "model.safetensors")
@@ -438,16 +444,26 @@ def test_failure_midway_leaves_nothing(tmp_path, failure, monkeypatch):
     assert (tmp_path / "kept" / "model.safetensors").read_bytes() == b"old"  # an old file is untouched
 
 
-def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["write", "copy_file_range"])
+def test_disk_full_leaves_nothing(tmp_path, monkeypatch, path):
     torch.save({"a": torch.ones(100), "b": torch.ones(100)}, tmp_path / "m.pt")
-    real = convert_module.writer.write_all
+    real_write, real_copy = convert_module.writer.write_all, os.copy_file_range
 
-    def enospc(fd, data):
+    def enospc_write(fd, data):
         if data.nbytes == 400:
             raise OSError(28, "No space left on device")
-        real(fd, data)
+        real_write(fd, data)
 
-    monkeypatch.setattr(convert_module.writer, "write_all", enospc)
+    def enospc_copy(src, dst, count, offset_src=None, offset_dst=None):
+        if count == 400:
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, count, offset_src, offset_dst)
+
+    if path == "write":
+        monkeypatch.setattr(convert_module._Run, "_copy_in_kernel", lambda *args: False)
+        monkeypatch.setattr(convert_module.writer, "write_all", enospc_write)
+    else:
+        monkeypatch.setattr(os, "copy_file_range", enospc_copy)
     with pytest.raises(OSError, match="No space"):
         convert(tmp_path / "m.pt", tmp_path / "out.safetensors")
     assert files_in(tmp_path) == ["m.pt"]
@@ -586,3 +602,16 @@ def test_in_place_conversion(tmp_path, model_like):
     out = safeckpt.load_file(path)
     assert out["embed.weight"].tobytes() == model_like["embed.weight"].astype(np.float16).tobytes()
     assert files_in(tmp_path) == ["model.safetensors"]
+
+
+def test_kernel_copy_and_user_space_copy_write_the_same_bytes(tmp_path, monkeypatch):
+    big = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    torch.save({"big": big, "rows": big[2:5], "cols": big[:, ::2], "bf": big.bfloat16(),
+                "ids": torch.arange(5)}, tmp_path / "m.pt")
+    convert(tmp_path / "m.pt", tmp_path / "kernel.safetensors")
+    monkeypatch.setattr(convert_module._Run, "_copy_in_kernel", lambda *args: False)
+    convert(tmp_path / "m.pt", tmp_path / "user.safetensors")
+    assert (tmp_path / "kernel.safetensors").read_bytes() == (tmp_path / "user.safetensors").read_bytes()
+    loaded = safeckpt.load_file(tmp_path / "kernel.safetensors")
+    np.testing.assert_array_equal(loaded["cols"], big[:, ::2].numpy())
+    np.testing.assert_array_equal(loaded["rows"], big[2:5].numpy())

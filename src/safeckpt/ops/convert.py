@@ -38,6 +38,7 @@ then the caller's `metadata`, then the alias entries.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
@@ -70,6 +71,8 @@ MAX_TREE_JSON_BYTES = 16 * 1024 * 1024
 # Bytes handed to one write(): small enough for a smooth progress bar and bounded
 # temporaries, large enough that the per-call cost is nothing.
 WRITE_PIECE_BYTES = 64 * 1024 * 1024
+# copy_file_range errors that mean "not here" (old kernel, filesystems it cannot join): write instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 # Bytes compared at a time by verify (each comparison makes a bool array this long).
 VERIFY_PIECE_BYTES = 16 * 1024 * 1024
 # Outputs are committed (renamed into place) together at the end, so a failure leaves
@@ -163,7 +166,14 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     user_metadata = writer.check_metadata(metadata, dst)
 
     source_path = src.path if isinstance(src, TensorSource) else os.fspath(src)
-    source = src if isinstance(src, TensorSource) else _open(source_path, allow_unsafe_structure)
+    # the sha256 is the slowest part of a conversion: start it before anything else
+    early_hash = _SourceHash(source_path) if source_hash and os.path.isfile(source_path) else None
+    try:
+        source = src if isinstance(src, TensorSource) else _open(source_path, allow_unsafe_structure)
+    except BaseException:
+        if early_hash is not None:
+            early_hash.cancel()
+        raise
     try:
         scan_report = _check_safety(_files_read(source), allow_unsafe_structure)
         choice = choose_tensors(source, extract=extract, ema=ema, select=select, exclude=exclude)
@@ -174,8 +184,15 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         if source_hash and not hashed:
             run.notes.append(f"no source sha256: {source.path} is not a regular file")
         run.metadata = _metadata(source, choice, target, ema, user_metadata, aliases, hashed, run.notes)
-        run.hasher = _SourceHash(source.path) if hashed else None
+        if early_hash is not None and (not hashed or source.path != source_path):
+            early_hash.cancel()
+            early_hash = None
+        run.hasher = (early_hash or _SourceHash(source.path)) if hashed else None
         run.write()
+    except BaseException:
+        if early_hash is not None:
+            early_hash.cancel()
+        raise
     finally:
         if not isinstance(src, TensorSource):
             source.close()
@@ -631,6 +648,7 @@ class _Run:
         self._committed: list[str] = []
         self._made_dirs: list[str] = []
         self._release = getattr(source, "release", None)
+        self._source_fd: Optional[int] = None
 
     # -- the whole run
     def write(self) -> None:
@@ -648,6 +666,10 @@ class _Run:
         except BaseException:
             self.abandon()
             raise
+        finally:
+            if self._source_fd is not None:
+                os.close(self._source_fd)
+                self._source_fd = None
         self.outputs = paths
         self.bytes_written = sum(os.path.getsize(p) for p in paths)
 
@@ -706,6 +728,11 @@ class _Run:
         return header
 
     def _write_tensor(self, fd: int, plan: _Plan, path: str) -> None:
+        span = None if plan.cast else self.source.file_span(plan.source)
+        if span is not None and self._copy_in_kernel(fd, span, plan):
+            if self._release is not None:
+                self._release(plan.source)
+            return
         written = 0
         for chunk in self._tensor_bytes(plan, path):
             for start in range(0, chunk.nbytes, WRITE_PIECE_BYTES):
@@ -721,6 +748,32 @@ class _Run:
                 f"{list(plan.info.shape)})", path=self.source.path, tensor=plan.source)
         if self._release is not None:
             self._release(plan.source)
+
+    def _copy_in_kernel(self, fd: int, span: tuple[int, int], plan: _Plan) -> bool:
+        """Copy a tensor stored as-is in the source file with copy_file_range: no page faults,
+        no user-space copy, no mapped pages left resident. False where the OS cannot."""
+        if self._source_fd is None:
+            self._source_fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        offset, remaining = span
+        if remaining != plan.nbytes or not hasattr(os, "copy_file_range"):
+            return False
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            while remaining:
+                copied = os.copy_file_range(self._source_fd, fd, min(remaining, WRITE_PIECE_BYTES), offset)
+                if copied == 0:
+                    raise errors.SourceError(f"the source file ended at byte {offset} inside the tensor",
+                                             path=self.source.path, tensor=plan.source)
+                offset, remaining = offset + copied, remaining - copied
+                self.done += copied
+                if self.progress is not None:
+                    self.progress(self.done, self.total, plan.name)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY or remaining != plan.nbytes:
+                raise
+            os.lseek(fd, start, os.SEEK_SET)
+            return False
+        return True
 
     def _tensor_bytes(self, plan: _Plan, path: str) -> Iterator[memoryview]:
         """The bytes the file holds for `plan`, in order: cast in blocks if asked."""

@@ -108,6 +108,14 @@ class TensorSource(abc.ABC):
         fp8, fp4 unpacked); F6 tensors come as their packed bytes (uint8).
         """
 
+    def file_span(self, name: str) -> Optional[tuple[int, int]]:
+        """``(offset, nbytes)`` of the tensor in the file at `path` when the bytes there are
+        exactly what a safetensors file stores for it (C order, little-endian), else None.
+
+        Lets a conversion copy the bytes file to file in the kernel.
+        """
+        return None
+
     def release(self, name: str) -> None:
         """A hint that `name`'s bytes are no longer needed (mapped pages may be dropped).
 

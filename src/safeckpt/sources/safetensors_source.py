@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from ..format.reader import SafetensorsFile
@@ -30,6 +32,10 @@ class SafetensorsSource(TensorSource):
         array = self.file.array(name)
         array.flags.writeable = False
         return array
+
+    def file_span(self, name: str) -> Optional[tuple[int, int]]:
+        info = self.file.header.tensors[name]
+        return self.file.header.data_start + info.data_offsets[0], info.nbytes
 
     def describe(self) -> str:
         return f"safetensors file, {len(self)} tensors"

@@ -162,6 +162,28 @@ class PickleSource(TensorSource):
             array.flags.writeable = False
         return array
 
+    def file_span(self, name: str) -> Optional[tuple[int, int]]:
+        obj = self._objects.get(name)
+        if self._mapping is None or self._byteorder != "little" or not isinstance(obj, TensorRef) \
+                or not isinstance(obj.storage, StorageRef):
+            return None
+        info = self._infos[name]
+        itemsize = DTYPES[info.dtype].bits // 8
+        expected, step = [], 1
+        for n in reversed(obj.size):
+            expected.append(step)
+            step *= n
+        if any(n != 1 and s != e for n, s, e in zip(obj.size, obj.stride, reversed(expected))):
+            return None  # a view that is not C-contiguous: written from the array instead
+        try:
+            record = _span_in(self._mapping, self._storage_bytes(obj.storage.key))
+        except errors.SafeckptError:
+            return None
+        start = obj.storage_offset * itemsize
+        if record is None or start + info.nbytes > record[1] - record[0]:
+            return None
+        return record[0] + start, info.nbytes
+
     def release(self, name: str) -> None:
         """Drop the mapped pages of a tensor's storage (they are re-read if needed again)."""
         obj = self._objects.get(name)
