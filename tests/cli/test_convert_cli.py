@@ -138,3 +138,22 @@ def test_progress_bar_only_after_a_second(monkeypatch):
     assert bar.bar is not None
     bar.close()
     assert "layers.0.weight" in shown.getvalue()
+
+
+def test_raw_dump_with_a_template(tmp_path):
+    """A headerless dump (arrays back to back) converts and inspects against a safetensors template."""
+    import numpy as np
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "ids": np.arange(5, dtype=np.int64)}
+    safeckpt.save_file(arrays, tmp_path / "layout.safetensors")
+    order = safeckpt.SafetensorsFile(tmp_path / "layout.safetensors").keys()
+    (tmp_path / "dump.bin").write_bytes(b"".join(arrays[name].tobytes() for name in order))
+    result = invoke("convert", tmp_path / "dump.bin", tmp_path / "out.safetensors",
+                    "--template", tmp_path / "layout.safetensors")
+    assert result.exit_code == 0, result.output
+    loaded = safeckpt.load_file(tmp_path / "out.safetensors")
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name], array)
+    report = json.loads(invoke("inspect", tmp_path / "dump.bin", "--template", tmp_path / "layout.safetensors",
+                               "--json").stdout)
+    assert report["format"] == "raw" and report["totals"]["tensors"] == 2
+    assert invoke("convert", tmp_path / "dump.bin", tmp_path / "no.safetensors").exit_code == 2

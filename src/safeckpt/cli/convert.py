@@ -7,6 +7,7 @@ draws a progress bar on stderr when the work takes more than a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from ..errors import SafeckptError, UnsafeFileError
 from ..ops.convert import ConvertReport, convert
+from ..sources import open_source
 from . import output
 from .output import Column, grouped, human_bytes, printable
 
@@ -119,10 +121,14 @@ def _summary(report: ConvertReport) -> None:
 @click.option("--allow-unsafe-structure", is_flag=True,
               help="Convert even if the scan finds malicious content (it is never executed).")
 @click.option("--no-source-hash", is_flag=True, help="Do not record the source file's sha256 in the metadata.")
+@click.option("--template", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+              help="Read SRC as a raw dump (arrays back to back, no header) whose tensors, dtypes and "
+                   "shapes are named by FILE: a JSON template or an existing .safetensors file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str], select: tuple[str, ...],
             exclude: tuple[str, ...], extract: str, drop_ema: bool, ema_only: bool, verify: bool,
-            allow_unsafe_structure: bool, no_source_hash: bool, as_json: bool) -> None:
+            allow_unsafe_structure: bool, no_source_hash: bool, template: Optional[str],
+            as_json: bool) -> None:
     """Convert SRC (PyTorch .bin/.pt/.pth, Lightning or SD .ckpt, npz, sharded folder, safetensors,
     ...) into safetensors at DST, a file or a directory.
 
@@ -139,6 +145,7 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
       safeckpt convert model.ckpt out/ --dtype bf16 --drop-ema
       safeckpt convert big.bin out/model.safetensors --shard-size 5GB --verify
       safeckpt convert last.ckpt weights.safetensors --exclude 'loss.*' --json
+      safeckpt convert dump.bin model.safetensors --template layout.json
     """
     if drop_ema and ema_only:
         output.exit_with(output.EXIT_ERROR, "error: --drop-ema and --ema-only exclude each other")
@@ -147,10 +154,13 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow is printed from the report
-            report = convert(src, dst, shard_size=shard_size, dtype=dtype, select=select or None,
-                             exclude=exclude or None, extract=None if extract.lower() == "none" else extract,
-                             ema=ema, verify=verify, allow_unsafe_structure=allow_unsafe_structure,
-                             source_hash=not no_source_hash, progress=bar)
+            with contextlib.ExitStack() as stack:
+                source = stack.enter_context(open_source(src, template=template)) if template else src
+                report = convert(source, dst, shard_size=shard_size, dtype=dtype, select=select or None,
+                                 exclude=exclude or None,
+                                 extract=None if extract.lower() == "none" else extract, ema=ema,
+                                 verify=verify, allow_unsafe_structure=allow_unsafe_structure,
+                                 source_hash=not no_source_hash, progress=bar)
     except UnsafeFileError as exc:
         bar.close()
         if as_json:

@@ -229,6 +229,100 @@ def run_story(story: Story, workdir: Path, torch) -> None:
     story.say("(the format has no checksums: verify checks structure; a bit flipped inside tensor data "
               "keeps the file valid)", "dim")
 
+    _pickled_checkpoints(story, model, state, torch)
+
+
+def _pickled_checkpoints(story: Story, model: Any, state: dict, torch) -> None:
+    """A torch.save training checkpoint: read without running it, a planted payload caught, converted."""
+    from ..ops.convert import convert
+    from ..ops.scan import scan
+    from ..sources import open_source
+
+    story.step("A PyTorch training checkpoint, read without running it")
+    checkpoint = Path("checkpoint.pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    story.python("optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)",
+                 f"torch.save({{'model': model.state_dict(), 'optimizer': optimizer.state_dict(), "
+                 f"'epoch': 3}}, {str(checkpoint)!r})")
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "epoch": 3}, checkpoint)
+    story.shell(f"safeckpt scan {_q(checkpoint)}")
+    report = scan(checkpoint)
+    story.say(f"{checkpoint}: {report.verdict} ({len(report.globals)} globals named, all allowlisted)")
+    story.check(report.verdict == "safe", "scan verdict: safe")
+    story.python(f"src = safeckpt.open_source({str(checkpoint)!r})  # torch is not used to read it")
+    with open_source(checkpoint) as src:
+        story.say(src.describe())
+        story.check(src.tree["epoch"] == 3 and src.tree["optimizer"]["param_groups"][0]["lr"] == 3e-4,
+                    "epoch and optimizer settings come out as plain data")
+        story.check(all(src.read(f"model.{name}").tobytes() == _bytes_of(tensor)
+                        for name, tensor in state.items() if f"model.{name}" not in src.aliases),
+                    "every tensor equals the model's, read zero-copy from the file")
+
+    story.step("A planted payload is caught, and never runs")
+    planted, canary = Path("planted.pt"), Path("PWNED")
+    _plant_payload(checkpoint, planted, f"touch {canary}")
+    story.say(f"# {planted}: the same checkpoint whose pickle also calls os.system('touch {canary}')")
+    story.shell(f"safeckpt scan {_q(planted)}")
+    report = scan(planted)
+    worst = next(f for f in report.findings if f.severity == "malicious")
+    story.say(f"{planted}: {report.verdict}: {worst.what} at {worst.member}@{worst.offset}: {worst.why}", "red")
+    story.check(report.verdict == "malicious" and report.exit_code() == output.EXIT_INVALID,
+                "scan verdict: malicious, exit code 1")
+    story.shell(f"safeckpt convert {_q(planted)} planted.safetensors")
+    try:
+        convert(planted, "planted.safetensors")
+        refused = False
+    except Exception as exc:  # noqa: BLE001 - the refusal is the expected outcome
+        refused = type(exc).__name__ == "UnsafeFileError"
+        story.say(output.one_line(f"REFUSED {exc}")[:160] + " ...", "red")
+    story.check(refused and not Path("planted.safetensors").exists(), "convert refuses it; nothing is written")
+    inspect.describe(planted)
+    story.check(not canary.exists(), f"scanning, converting and inspecting never created {canary}")
+
+    story.step("Convert the checkpoint to sharded safetensors, verified")
+    out = Path("converted")
+    story.shell(f"safeckpt convert {_q(checkpoint)} {out}/ --extract model --shard-size 300KB --verify")
+    story.python(f"result = safeckpt.convert({str(checkpoint)!r}, {str(out)!r}, extract='model', "
+                 "shard_size='300KB', verify=True)")
+    result = convert(checkpoint, out, extract="model", shard_size="300KB", verify=True)
+    story.say(f"{result.tensors} tensors in {len(result.outputs)} shards + {Path(result.index).name}; "
+              f"ties kept: {result.aliases}")
+    story.check(len(result.outputs) > 1 and result.verified, "sharded, every tensor re-read and compared")
+    fresh = type(model)().train(False)
+    story.python("from safeckpt.torch import load_file", "fresh = TinyLM()",
+                 "weights = {}", "for shard in result.outputs:", "    weights.update(load_file(shard))",
+                 "fresh.load_state_dict(weights, strict=False)")
+    from ..torch import load_file
+    loaded = {}
+    for shard in result.outputs:
+        loaded.update(load_file(shard))
+    missing, unexpected = fresh.load_state_dict(loaded, strict=False)
+    story.check(list(missing) == ["head.weight"] and not unexpected,
+                "loads into a fresh model; only the tied head.weight is left to the tie")
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        story.check(torch.equal(fresh(ids), model(ids)), "the same logits as the original model")
+
+
+def _bytes_of(tensor) -> bytes:
+    from ..frameworks.torch import to_numpy
+    return to_numpy(tensor.detach().contiguous()).tobytes()
+
+
+def _plant_payload(source: Path, target: Path, command: str) -> None:
+    """Copy a torch.save zip, adding to its data.pkl a call of os.system(command) (as a dict item)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename.endswith("/data.pkl"):  # ... SETITEMS STOP -> ... SETITEMS key call SETITEM STOP
+                arg = command.encode()
+                data = (data[:-1] + b"X" + struct.pack("<I", 3) + b"run" + b"cposix\nsystem\n"
+                        + b"X" + struct.pack("<I", len(arg)) + arg + b"\x85Rs.")
+            out.writestr(info, data)
+
 
 def _refused(story: Story, path: Path, expected: str) -> None:
     story.shell(f"safeckpt verify {_q(path)}")
@@ -255,7 +349,10 @@ def command(parent: Optional[Path], keep: bool) -> None:
     Builds a small torch language model (tied embedding, bf16 and fp32
     weights), saves it, inspects and verifies the file, loads it back and
     compares, reads one row alone, compares the bytes with the `safetensors`
-    package (if installed), and shows damaged files being refused. Each step
+    package (if installed), and shows damaged files being refused. Then a
+    torch.save training checkpoint: scanned and read without running it, a
+    planted payload caught and refused, and the checkpoint converted to
+    sharded, verified safetensors that load back into the model. Each step
     prints the command you would type. Takes a few seconds; needs PyTorch.
 
     \b

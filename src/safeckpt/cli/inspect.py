@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import click
 from rich.console import Console
@@ -25,7 +25,7 @@ METADATA_COLUMNS = (Column("metadata key"), Column("value"))
 STRUCTURE_LINES = 60
 
 
-def describe(path: "os.PathLike | str") -> dict[str, Any]:
+def describe(path: "os.PathLike | str", template: Optional[str] = None) -> dict[str, Any]:
     """Everything `inspect` shows, as a JSON-able dict; tensor data is never read.
 
     A safetensors file is described from its validated header alone; any other
@@ -37,8 +37,8 @@ def describe(path: "os.PathLike | str") -> dict[str, Any]:
     """
     path = os.fspath(path)
     # Unrecognised content goes to the safetensors reader, whose errors say what the file is.
-    if os.path.isdir(path) or sniff(_head(path)) not in (None, "safetensors"):
-        return _describe_source(path)
+    if template is not None or os.path.isdir(path) or sniff(_head(path)) not in (None, "safetensors"):
+        return _describe_source(path, template)
     # pread: the header is read with two small reads; the data is never mapped or read.
     with SafetensorsFile(path, backend="pread") as file:
         header = file.header
@@ -54,8 +54,8 @@ def _head(path: str) -> bytes:
         return f.read(SNIFF_BYTES)
 
 
-def _describe_source(path: str) -> dict[str, Any]:
-    with open_source(path) as source:
+def _describe_source(path: str, template: Optional[str] = None) -> dict[str, Any]:
+    with open_source(path, template=template) as source:
         tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape),
                     "parameters": info.numel, "bytes": info.nbytes}
                    for name, info in source.infos.items()]
@@ -174,8 +174,11 @@ EXIT_CODES = output.exit_codes_help(
 @click.command("inspect", short_help="Show the tensors, dtypes, sizes and metadata of a file.",
                epilog=EXIT_CODES)
 @click.argument("file", type=click.Path(path_type=str))
+@click.option("--template", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+              help="Read FILE as a raw dump (arrays back to back) laid out as the template says: a "
+                   "JSON template or an existing .safetensors file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
-def command(file: str, as_json: bool) -> None:
+def command(file: str, template: Optional[str], as_json: bool) -> None:
     """Show the tensors, dtypes, sizes and metadata of FILE, in any format safeckpt reads.
 
     FILE may be a safetensors file, a PyTorch .pt/.pth/.bin (zip or legacy),
@@ -206,7 +209,7 @@ def command(file: str, as_json: bool) -> None:
       safeckpt inspect model.safetensors --json | jq .totals.parameters
     """
     try:
-        report = describe(file)
+        report = describe(file, template)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         code, message = output.describe_failure(exc, file)
         output.exit_with(code, f"error: {message}")
