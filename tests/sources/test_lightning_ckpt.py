@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,26 @@ def test_lightning_globals_are_allowlisted_or_named(lightning_ckpt):
         unknown = sorted({f"{g.module}.{g.name}" for g in src.globals if not g.allowed})
         # anything not allowlisted must be a genuinely non-plain-data class, not a tensor rebuild
         assert not any(name.startswith("torch._utils") for name in unknown), unknown
+
+
+def test_scan_says_safe(lightning_ckpt):
+    from safeckpt import scan
+    path, _, _ = lightning_ckpt
+    report = scan(path)
+    assert report.verdict == "safe", [(f.severity, f.what, f.why) for f in report.findings]
+    assert any(g.endswith("AttributeDict") or "omegaconf" in g for g in report.globals)
+
+
+def test_converts_the_state_dict(lightning_ckpt, tmp_path):
+    from safeckpt import convert, load_file
+    path, model, _ = lightning_ckpt
+    report = convert(path, tmp_path / "model.safetensors", verify=True)
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert sorted(loaded) == sorted(model.state_dict())  # extract="auto" took the state_dict
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(loaded[name], tensor.numpy())
+    from safeckpt import safe_open
+    with safe_open(tmp_path / "model.safetensors") as f:
+        tree = json.loads(f.metadata()["safeckpt.tree"])
+    assert tree["global_step"] == 4 and tree["hyper_parameters"]["hidden"] == 8
+    assert report.verified
