@@ -450,7 +450,8 @@ class _Scanner:
             return
         try:
             if is_pickle:
-                self.pickles(content, name, depth, required=True)
+                records = _storage_records(archive, record) if record.name.endswith("data.pkl") else None
+                self.pickles(content, name, depth, required=True, records=records)
             else:
                 self.nested_member(content, name, depth)
         finally:
@@ -538,7 +539,7 @@ class _Scanner:
     # -- pickles
     def pickles(self, view: memoryview, member: Optional[str], depth: int, *, start: int = 0,
                 required: bool, max_count: int = MAX_PICKLES_PER_STREAM,
-                roles: tuple = ()) -> None:
+                roles: tuple = (), records: Optional[dict[str, int]] = None) -> None:
         """Every pickle from `start`, back to back, while the bytes parse as pickles."""
         view = _compact(view)
         pos, count = start, 0
@@ -549,13 +550,14 @@ class _Scanner:
                              "the rest of the stream was not scanned", member, pos)
                 return
             end = self.pickle_at(view, pos, member, depth, roles[count] if count < len(roles) else None,
-                                 required=required and count == 0)
+                                 required=required and count == 0, records=records)
             if end is None:
                 return
             pos, count = end, count + 1
 
     def pickle_at(self, view: memoryview, start: int, member: Optional[str], depth: int,
-                  role: Optional[str], *, required: bool = True) -> Optional[int]:
+                  role: Optional[str], *, required: bool = True,
+                  records: Optional[dict[str, int]] = None) -> Optional[int]:
         """Scan one pickle; its end, or None when the bytes there are not (all) a pickle."""
         where = f" ({role} pickle)" if role else ""
         try:
@@ -590,7 +592,24 @@ class _Scanner:
                          "an object the reader declined to build (kept inert): " + text, member, offset)
         if any(not g.allowed for g in result.globals):
             self.embedded(view, start, result.end, result.value, result.globals, member, depth)
+        if records is not None:
+            self.storage_sizes(result.storages, records, member)
         return result.end
+
+    def storage_sizes(self, storages: list, records: dict[str, int], member: Optional[str]) -> None:
+        """Each storage the pickle names against its data/<key> record in the archive."""
+        for ref in storages:
+            size = records.get(ref.key)
+            declared = ref.numel * ref.dtype.itemsize
+            if size is None:
+                self.add(SUSPICIOUS, "missing-storage", f"storage {ref.key!r:.60}",
+                         "the pickle names a storage the archive does not hold: loading fails",
+                         member, -1)
+            elif size < declared:
+                self.add(MALICIOUS, "storage-overrun", f"storage {ref.key!r:.60}",
+                         f"declared as {ref.numel} x {ref.dtype.itemsize} bytes but its record holds "
+                         f"{size}: a loader that trusts the declared size reads or writes past the "
+                         "record's buffer (the CVE-2026-24747 pattern)", member, -1)
 
     def grade(self, uses: list[GlobalUse], member: Optional[str], where: str) -> None:
         for g in uses:
@@ -786,6 +805,12 @@ def _as_payload(x: Any) -> Optional[bytes]:
         except UnicodeEncodeError:
             return None
     return None
+
+
+def _storage_records(archive: zip_archive.ZipArchive, pickle: zip_archive.ZipMember) -> dict[str, int]:
+    """Key -> size of the torch storage records beside a data.pkl (``<prefix>/data/<key>``)."""
+    prefix = pickle.name[:-len("data.pkl")] + "data/"
+    return {m.name[len(prefix):]: m.size for m in archive.members if m.name.startswith(prefix)}
 
 
 def _loader_calls(value: Any) -> list[tuple[str, int, bytes]]:

@@ -245,12 +245,17 @@ class TensorRef:
 
 @dataclass
 class PickleResult:
-    """The value of one pickle, every global it named, and the offset after its STOP."""
+    """The value of one pickle, every global it named, and the offset after its STOP.
+
+    `storages` lists the torch storages its persistent ids named (default loader only),
+    so that their records can be checked against the sizes the pickle claims.
+    """
 
     value: Any
     globals: list
     end: int
     findings: list = field(default_factory=list)
+    storages: list = field(default_factory=list)
 
 
 # --- the allowlist -----------------------------------------------------------
@@ -671,6 +676,7 @@ class _Machine:
         self.total_bytes = 0
         self.globals: list = []
         self.findings: list = []
+        self.storages: list = []
         self.op_special: Optional[str] = None  # a name for errors that are not at an opcode
         self.op_pos = start
         self.value: Any = None
@@ -1208,7 +1214,9 @@ def _persistent(m: _Machine, pid: Any) -> Any:
     if (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
             and isinstance(pid[1], TorchStorageType) and isinstance(pid[2], str)
             and type(pid[4]) is int and pid[4] >= 0):
-        return StorageRef(pid[2], pid[1].dtype, pid[4], str(pid[3]))
+        ref = StorageRef(pid[2], pid[1].dtype, pid[4], pid[3] if isinstance(pid[3], str) else brief(pid[3]))
+        m.storages.append(ref)
+        return ref
     return PlaceholderCall(None, (pid,), {}, m.op_name, m.op_pos)
 
 
@@ -1345,7 +1353,7 @@ def load(data: Any, *, start: int = 0, persistent_load: Optional[Callable] = Non
         # a scan still reports what the pickle named before it went wrong
         e.opcode, e.offset, e.globals, e.findings = m.op_name, m.op_pos, m.globals, m.findings
         raise
-    return PickleResult(m.value, m.globals, end, m.findings)
+    return PickleResult(m.value, m.globals, end, m.findings, m.storages)
 
 
 def load_all(data: Any, *, persistent_load: Optional[Callable] = None,
