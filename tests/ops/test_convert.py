@@ -615,3 +615,26 @@ def test_kernel_copy_and_user_space_copy_write_the_same_bytes(tmp_path, monkeypa
     loaded = safeckpt.load_file(tmp_path / "kernel.safetensors")
     np.testing.assert_array_equal(loaded["cols"], big[:, ::2].numpy())
     np.testing.assert_array_equal(loaded["rows"], big[2:5].numpy())
+
+
+def test_sharded_sources_convert_as_a_whole(tmp_path):
+    """A pytorch_model.bin.index.json folder -> one file; our own shards -> one file, ties kept."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    embed = torch.randn(10, 4)
+    torch.save({"embed.weight": embed, "head.weight": embed}, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save({"norm.bias": torch.zeros(4)}, folder / "pytorch_model-00002-of-00002.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "embed.weight": "pytorch_model-00001-of-00002.bin", "head.weight": "pytorch_model-00001-of-00002.bin",
+        "norm.bias": "pytorch_model-00002-of-00002.bin"}}))
+    report = convert(folder, tmp_path / "whole.safetensors")
+    assert report.aliases == {"head.weight": "embed.weight"} and report.tensors == 2
+    loaded = safeckpt.load_file(tmp_path / "whole.safetensors")
+    np.testing.assert_array_equal(loaded["embed.weight"], embed.numpy())
+    sharded = convert(tmp_path / "whole.safetensors", tmp_path / "shards", shard_size=100)
+    assert len(sharded.outputs) == 2
+    again = convert(tmp_path / "shards", tmp_path / "again.safetensors")
+    assert again.source_format == "sharded"
+    with safeckpt.safe_open(tmp_path / "again.safetensors") as f:
+        assert f.metadata()["head.weight"] == "embed.weight"  # the tie survives the round trip
+        assert sorted(f.keys()) == ["embed.weight", "norm.bias"]

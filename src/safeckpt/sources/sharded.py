@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -89,6 +89,17 @@ class ShardedSource(TensorSource):
                 self.notes.append(f"{shard_name} holds {len(extra)} tensors the index does not "
                                   f"name (e.g. {extra[0]!r}); they are left out")
         self.tree = {"metadata": self.index_metadata, "shards": sorted(self.shards)}
+        self.metadata = self._common_metadata()
+
+    def _common_metadata(self) -> Optional[dict[str, str]]:
+        """The shards' metadata when they agree (sharded writers repeat it in every shard)."""
+        found = [s.metadata for s in self.shards.values() if s.metadata]
+        if not found:
+            return None
+        if any(m != found[0] for m in found[1:]):
+            self.notes.append("the shards' metadata differ; none is carried over")
+            return None
+        return dict(found[0])
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
