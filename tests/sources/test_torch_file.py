@@ -261,3 +261,13 @@ def test_plain_pickles_of_every_protocol_are_recognised(tmp_path, protocol):
         assert src.format == "pickle"
         np.testing.assert_array_equal(src.read("w"), data["w"])
         assert src.tree["step"] == 4
+
+
+def test_shapes_and_devices_in_metadata(tmp_path):
+    path = tmp_path / "meta.pt"
+    torch.save({"w": torch.ones(2, 3), "shape": torch.Size([2, 3]), "device": torch.device("cpu"),
+                "cuda": torch.device("cuda", 1)}, path)
+    with open_source(path) as src:
+        assert src.tree["shape"] == [2, 3] and src.tree["device"] == "cpu" and src.tree["cuda"] == "cuda:1"
+        assert all(g.allowed for g in src.globals)
+    assert safeckpt.scan(path).verdict == "safe"

@@ -511,6 +511,16 @@ def _type_only(name: str) -> Callable:
     return make
 
 
+def _torch_size(dims: Any = ()) -> tuple:
+    return _int_tuple(tuple(dims) if isinstance(dims, list) else dims, "torch.Size")
+
+
+def _torch_device(kind: Any, index: Any = None) -> str:
+    if not isinstance(kind, str) or len(kind) > 64 or (index is not None and type(index) is not int):
+        raise PickleError("torch.device() only from a short name and an optional index")
+    return kind if index is None else f"{kind}:{index}"
+
+
 def _defaultdict(default_factory: Any = None, items: Any = ()) -> dict:
     # the factory is never called; missing keys are not a concern of data
     return _container_type(dict)(items)
@@ -618,6 +628,8 @@ def _build_allowlist() -> dict:
     for kind in (dict, list, tuple):
         add(f"builtins.{kind.__name__}", _container_type(kind))
     add("collections.defaultdict", _defaultdict)
+    add("torch.Size", _torch_size)  # shapes kept in checkpoints' metadata
+    add("torch.device", _torch_device)
     for name in ("builtins.object", "typing.Any"):  # type references in omegaconf metadata
         add(name, _type_only(name))
     # tensor classes, named (never called) by the legacy tar format's tensor records
@@ -836,24 +848,24 @@ class _Machine:
         pos = self.start
         count = 0
         max_opcodes, max_stack = self.limits.max_opcodes, self.limits.max_stack
-        table = OPCODE_TABLE
+        handlers = _BY_BYTE
         data, n = self.data, self.n
         while True:
             if pos >= n:
                 self.op_special, self.op_pos = "end of data", pos
                 raise self.fail("the pickle ends without STOP (truncated data)")
             self.op_pos = pos
-            entry = table.get(data[pos])
-            if entry is None:
+            handler = handlers[data[pos]]
+            if handler is None:
                 self.op_special = f"byte 0x{data[pos]:02x}"
                 raise self.fail("not a pickle opcode")
             count += 1
             if count > max_opcodes:
                 raise self.fail(f"more than {max_opcodes} opcodes (raise Limits.max_opcodes)")
             try:
-                pos = entry[1](self, pos + 1)
+                pos = handler(self, pos + 1)
             except PickleError as e:
-                if e.detail.startswith(entry[0] + " at offset"):
+                if e.detail.startswith(self.op_name + " at offset"):
                     raise
                 raise self.fail(e.detail) from None
             except (Exception, RecursionError) as e:  # noqa: BLE001 - nothing else may escape
@@ -1260,6 +1272,24 @@ def op_binput(m: _Machine, pos: int) -> int:
     return pos + 1
 
 
+_U32 = struct.Struct("<I").unpack_from
+
+
+def op_long_binget(m: _Machine, pos: int) -> int:
+    if pos + 4 > m.n:
+        raise m.fail(f"needs 4 bytes but only {m.n - pos} are left (truncated data)")
+    m.memo_get(_U32(m.data, pos)[0])
+    return pos + 4
+
+
+def op_long_binput(m: _Machine, pos: int) -> int:
+    # torch's data.pkl memoizes every object with LONG_BINPUT once past 256 of them
+    if pos + 4 > m.n:
+        raise m.fail(f"needs 4 bytes but only {m.n - pos} are left (truncated data)")
+    m.memo_put(_U32(m.data, pos)[0], m.top())
+    return pos + 4
+
+
 def _get(width: Optional[int]) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
         if width is None:
@@ -1321,8 +1351,8 @@ _HANDLERS: dict = {
     "DICT": op_dict, "EMPTY_DICT": _push_new(dict), "EMPTY_LIST": _push_new(list),
     "EMPTY_TUPLE": _push_const(()), "EMPTY_SET": _push_new(set), "ADDITEMS": op_additems,
     "FROZENSET": op_frozenset, "TUPLE": op_tuple, "TUPLE1": _tuple_n(1), "TUPLE2": _tuple_n(2),
-    "TUPLE3": _tuple_n(3), "GET": _get(None), "BINGET": op_binget, "LONG_BINGET": _get(4),
-    "PUT": _put(None), "BINPUT": op_binput, "LONG_BINPUT": _put(4), "MEMOIZE": op_memoize,
+    "TUPLE3": _tuple_n(3), "GET": _get(None), "BINGET": op_binget, "LONG_BINGET": op_long_binget,
+    "PUT": _put(None), "BINPUT": op_binput, "LONG_BINPUT": op_long_binput, "MEMOIZE": op_memoize,
     "SETITEM": op_setitem, "SETITEMS": op_setitems, "LIST": op_list, "INST": op_inst,
     "OBJ": op_obj, "NEWOBJ": op_newobj, "NEWOBJ_EX": op_newobj_ex, "REDUCE": op_reduce,
     "PERSID": op_persid, "BINPERSID": op_binpersid,
@@ -1332,6 +1362,8 @@ _HANDLERS: dict = {
 # opcode byte -> (name, handler); every opcode pickletools knows must have a handler.
 OPCODE_TABLE: dict = {ord(op.code): (op.name, _HANDLERS[op.name]) for op in pickletools.opcodes}
 assert len(OPCODE_TABLE) == len(_HANDLERS), "an opcode handler has no pickletools opcode"
+# the same, indexed by byte (None: not an opcode), for the machine's dispatch loop
+_BY_BYTE: list = [OPCODE_TABLE[b][1] if b in OPCODE_TABLE else None for b in range(256)]
 
 
 def load(data: Any, *, start: int = 0, persistent_load: Optional[Callable] = None,
