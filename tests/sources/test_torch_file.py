@@ -271,3 +271,34 @@ def test_shapes_and_devices_in_metadata(tmp_path):
         assert src.tree["shape"] == [2, 3] and src.tree["device"] == "cpu" and src.tree["cuda"] == "cuda:1"
         assert all(g.allowed for g in src.globals)
     assert safeckpt.scan(path).verdict == "safe"
+
+
+def _patched_torch_file(path, tensor, old: bytes, new: bytes, nth: int):
+    """torch.save(tensor) with the nth occurrence of `old` in data.pkl (after the storage id) replaced."""
+    import zipfile
+    torch.save({"t": tensor}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i.filename) for i in z.infolist()}
+    name = next(n for n in members if n.endswith("/data.pkl"))
+    data = members[name]
+    at = data.index(b"Q")  # BINPERSID: the storage; offset, size and stride follow
+    for _ in range(nth):
+        at = data.index(old, at + 1)
+    members[name] = data[:at] + new + data[at + len(old):]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for member, content in members.items():
+            z.writestr(member, content)
+
+
+def test_hostile_sizes_and_strides(tmp_path):
+    long_int = b"\x8a\x09" + (1 << 70).to_bytes(9, "little")
+    # an unused stride of 2**70 on a dimension of size 1: harmless, read normally
+    _patched_torch_file(tmp_path / "s.pt", torch.ones(1), b"K\x01\x85", long_int + b"\x85", 2)
+    with open_source(tmp_path / "s.pt") as src:
+        np.testing.assert_array_equal(src.read("t"), np.ones(1, np.float32))
+    # a size of 0 x 2**70: out of range, skipped with a note (no numpy error escapes)
+    _patched_torch_file(tmp_path / "z.pt", torch.ones(0, 1), b"K\x00K\x01\x86", b"K\x00" + long_int + b"\x86", 1)
+    with open_source(tmp_path / "z.pt") as src:
+        assert "t" not in src and any("out of range" in note for note in src.notes)
+    report = safeckpt.convert(tmp_path / "z.pt", tmp_path / "z.safetensors")
+    assert report.tensors == 0 and any("out of range" in note for note in report.notes)

@@ -197,7 +197,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         if not isinstance(src, TensorSource):
             source.close()
 
-    notes = choice.notes + run.notes
+    notes = list(source.notes) + choice.notes + run.notes  # what reading left out comes first
     if scan_report is not None and scan_report.verdict != "safe":
         notes.insert(0, f"the scan found the source {scan_report.verdict} ({len(scan_report.findings)} "
                         "findings); nothing in it was executed")

@@ -40,7 +40,7 @@ from .. import errors
 from ..format.dtypes import DTYPES, dtype_for_numpy
 from . import pickle_vm
 from .base import TensorInfo, TensorSource, describe_object, flatten, map_file
-from .pickle_vm import StorageRef, TensorRef, TorchDType
+from .pickle_vm import StorageRef, TensorRef, TorchDType, brief
 from .zip_archive import ZipArchive
 
 # torch dtype name -> safetensors dtype name (complex128 and complex32 have none)
@@ -53,6 +53,8 @@ TORCH_TO_SAFETENSORS = {
 }
 # The zip members a data.pkl is read from; the largest data.pkl we accept.
 DATA_PKL = "data.pkl"
+# Dimensions of a tensor we read (numpy's own limit is 64).
+MAX_DIMS = 64
 MAX_PICKLE_BYTES = 1 << 31
 _PAGE = mmap.PAGESIZE
 
@@ -109,8 +111,12 @@ class PickleSource(TensorSource):
             what = torch_dtype.name if torch_dtype else "an unknown dtype"
             self.notes.append(f"{name}: torch.{what} has no safetensors equivalent; skipped")
             return None
-        shape = obj.size if isinstance(obj, TensorRef) else (obj.numel,)
-        return TensorInfo(st, tuple(shape), math.prod(shape) * DTYPES[st].bits // 8)
+        shape = tuple(obj.size if isinstance(obj, TensorRef) else (obj.numel,))
+        if len(shape) > MAX_DIMS or any(d >= 1 << 62 for d in shape) or \
+                math.prod(d for d in shape if d) >= 1 << 62:
+            self.notes.append(f"{name}: shape {brief(shape)} is out of range; skipped")
+            return None
+        return TensorInfo(st, shape, math.prod(shape) * DTYPES[st].bits // 8)
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
@@ -132,6 +138,7 @@ class PickleSource(TensorSource):
         itemsize = np_dtype.itemsize
         if not all(obj.size):
             return np.zeros(obj.size, np_dtype)
+        strides = tuple(st if n > 1 else 0 for n, st in zip(obj.size, obj.stride))  # unused ones: any
         last = obj.storage_offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride))
         if last >= storage.size:
             raise errors.SourceError(
@@ -142,7 +149,7 @@ class PickleSource(TensorSource):
         plain = np.dtype(f"V{itemsize}") if np_dtype.kind == "V" or np_dtype.isbuiltin != 1 else np_dtype
         base = storage.view(plain)[obj.storage_offset:]
         view = np.lib.stride_tricks.as_strided(
-            base, shape=obj.size, strides=tuple(s * itemsize for s in obj.stride), writeable=False)
+            base, shape=obj.size, strides=tuple(st * itemsize for st in strides), writeable=False)
         return view if plain is np_dtype else view.view(np_dtype)
 
     def _typed_storage(self, ref: Any, np_dtype: np.dtype, name: str) -> np.ndarray:
