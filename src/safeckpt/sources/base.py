@@ -287,3 +287,14 @@ def map_file(path: str) -> mmap.mmap:
         if size == 0:
             raise errors.SourceError("the file is empty", path=path)
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def unmap(mapping: Optional[mmap.mmap]) -> None:
+    """Close a mapping from `map_file`; while arrays (or an error's traceback) still point
+    into it, it is unmapped instead when the last of them goes."""
+    if mapping is None:
+        return
+    try:
+        mapping.close()
+    except BufferError:
+        pass

@@ -106,17 +106,14 @@ def _open_safetensors(path: str, head: bytes) -> TensorSource:
 
 def _open_zip(path: str, head: bytes) -> TensorSource:
     from .npz import NpzSource
-    from .base import map_file
+    from .base import map_file, unmap
     from .torch_file import open_torch_zip
     from .zip_archive import ZipArchive
     mapping = map_file(path)
     try:
         names = ZipArchive(mapping, path).names()
     finally:
-        try:
-            mapping.close()
-        except BufferError:
-            pass
+        unmap(mapping)
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return open_torch_zip(path)
     if names and all(n.endswith(".npy") for n in names):

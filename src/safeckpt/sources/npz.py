@@ -62,7 +62,7 @@ from ..format.header import MAX_ARRAY_BYTES, MAX_NDIM  # numpy's limits on any a
 from . import pickle_vm
 from .base import TensorInfo, TensorSource, flatten
 from .base import describe_object as describe_pickle_record
-from .base import map_file
+from .base import map_file, unmap
 from .zip_archive import ZipArchive
 
 MAGIC = b"\x93NUMPY"
@@ -664,12 +664,8 @@ class _NumpySource(TensorSource):
 
     def close(self) -> None:
         self._objects.clear()
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # arrays still point into it; it is unmapped with the last of them
-                pass
-            self._map = None
+        unmap(self._map)
+        self._map = None
 
 
 class NpySource(_NumpySource):

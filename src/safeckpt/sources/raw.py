@@ -41,7 +41,7 @@ from ..format.dtypes import DTYPES, DType, storage_dtype
 from ..format.header import LENGTH_PREFIX, check_shape, tensor_nbytes
 from ..format.reader import SafetensorsFile, to_logical
 from .base import TensorInfo, TensorSource
-from .base import map_file
+from .base import map_file, unmap
 
 # A template is a small JSON file; like the safetensors header it describes, it may not
 # make us parse more than the format's own header limit.
@@ -274,9 +274,5 @@ class RawSource(TensorSource):
         return f"raw tensor dump, {len(self)} tensors read against {source}{order}"
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # arrays still point into it; it is unmapped with the last of them
-                pass
-            self._map = None
+        unmap(self._map)
+        self._map = None

@@ -39,7 +39,7 @@ import numpy as np
 from .. import errors
 from ..format.dtypes import DTYPES, dtype_for_numpy
 from . import pickle_vm
-from .base import TensorInfo, TensorSource, describe_object, flatten, map_file
+from .base import TensorInfo, TensorSource, describe_object, flatten, map_file, unmap
 from .pickle_vm import StorageRef, TensorRef, TorchDType, brief
 from .zip_archive import ZipArchive
 
@@ -214,11 +214,7 @@ class PickleSource(TensorSource):
     def close(self) -> None:
         self._objects.clear()
         self._storage_bytes = _closed  # drops the archive and its views of the mapping
-        if self._mapping is not None:
-            try:
-                self._mapping.close()
-            except BufferError:  # arrays still point into it; the OS unmaps at exit
-                pass
+        unmap(self._mapping)
 
 
 def _closed(key: str) -> memoryview:
@@ -312,7 +308,7 @@ def open_torch_zip(path: str) -> PickleSource:
                             findings=result.findings, storage_bytes=storage_bytes,
                             byteorder=byteorder, mapping=mapping, details=details)
     except BaseException:
-        mapping.close()
+        unmap(mapping)
         raise
 
 
@@ -329,10 +325,7 @@ def open_pickle(path: str) -> PickleSource:
         return PickleSource(path, format="pickle", result=result.value, globals=result.globals,
                             findings=result.findings, storage_bytes=no_storages, mapping=None)
     finally:
-        try:
-            mapping.close()
-        except BufferError:  # a view is still alive (an error on its way up): unmapped when freed
-            pass
+        unmap(mapping)
 
 
 def open_torch_legacy(path: str) -> PickleSource:
@@ -364,5 +357,5 @@ def _from_layout(path: str, reader: Callable) -> PickleSource:
                             findings=layout.findings, storage_bytes=storage_bytes,
                             byteorder=layout.byteorder, mapping=mapping)
     except BaseException:
-        mapping.close()
+        unmap(mapping)
         raise

@@ -81,7 +81,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import SourceError
 from . import pickle_vm
-from .pickle_vm import PickleError, StorageRef, TensorRef, TorchStorageType
+from .pickle_vm import PickleError, StorageRef, TorchStorageType
 
 __all__ = ["PickleSpan", "LegacyLayout", "is_legacy", "is_legacy_tar", "read_legacy",
            "read_legacy_tar", "MAGIC_NUMBER", "PROTOCOL_VERSION", "TAR_MEMBERS"]
