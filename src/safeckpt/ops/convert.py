@@ -39,7 +39,6 @@ then the caller's `metadata`, then the alias entries.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import hashlib
 import json
 import math
@@ -50,7 +49,7 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -61,6 +60,7 @@ from ..format.header import MAX_HEADER_BYTES, collector_paused
 from ..format.reader import SafetensorsFile
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
+from .selection import Choice, choose_tensors, first_items, tied_names
 
 # --- limits and names --------------------------------------------------------------
 
@@ -86,16 +86,6 @@ HASH_KEY = "safeckpt.source_sha256"
 HASH_PLACEHOLDER = "0" * 64  # a sha256 hex digest has exactly this length
 SAFETENSORS_SUFFIX = ".safetensors"
 DEFAULT_BASE_NAME = "model"
-EMA_PREFIX = "model_ema."
-MODEL_PREFIX = "model."
-EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
-
-# --extract auto: which checkpoints hold their weights under a top-level key, told
-# apart by their other top-level keys (the first row that matches names the kind).
-_WRAPPED_CHECKPOINTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("a Lightning checkpoint", "state_dict", ("pytorch-lightning_version", "epoch", "global_step")),
-    ("a Stable Diffusion checkpoint", "state_dict", ()),
-)
 
 # Units of shard sizes, as transformers' convert_file_size_to_int reads them
 # ("5GB" is 5 * 10**9 bytes, "2GiB" 2 * 2**30; a lower-case "b" means bits).
@@ -177,7 +167,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     try:
         scan_report = _check_safety(_files_read(source), allow_unsafe_structure)
         choice = choose_tensors(source, extract=extract, ema=ema, select=select, exclude=exclude)
-        aliases = _tied(source, choice)
+        aliases = tied_names(source, choice)
         plans = _plan_tensors(source, choice, aliases, target, dst)
         run = _Run(source, plans, _destination(dst), limit, progress, verify)
         hashed = source_hash and os.path.isfile(source.path)
@@ -205,7 +195,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         total = sum(run.overflow.values())
         warnings.warn(f"{source_path}: {total} finite values in {len(run.overflow)} tensors overflowed "
                       f"when cast to {target} (they are now ±inf, or ±max for F8_E4M3): "
-                      f"{_first(run.overflow)}", RuntimeWarning, stacklevel=2)
+                      f"{first_items(run.overflow)}", RuntimeWarning, stacklevel=2)
     return ConvertReport(
         source=source_path, source_format=source.format, outputs=run.outputs, index=run.index,
         tensors=len(plans), bytes_written=run.bytes_written, aliases=dict(aliases),
@@ -238,179 +228,6 @@ def parse_size(size: "int | str") -> int:
     if value <= 0:
         raise errors.SafeckptError(f"shard size must be positive, got {size!r}")
     return value
-
-
-# --- choosing tensors ------------------------------------------------------------------
-
-@dataclass
-class Choice:
-    """Output name -> source name, in write order, and what was left out and why."""
-
-    names: dict[str, str]
-    skipped: list[str]
-    extracted: Optional[str]
-    notes: list[str]
-
-
-def choose_tensors(source: TensorSource, *, extract: Optional[str] = "auto", ema: Optional[str] = None,
-                   select: Sequence[str] = (), exclude: Sequence[str] = ()) -> Choice:
-    """Decide which tensors are written, under which names (see `convert`).
-
-    >>> choose_tensors(src, extract="state_dict").names
-    {'layer.weight': 'state_dict.layer.weight', ...}
-    """
-    notes: list[str] = []
-    prefix = _extract_key(source, extract, notes)
-    if prefix is None:
-        names = {name: name for name in source.infos}
-    else:
-        cut = len(prefix) + 1
-        names = {name[cut:]: name for name in source.infos if name.startswith(prefix + ".")}
-    if ema is not None:
-        names = _apply_ema(source, names, ema, notes)
-    if select:
-        names = {out: name for out, name in names.items() if any(fnmatch.fnmatchcase(out, g) for g in select)}
-    if exclude:
-        names = {out: name for out, name in names.items() if not any(fnmatch.fnmatchcase(out, g) for g in exclude)}
-    if not names and (select or exclude or prefix is not None) and len(source.infos):
-        raise errors.SafeckptError(
-            f"nothing to convert: no tensor is left after {_describe_filters(prefix, select, exclude)} "
-            f"(the source has {len(source.infos)} tensors, e.g. {_first(source.infos)})", path=source.path)
-    used = set(names.values())
-    skipped = [name for name in source.infos if name not in used]
-    return Choice(names, skipped, prefix, notes)
-
-
-def _extract_key(source: TensorSource, extract: Optional[str], notes: list[str]) -> Optional[str]:
-    if extract is None or str(extract).lower() == "none":
-        return None
-    top = source.tree if isinstance(source.tree, dict) else {}
-    if extract == "auto":
-        for kind, key, marks in _WRAPPED_CHECKPOINTS:
-            if key in top and (not marks or any(m in top for m in marks)) and _has_prefix(source, key):
-                notes.append(f"extracted the tensors under {key!r} ({kind}); use extract=None to keep all")
-                return key
-        return None
-    key = str(extract).strip(".")
-    if not _has_prefix(source, key):
-        keys = ", ".join(repr(k) for k in list(top)[:20]) or "none"
-        raise errors.SafeckptError(
-            f"cannot extract {key!r}: no tensors under it (top-level keys: {keys}); pass another key, "
-            "or extract=None for every tensor", path=source.path)
-    return key
-
-
-def _has_prefix(source: TensorSource, key: str) -> bool:
-    return any(name.startswith(key + ".") for name in source.infos)
-
-
-def _apply_ema(source: TensorSource, names: dict[str, str], ema: str, notes: list[str]) -> dict[str, str]:
-    """Stable Diffusion's LitEma keeps "model.a.b.c" as "model_ema.abc" (dots removed)."""
-    ema_names = [out for out in names if out.startswith(EMA_PREFIX)]
-    kept = {out: name for out, name in names.items() if not out.startswith(EMA_PREFIX)}
-    if ema == "drop":
-        if ema_names:
-            notes.append(f"dropped {len(ema_names)} EMA tensors ({EMA_PREFIX}*)")
-        return kept
-    weights = [out for out in ema_names if out not in EMA_BOOKKEEPING]
-    if not weights:
-        raise errors.SafeckptError(
-            f"ema='only' but the checkpoint has no EMA weights ({EMA_PREFIX}* tensors); convert without it",
-            path=source.path)
-    replaced = 0
-    for out in kept:
-        if not out.startswith(MODEL_PREFIX):
-            continue
-        twin = EMA_PREFIX + out[len(MODEL_PREFIX):].replace(".", "")
-        if twin not in names:
-            continue
-        mine, theirs = source.infos[kept[out]], source.infos[names[twin]]
-        if tuple(mine.shape) != tuple(theirs.shape):
-            raise errors.SafeckptError(
-                f"the EMA copy {twin!r} has shape {list(theirs.shape)} but the weight has {list(mine.shape)}",
-                path=source.path, tensor=out)
-        kept[out] = names[twin]
-        replaced += 1
-    if not replaced:
-        raise errors.SafeckptError(
-            f"ema='only': none of the {len(weights)} {EMA_PREFIX}* tensors matches a {MODEL_PREFIX}* weight "
-            f"(e.g. {weights[0]!r}); this is not a Stable Diffusion EMA layout", path=source.path)
-    notes.append(f"replaced {replaced} weights by their EMA copies and dropped {len(ema_names)} "
-                 f"{EMA_PREFIX}* tensors")
-    return kept
-
-
-def _describe_filters(prefix: Optional[str], select: Sequence[str], exclude: Sequence[str]) -> str:
-    parts = ([f"extracting {prefix!r}"] if prefix else []) + ([f"select {list(select)}"] if select else []) \
-        + ([f"exclude {list(exclude)}"] if exclude else [])
-    return ", ".join(parts) or "filtering"
-
-
-# --- tied tensors ------------------------------------------------------------------
-
-def _tied(source: TensorSource, choice: Choice) -> dict[str, str]:
-    """Dropped output name -> kept output name, for tensors holding the same values.
-
-    The kept name of a group is the smallest, as save_model keeps it.
-    """
-    parent: dict[str, str] = {}
-
-    def root(name: str) -> str:
-        while parent.get(name, name) != name:
-            parent[name] = parent.get(parent[name], parent[name])
-            name = parent[name]
-        return name
-
-    def join(a: str, b: str) -> None:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
-    wanted = set(choice.names.values())
-    for name, same in source.aliases.items():
-        if name in wanted and same in wanted:
-            join(name, same)
-    for a, b in _same_memory(source, [n for n in source.infos if n in wanted]):
-        join(a, b)
-    groups: dict[str, list[str]] = {}
-    for out, name in choice.names.items():
-        groups.setdefault(root(name), []).append(out)
-    aliases: dict[str, str] = {}
-    for outs in groups.values():
-        keep = min(outs)
-        aliases.update({out: keep for out in outs if out != keep})
-    return aliases
-
-
-def _same_memory(source: TensorSource, names: list[str]) -> Iterator[tuple[str, str]]:
-    """Pairs of names whose arrays are the same bytes of the same memory (same view).
-
-    Only for sources that map their file: reading a view costs nothing. The first
-    array that lives in a private copy ends the search, as it means the source copies
-    (and reports its own aliases); arrays are kept alive so addresses cannot be reused.
-    """
-    if source.format == "safetensors":  # the format cannot share bytes between tensors
-        return
-    seen: dict[tuple, str] = {}
-    alive: list[np.ndarray] = []
-    for name in names:
-        array = source.read(name)
-        if array.size == 0 or not isinstance(array, np.ndarray):
-            continue
-        if _in_private_copy(array):
-            return
-        alive.append(array)
-        key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)
-        first = seen.setdefault(key, name)
-        if first != name:
-            yield first, name
-
-
-def _in_private_copy(array: np.ndarray) -> bool:
-    base: Any = array
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    return isinstance(base, (np.ndarray, bytes, bytearray))
 
 
 # --- planning ---------------------------------------------------------------------
@@ -939,11 +756,4 @@ def _globs(value: "Sequence[str] | str | None", what: str) -> tuple[str, ...]:
     return globs
 
 
-def _first(items: Iterable, count: int = 3) -> str:
-    listed = list(items)
-    shown = ", ".join(repr(x) for x in listed[:count])
-    return shown + (f" and {len(listed) - count} more" if len(listed) > count else "")
-
-
-__all__ = ["convert", "ConvertReport", "Choice", "choose_tensors", "parse_size",
-           "MAX_TREE_JSON_BYTES"]
+__all__ = ["convert", "ConvertReport", "Choice", "choose_tensors", "parse_size", "MAX_TREE_JSON_BYTES"]
