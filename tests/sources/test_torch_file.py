@@ -302,3 +302,21 @@ def test_hostile_sizes_and_strides(tmp_path):
         assert "t" not in src and any("out of range" in note for note in src.notes)
     report = safeckpt.convert(tmp_path / "z.pt", tmp_path / "z.safetensors")
     assert report.tensors == 0 and any("out of range" in note for note in report.notes)
+
+
+def test_colliding_and_huge_names_stay_cheap(tmp_path):
+    """Keys whose text collides (long tuples shortened alike) and keys megabytes long, nested."""
+    import signal
+    # keys all shown as "frozenset({0, 1, 2, 3, ...})": 20k tensors under one name
+    arrays = {frozenset({0, 1, 2, 3, i + 10}): np.zeros(1, np.int8) for i in range(20_000)}
+    deep = {"k" * 100_000: {"k" * 100_000: {f"w{i}": np.ones(1, np.int8) for i in range(100)}}}
+    path = tmp_path / "names.pkl"
+    path.write_bytes(pickle.dumps({"a": arrays, "deep": deep}, protocol=4))
+    signal.alarm(60)
+    try:
+        with open_source(path) as src:
+            assert len(src) == 20_100
+            assert max(len(name) for name in src.keys()) <= 1024 + 10
+            assert len(set(src.keys())) == len(src) and len(src.notes) <= 101
+    finally:
+        signal.alarm(0)

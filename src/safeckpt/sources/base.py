@@ -15,6 +15,7 @@ which is what a flattened state dict looks like to every other tool.
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 import mmap
 import os
@@ -33,6 +34,11 @@ MAX_TREE_DEPTH = 100
 MAX_TREE_NODES = 2_000_000
 # Items of one container shown in the tree; the rest are summarised.
 MAX_TREE_ITEMS = 100_000
+# Characters of a tensor name made from a path: real ones are under a few hundred; a
+# hostile file with long keys nested deep must not make every name megabytes long.
+MAX_NAME_CHARS = 1024
+# Notes kept about one file.
+MAX_NOTES = 100
 
 
 class TensorInfo(NamedTuple):
@@ -68,6 +74,13 @@ class TensorSource(abc.ABC):
         #: notes on what opening found that a user should know (placeholders made,
         #: names disambiguated); the scan gives the verdict.
         self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """Add a note; a hostile file cannot make the list grow without bound."""
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(text)
+        elif len(self.notes) == MAX_NOTES:
+            self.notes.append("more notes left out")
 
     # -- the mapping
     @property
@@ -176,22 +189,35 @@ class _Walker:
         self.seen: dict[int, tuple[str, Any]] = {}  # id -> (first path, object kept alive)
         self.nodes = 0
         self.notes: list[str] = []
+        self.repeats: dict[str, int] = {}
 
     def name_for(self, path: str) -> str:
         name = path or "tensor"
+        if len(name) > MAX_NAME_CHARS:  # keep the end (the most specific part), made unique
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            name = f"~{digest}~{name[-(MAX_NAME_CHARS - 18):]}"
         if name not in self.tensors:
             return name
-        k = 2
-        while f"{name}~{k}" in self.tensors:
+        k = self.repeats.get(name, 1)
+        while True:  # counted per name: many tensors under one name cost linear time
             k += 1
-        self.notes.append(f"two tensors are both named {name!r}; the second is {name}~{k}")
+            if f"{name}~{k}" not in self.tensors:
+                break
+        self.repeats[name] = k
+        self.note(f"two tensors are both named {name[:200]!r}; the second is ...~{k}")
         return f"{name}~{k}"
+
+    def note(self, text: str) -> None:
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(text)
+        elif len(self.notes) == MAX_NOTES:
+            self.notes.append("more notes left out")
 
     def walk(self, x: Any, path: str, depth: int) -> Any:
         self.nodes += 1
         if self.nodes > MAX_TREE_NODES:
             if self.nodes == MAX_TREE_NODES + 1:
-                self.notes.append(f"the structure has more than {MAX_TREE_NODES} parts; the rest is cut")
+                self.note(f"the structure has more than {MAX_TREE_NODES} parts; the rest is cut")
             return "<cut: too many parts>"
         if x is None or isinstance(x, (bool, str)):
             return x

@@ -102,19 +102,19 @@ class PickleSource(TensorSource):
         if isinstance(obj, np.ndarray):
             dtype = dtype_for_numpy(obj.dtype)
             if dtype is None:
-                self.notes.append(f"{name}: numpy dtype {obj.dtype} has no safetensors equivalent; skipped")
+                self.note(f"{name}: numpy dtype {obj.dtype} has no safetensors equivalent; skipped")
                 return None
             return TensorInfo(dtype.name, tuple(obj.shape), obj.nbytes)
         torch_dtype = _torch_dtype_of(obj)
         st = TORCH_TO_SAFETENSORS.get(torch_dtype.name) if torch_dtype else None
         if st is None:
             what = torch_dtype.name if torch_dtype else "an unknown dtype"
-            self.notes.append(f"{name}: torch.{what} has no safetensors equivalent; skipped")
+            self.note(f"{name}: torch.{what} has no safetensors equivalent; skipped")
             return None
         shape = tuple(obj.size if isinstance(obj, TensorRef) else (obj.numel,))
         if len(shape) > MAX_DIMS or any(d >= 1 << 62 for d in shape) or \
                 math.prod(d for d in shape if d) >= 1 << 62:
-            self.notes.append(f"{name}: shape {brief(shape)} is out of range; skipped")
+            self.note(f"{name}: shape {brief(shape)} is out of range; skipped")
             return None
         return TensorInfo(st, shape, math.prod(shape) * DTYPES[st].bits // 8)
 
