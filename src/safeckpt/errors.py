@@ -198,3 +198,31 @@ class UnsafeFileError(SafeckptError, ValueError):
     def __init__(self, detail: str, *, report=None, **kwargs) -> None:
         self.report = report
         super().__init__(detail, **kwargs)
+
+
+# --- training checkpoints (training/) ----------------------------------------
+
+class CheckpointError(SafeckptError, RuntimeError):
+    """A training checkpoint cannot be saved, found or restored (the message says which and why)."""
+
+
+class IntegrityError(CheckpointError):
+    """A committed checkpoint's bytes differ from its manifest: `path` names the file, `tensor` the tensor."""
+
+
+class LockedError(CheckpointError):
+    """Another CheckpointManager (the message names its pid) is writing this directory."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No committed checkpoint matches the request ("latest", "best" or a step)."""
+
+
+# --- training state trees (training/state.py, torch.training_state) --------
+
+class UnsupportedStateError(SafeckptError, TypeError):
+    """A value in a state tree that cannot be stored without pickle: a function, a set, an object."""
+
+
+class StateFormatError(SafeckptError, ValueError):
+    """A state document or training state that does not describe a state: malformed, newer, incomplete."""

@@ -7,14 +7,22 @@ being refused, and errors are `SafeckptError`s that name the file and tensor
 (they also subclass the ValueError/RuntimeError safetensors raises).
 
 >>> from safeckpt.torch import save_file, load_file, save_model, load_model
+
+It also holds the training-state helpers: `training_state` gathers a run's
+model, optimizer, scheduler, AMP scaler and RNG states into a plain tree, and
+`restore_training_state` puts them back.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import warnings
 from collections import defaultdict
-from typing import Dict, List, Optional, Set, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import api, errors
@@ -179,3 +187,116 @@ def load_model(model: torch.nn.Module, filename: Union[str, os.PathLike], strict
             message += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
         raise RuntimeError(message)
     return missing, unexpected
+
+
+# --- training state -------------------------------------------------------------
+
+# The parts of a run that have a state_dict, in the order they are restored.
+_TRAINING_PARTS = ("model", "optimizer", "scheduler", "scaler")
+
+
+def training_state(model: torch.nn.Module, optimizer=None, scheduler=None, scaler=None,
+                   extra: Any = None) -> Dict[str, Any]:
+    """Everything a run needs to resume, as a plain tree that `split_state` stores without pickle.
+
+    The tree holds ``model``, ``optimizer``, ``scheduler`` and ``scaler`` (their
+    ``state_dict()``; the parts not given are left out), ``rng`` and ``extra``
+    (anything storable: epoch, data-loader position, ...). ``rng`` holds Python's
+    `random`, numpy's legacy global generator (``np.random.seed``/``np.random.*``),
+    torch's CPU generator and, once CUDA is initialized, every CUDA device's.
+    ``np.random.default_rng()`` generators have no global state: put
+    ``generator.bit_generator.state`` in `extra` and assign it back on resume.
+
+    Tensors are the live ones (no copy): save the tree before training on, or
+    `snapshot` it. LR schedulers hold no functions in their state_dict
+    (LambdaLR stores None for its lambdas and keeps the ones it was built with);
+    a function anywhere else is refused when the tree is stored.
+
+    >>> state = training_state(model, optimizer, scheduler, extra={"epoch": 3})
+    >>> tensors, document = split_state(state)
+    """
+    state: Dict[str, Any] = {"model": model.state_dict()}
+    for part, owner in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if owner is not None:
+            state[part] = owner.state_dict()
+    state["rng"] = _rng_state()
+    state["extra"] = extra
+    return state
+
+
+def restore_training_state(state: Mapping, model: torch.nn.Module, optimizer=None, scheduler=None,
+                           scaler=None) -> Any:
+    """Put a state from `training_state` back into freshly built objects; returns ``state["extra"]``.
+
+    Each object given is loaded with its ``load_state_dict`` (the optimizer
+    moves its state to its parameters' devices), then every RNG state present
+    is restored. Build the objects as the saved run did (same model, the
+    optimizer over the same parameters, a LambdaLR with the same lambdas).
+
+    >>> state = join_state(safeckpt.load_file("state.safetensors"), json.load(open("state.json")))
+    >>> extra = restore_training_state(state, model, optimizer, scheduler)
+    """
+    if not isinstance(state, Mapping):
+        raise errors.StateFormatError(f"expected the dict made by training_state(), got {type(state).__name__}")
+    owners = dict(zip(_TRAINING_PARTS, (model, optimizer, scheduler, scaler)))
+    for part, owner in owners.items():
+        if owner is not None and not isinstance(state.get(part), Mapping):
+            held = ", ".join(sorted(str(key) for key in state))
+            raise errors.StateFormatError(
+                f"the training state has no {part!r} part (it holds: {held}); pass {part}=None, "
+                f"or save it with training_state(..., {part}=...)")
+    model.load_state_dict(state["model"])
+    for part, owner in owners.items():
+        if part != "model" and owner is not None:
+            # a copy: LambdaLR.load_state_dict pops keys from the dict it is given
+            owner.load_state_dict(dict(state[part]))
+    if "rng" in state:
+        _set_rng_state(state["rng"])
+    return state.get("extra")
+
+
+def _rng_state() -> Dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    rng: Dict[str, Any] = {
+        # 624 uint32 words of the Mersenne Twister and its position (0..624)
+        "python": {"version": version, "internal": np.array(internal, dtype=np.int64), "gauss_next": gauss_next},
+        "numpy": {"algorithm": algorithm, "keys": keys, "pos": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    # Reading CUDA states would initialize CUDA on every device; a process that has not
+    # initialized it has drawn nothing from those generators, so there is nothing to save.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: Mapping) -> None:
+    if not isinstance(rng, Mapping):
+        raise errors.StateFormatError(f"the training state's 'rng' part is a {type(rng).__name__}, not a dict")
+    if "python" in rng:
+        python = rng["python"]
+        random.setstate((int(python["version"]), tuple(int(word) for word in python["internal"].tolist()),
+                         python["gauss_next"]))
+    if "numpy" in rng:
+        saved = rng["numpy"]
+        np.random.set_state((saved["algorithm"], np.asarray(saved["keys"], dtype=np.uint32), int(saved["pos"]),
+                             int(saved["has_gauss"]), float(saved["cached_gaussian"])))
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng:
+        _set_cuda_rng_states(list(rng["cuda"]))
+
+
+def _set_cuda_rng_states(states: List[torch.Tensor]) -> None:
+    if not torch.cuda.is_available():
+        warnings.warn(f"the checkpoint holds RNG states for {len(states)} CUDA device(s) but CUDA is not "
+                      "available here; they were not restored", stacklevel=3)
+        return
+    count = torch.cuda.device_count()
+    if count != len(states):
+        warnings.warn(f"the checkpoint holds RNG states for {len(states)} CUDA device(s) and this machine "
+                      f"has {count}; restored the first {min(count, len(states))}", stacklevel=3)
+    for index, state in enumerate(states[:count]):
+        torch.cuda.set_rng_state(state.cpu(), index)

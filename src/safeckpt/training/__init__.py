@@ -1,0 +1,15 @@
+"""Training checkpoints without pickle: state trees stored as safetensors + JSON.
+
+>>> from safeckpt.training import split_state, join_state
+>>> tensors, document = split_state({"model": model.state_dict(), "step": 10})
+>>> state = join_state(tensors, document)
+"""
+
+from .state import SCHEMA_VERSION, join_state, snapshot, split_state
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "split_state",
+    "join_state",
+    "snapshot",
+]
