@@ -370,3 +370,129 @@ def convert_peer(cfg: dict) -> Op:
         tensors = torch.load(path(cfg, MODEL_PT), weights_only=True)
         safetensors.torch.save_file(tensors, cfg["out"], metadata={"format": "pt"})
     return op
+
+
+# --- training checkpoints: CheckpointManager against plain writes, torch.save and torch.load ---
+
+CKPT_DIR = "checkpoints"
+
+
+def _fresh_directory(cfg: dict, name: str) -> str:
+    import shutil
+
+    directory = path(cfg, name)
+    shutil.rmtree(directory, ignore_errors=True)
+    return directory
+
+
+def _training_state(cfg: dict) -> dict:
+    """A 1 GiB-class state: the model-like tensors plus the scalars a training state carries."""
+    spec = model_spec(cfg["size"])
+    return {"model": torch_state_dict(spec), "step": 1000, "epoch": 3, "lr": 3e-4}
+
+
+@case("ckpt.save.ours")
+def ckpt_save_ours(cfg: dict) -> Op:
+    from safeckpt import CheckpointManager
+
+    state = _training_state(cfg)
+    manager = CheckpointManager(_fresh_directory(cfg, CKPT_DIR), keep_last=1)
+
+    def op():
+        assert manager.save(1000, state, force=True)
+        return Measured(manager, {"bytes": spec_bytes(model_spec(cfg["size"]))["total"]})
+    return op
+
+
+@case("ckpt.save.plain_write")
+def ckpt_save_plain(cfg: dict) -> Op:
+    """The same bytes in one buffer, written with sequential write() calls and fsynced: the floor."""
+    state = _training_state(cfg)
+    import torch
+
+    views = [t.reshape(-1).view(torch.uint8).numpy() for t in state["model"].values()]
+    out = cfg["out"]
+
+    def op():
+        with open(out, "wb", buffering=0) as f:
+            for view in views:
+                f.write(view)
+            os.fsync(f.fileno())
+        return Measured(extras={"bytes": sum(v.nbytes for v in views)})
+    return op
+
+
+@case("ckpt.save.torch_save")
+def ckpt_save_torch(cfg: dict) -> Op:
+    import torch
+
+    state = _training_state(cfg)
+    out = cfg["out"]
+
+    def op():
+        torch.save(state, out)
+        with open(out, "rb") as f:
+            os.fsync(f.fileno())
+    return op
+
+
+@case("ckpt.async.ours")
+def ckpt_async_ours(cfg: dict) -> Op:
+    """Time the caller is blocked by save(async_save=True): the snapshot; the write goes on behind."""
+    from safeckpt import CheckpointManager
+
+    state = _training_state(cfg)
+    manager = CheckpointManager(_fresh_directory(cfg, CKPT_DIR), keep_last=1, async_save=True)
+
+    def op():
+        manager.save(1000, state, force=True)
+        return Measured(manager, {"bytes": spec_bytes(model_spec(cfg["size"]))["total"]})
+    return op
+
+
+def _saved_checkpoint(cfg: dict):
+    from safeckpt import CheckpointManager
+
+    directory = _fresh_directory(cfg, CKPT_DIR)
+    with CheckpointManager(directory, keep_last=1) as manager:
+        manager.save(1000, _training_state(cfg), force=True)
+    warm_tree(cfg, directory)
+    return CheckpointManager(directory, keep_last=1)
+
+
+def warm_tree(cfg: dict, directory: str) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            warm(cfg, os.path.join(root, name))
+
+
+def _restore_case(verify: bool) -> Callable[[dict], Op]:
+    """Restore the state, then read one byte of every page (training reads every weight)."""
+    def prepare(cfg: dict) -> Op:
+        manager = _saved_checkpoint(cfg)
+
+        def op():
+            state = manager.restore("latest", verify=verify)
+            touch_pages_torch(state["model"].values())
+            return state
+        return op
+    return prepare
+
+
+case("ckpt.restore.ours")(_restore_case(False))
+case("ckpt.restore_verify.ours")(_restore_case(True))
+
+
+@case("ckpt.restore.torch_load")
+def ckpt_restore_torch(cfg: dict) -> Op:
+    import torch
+
+    filename = path(cfg, "state.pt")
+    torch.save(_training_state(cfg), filename)
+    warm(cfg, filename)
+
+    def op():
+        state = torch.load(filename, weights_only=True)
+        touch_pages_torch(state["model"].values())
+        return state
+    return op

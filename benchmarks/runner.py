@@ -33,6 +33,8 @@ ORDER = [
     "slice.mmap_row.ours", "slice.mmap_whole.ours",
     "slice.mmap_row.safetensors", "slice.mmap_whole.safetensors",
     "list.ours", "list.torch", "scan.ours", "convert.ours", "convert.ours_nohash", "convert.torch_safetensors",
+    "ckpt.save.ours", "ckpt.save.plain_write", "ckpt.save.torch_save", "ckpt.async.ours",
+    "ckpt.restore.ours", "ckpt.restore_verify.ours", "ckpt.restore.torch_load",
 ]
 assert set(ORDER) == set(CASES) - {"setup"}, "every case is run"
 

@@ -11,6 +11,7 @@ from .format import RawTensor, SafetensorsFile, TensorInfo
 from .ops.convert import ConvertReport, convert
 from .ops.scan import ScanReport, scan
 from .sources import TensorSource, open_source
+from .training.manager import CheckpointInfo, CheckpointManager
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ __all__ = [
     "save_file", "load_file", "save", "load", "safe_open",
     "SafeckptError", "HeaderError", "SourceError", "UnsafeFileError",
     "RawTensor", "SafetensorsFile", "TensorInfo", "open_source", "TensorSource",
-    "scan", "ScanReport", "convert", "ConvertReport",
+    "scan", "ScanReport", "convert", "ConvertReport", "CheckpointManager", "CheckpointInfo",
 ]

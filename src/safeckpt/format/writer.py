@@ -249,3 +249,33 @@ def _fsync_directory(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_stream(tensors: Iterable[PreparedTensor], out, metadata=None) -> int:
+    """Stream a safetensors file into a binary file object; returns the bytes written.
+
+    For destinations that are not local paths (an fsspec file, a socket, a
+    hashing wrapper): the same bytes `write_file` writes, header first, then
+    each tensor straight from its memory. `out` needs only `write`; a short
+    write (raw files) is continued.
+
+    >>> with open("model.safetensors", "wb") as out:
+    ...     write_stream([prepare("w", np.ones(3, np.float32))], out)
+    """
+    ordered = layout(tensors)
+    total = 0
+    with collector_paused():
+        for chunk in _stream_chunks(ordered, header_for(ordered, metadata)):
+            while chunk:
+                written = out.write(chunk)
+                written = chunk.nbytes if written is None else written
+                total += written
+                chunk = chunk[written:]
+    return total
+
+
+def _stream_chunks(ordered: list[PreparedTensor], header: bytes) -> Iterator[memoryview]:
+    yield memoryview(header)
+    for tensor in ordered:
+        for chunk in tensor_chunks(tensor.load()):
+            yield chunk.cast("B") if chunk.format != "B" or chunk.ndim != 1 else chunk

@@ -5,9 +5,12 @@
 >>> state = join_state(tensors, document)
 """
 
+from .manager import CheckpointInfo, CheckpointManager
 from .state import SCHEMA_VERSION, join_state, snapshot, split_state
 
 __all__ = [
+    "CheckpointManager",
+    "CheckpointInfo",
     "SCHEMA_VERSION",
     "split_state",
     "join_state",

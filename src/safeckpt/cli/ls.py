@@ -1,0 +1,111 @@
+"""`safeckpt ls DIR`: the training checkpoints in a CheckpointManager directory.
+
+Reads the manifests only (fast, nothing hashed: `CheckpointManager.verify()`
+checks the bytes), takes no lock, and creates, cleans or changes nothing, so
+it is safe on a directory a run is writing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from typing import Any, Optional
+
+import click
+
+from ..training.manager import Listing, inspect_directory
+from ..training.policy import MODES, best
+from . import output
+from .output import Column, human_bytes, printable
+
+COLUMNS = (Column("step", right=True), Column("time"), Column("size", right=True), Column("metrics"),
+           Column("mark"))
+
+
+def describe(directory: str, monitor: Optional[str] = None, mode: Optional[str] = None) -> dict[str, Any]:
+    """Everything `ls` shows, as a JSON-able dict.
+
+    The best checkpoint is ranked by `monitor` and `mode`, by default those the
+    newest checkpoint's manager recorded (none: no best is marked).
+
+    >>> describe("checkpoints")["latest"]
+    1200
+    """
+    listing: Listing = inspect_directory(directory)
+    monitor = monitor or listing.monitor
+    mode = mode or listing.mode
+    found = best(listing.checkpoints, monitor, mode) if monitor else None
+    latest = listing.checkpoints[-1] if listing.checkpoints else None
+    return {
+        "directory": directory,
+        "monitor": monitor, "mode": mode if monitor else None,
+        "latest": latest.step if latest else None,
+        "best": found.step if found else None,
+        "checkpoints": [{"step": info.step, "time": info.time, "size": info.size, "path": info.path,
+                         "metrics": {key: _json_number(value) for key, value in info.metrics.items()},
+                         "latest": info is latest, "best": info is found}
+                        for info in listing.checkpoints],
+        "damaged": [{"step": bad.step, "path": bad.path, "error": output.one_line(str(bad.error))}
+                    for bad in listing.damaged],
+    }
+
+
+def _json_number(value):
+    """NaN and infinities as strings: --json prints standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _row(entry: dict) -> list[str]:
+    moment = datetime.datetime.fromtimestamp(entry["time"]).isoformat(sep=" ", timespec="seconds")
+    metrics = ", ".join(f"{key}={_format_metric(value)}" for key, value in entry["metrics"].items())
+    marks = [mark for mark in ("latest", "best") if entry[mark]]
+    return [str(entry["step"]), moment, human_bytes(entry["size"]), printable(metrics), " ".join(marks)]
+
+
+def _format_metric(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+@click.command("ls", short_help="List the training checkpoints in a directory.",
+               epilog=output.exit_codes_help(
+                   ok="listed (an empty directory too)",
+                   invalid="a checkpoint's manifest is damaged (listed on stderr; never restored)",
+                   error="the directory is missing or cannot be read"))
+@click.argument("directory", type=str)
+@click.option("--monitor", metavar="METRIC", help="Rank 'best' by this metric (default: the one the run recorded).")
+@click.option("--mode", type=click.Choice(MODES), help="Whether lower (min) or higher (max) METRIC is better.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document: {directory, monitor, mode, latest, best, checkpoints: [{step, "
+                   "time, size, path, metrics, latest, best}], damaged: [{step, path, error}]}.")
+def command(directory: str, monitor: Optional[str], mode: Optional[str], as_json: bool) -> None:
+    """List the checkpoints a CheckpointManager committed in DIRECTORY.
+
+    DIRECTORY is a local path or an fsspec URL (s3://bucket/run). One row per
+    committed checkpoint, oldest step first: step, save time, size, metrics,
+    and which is the latest and which the best. Only manifests are read:
+    run a manager's verify() to check every byte.
+
+    \b
+    Examples:
+      safeckpt ls checkpoints/
+      safeckpt ls checkpoints/ --monitor val_acc --mode max
+      safeckpt ls s3://bucket/run --json
+    """
+    try:
+        report = describe(directory, monitor, mode)
+    except Exception as exc:  # noqa: BLE001 - every failure is a one-line message
+        output.exit_with(*output.describe_failure(exc, directory))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif report["checkpoints"]:
+        output.print_table(output.make_console(), COLUMNS, [_row(entry) for entry in report["checkpoints"]])
+        if report["monitor"] and report["best"] is None:
+            click.echo(f"no checkpoint has a value of {report['monitor']!r} that is not NaN", err=True)
+    else:
+        click.echo(f"{printable(directory)}: no committed checkpoints", err=True)
+    for bad in report["damaged"]:
+        click.echo(f"DAMAGED step {bad['step']}: {bad['error']}", err=True)
+    raise SystemExit(output.EXIT_INVALID if report["damaged"] else output.EXIT_OK)

@@ -1,0 +1,235 @@
+"""BLAKE3 hashes of checkpoint files and of each tensor's bytes, and the manifest that holds them.
+
+Hashing runs on all cores (``blake3(max_threads=AUTO)``) for large inputs.
+While a checkpoint is written, `HashingWriter` hashes the bytes on their way
+to the file: the whole file, and separately each byte range named in
+advance (the safetensors header, each tensor), so that a mismatch found
+later can name the tensor whose bytes changed.
+
+The manifest (``manifest.json``) is written last and marks the commit. It is
+JSON whose last member is ``"manifest_blake3"``: the hash of every byte of
+the file before it, so a change to any byte of the manifest itself is
+detected too (even one that leaves the JSON valid and equal in meaning)::
+
+    {
+     "format": "safeckpt-checkpoint",
+     "schema_version": 1,
+     "step": 1200,
+     "time": 1732400000.5,
+     "metrics": {"val_loss":0.25},
+     …,
+     "files": {"tensors.safetensors":{"size":4096,"blake3":"…",
+               "header":{"range":[0,128],"blake3":"…"},
+               "tensors":{"model/weight":{"range":[128,4096],"blake3":"…"}}},
+               "state.json":{"size":300,"blake3":"…"}},
+     "manifest_blake3": "…"
+    }
+
+(each member on one line; wrapped here to fit).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Mapping, Optional, Sequence
+
+import blake3
+
+from ..errors import IntegrityError
+
+HASH = "blake3"
+MANIFEST_FORMAT = "safeckpt-checkpoint"
+MANIFEST_SCHEMA_VERSION = 1
+# Inputs smaller than this are hashed on the calling thread: starting the
+# worker threads costs more than it saves.
+PARALLEL_BYTES = 1 << 20
+_SELF_HASH_KEY = "manifest_blake3"
+_SELF_HASH_MARK = b',\n "' + _SELF_HASH_KEY.encode() + b'": "'
+_SELF_HASH_END = b'"\n}\n'
+_HEX_DIGITS = 64
+
+
+def new_hasher(size_hint: int = PARALLEL_BYTES) -> "blake3.blake3":
+    """A BLAKE3 hasher, multi-threaded when `size_hint` bytes are worth it."""
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if size_hint >= PARALLEL_BYTES else 1)
+
+
+def hash_bytes(data) -> str:
+    """The hex BLAKE3 digest of a buffer (bytes, numpy array, mmap), on all cores when large.
+
+    >>> hash_bytes(b"abc")[:8]
+    '6437b3ac'
+    """
+    view = memoryview(data).cast("B")
+    hasher = new_hasher(view.nbytes)
+    hasher.update(view)
+    return hasher.hexdigest()
+
+
+class HashingWriter:
+    """A binary file object that writes to `out` and hashes what passes through.
+
+    `ranges` are ``(name, begin, end)`` byte ranges of the stream, sorted and
+    not overlapping; each gets its own hash (empty ranges hash nothing). A
+    large chunk is hashed on a helper thread while it is being written (BLAKE3
+    and file writes both release the GIL), so hashing costs little time.
+    The caller must not change a chunk's bytes until the next `write` or
+    `hexdigest` (a checkpoint's tensors do not change while they are written).
+
+    >>> with HashingWriter(out, [("header", 0, 128), ("w", 128, 4096)]) as writer:
+    ...     write_stream(tensors, writer)
+    >>> writer.hexdigest(), writer.range_hashes()[1]
+    """
+
+    def __init__(self, out, ranges: Sequence[tuple[str, int, int]] = ()) -> None:
+        self._out = out
+        self._file = new_hasher()
+        self._ranges = list(ranges)
+        self._hashers = [new_hasher(end - begin) for _, begin, end in self._ranges]
+        self._next = 0  # the first range not yet complete
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
+        self.size = 0
+
+    def write(self, data) -> int:
+        """Write all of `data` (continuing short writes); returns its length."""
+        view = memoryview(data).cast("B")
+        self._finish_hashing()
+        if view.nbytes >= PARALLEL_BYTES:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="safeckpt-hash")
+            self._pending = self._pool.submit(self._hash, view, self.size)
+        else:
+            self._hash(view, self.size)
+        rest = view
+        while rest:
+            written = self._out.write(rest)
+            rest = rest[rest.nbytes if written is None else written:]
+        self.size += view.nbytes
+        return view.nbytes
+
+    def _hash(self, view: memoryview, start: int) -> None:
+        self._file.update(view)
+        stop = start + view.nbytes
+        index = self._next
+        while index < len(self._ranges):
+            _, begin, end = self._ranges[index]
+            if begin >= stop:
+                break
+            low, high = max(begin, start), min(end, stop)
+            if high > low:
+                self._hashers[index].update(view[low - start:high - start])
+            if end <= stop:
+                index += 1
+            else:
+                break
+        self._next = index
+
+    def _finish_hashing(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def hexdigest(self) -> str:
+        """The hash of everything written."""
+        self._finish_hashing()
+        return self._file.hexdigest()
+
+    def range_hashes(self) -> list[str]:
+        """Each range's hash, in the order of `ranges`."""
+        self._finish_hashing()
+        return [hasher.hexdigest() for hasher in self._hashers]
+
+    def close(self) -> None:
+        """Stop the helper thread (the hashes stay readable)."""
+        try:
+            self._finish_hashing()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def first_damaged_range(data, ranges: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
+    """The name of the first range (in file order) whose bytes in `data` no longer
+    match their recorded hash; None if every range matches.
+
+    `ranges` maps a name to ``{"range": [begin, end], "blake3": hex}``, as in the manifest.
+    """
+    view = memoryview(data).cast("B")
+    for name, entry in sorted(ranges.items(), key=lambda item: tuple(item[1]["range"])):
+        begin, end = entry["range"]
+        if end > view.nbytes or hash_bytes(view[begin:end]) != entry[HASH]:
+            return name
+    return None
+
+
+# --- the manifest ---------------------------------------------------------------------
+
+def encode_manifest(document: Mapping[str, Any]) -> bytes:
+    """The manifest file's bytes: the document as JSON, ending with its own hash."""
+    # One top-level member a line, each value compact: readable, and small for 100k tensors.
+    members = [f" {json.dumps(key)}: {json.dumps(value, separators=(',', ':'), ensure_ascii=False, allow_nan=False)}"
+               for key, value in document.items()]
+    prefix = ("{\n" + ",\n".join(members)).encode("utf-8")
+    return prefix + _SELF_HASH_MARK + hash_bytes(prefix).encode("ascii") + _SELF_HASH_END
+
+
+def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
+    """Parse and check a manifest written by `encode_manifest`.
+
+    Raises IntegrityError naming `path` when any byte differs from what was
+    written, or when the file is not one of our manifests.
+    """
+    mark = raw.rfind(_SELF_HASH_MARK)
+    digest_end = mark + len(_SELF_HASH_MARK) + _HEX_DIGITS
+    if mark < 0 or raw[digest_end:] != _SELF_HASH_END:
+        raise IntegrityError("is not a complete safeckpt manifest (its closing self-hash is missing or "
+                             "damaged); the checkpoint cannot be trusted: restore another step, or move "
+                             "this directory away", path=path)
+    recorded = raw[mark + len(_SELF_HASH_MARK):digest_end]
+    if hash_bytes(raw[:mark]).encode("ascii") != recorded:
+        raise IntegrityError("its bytes differ from what was written (the self-hash does not match); the "
+                             "checkpoint cannot be trusted: restore another step, or move this directory away",
+                             path=path)
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"is not valid JSON ({exc}) although its self-hash matches; it was not written "
+                             "by safeckpt: move this directory away", path=path) from None
+    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+        raise IntegrityError(f"is not a safeckpt manifest (no \"format\": {MANIFEST_FORMAT!r}); move this "
+                             "directory away", path=path)
+    if document.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise IntegrityError(f"has schema version {document.get('schema_version')!r}; this safeckpt reads "
+                             f"version {MANIFEST_SCHEMA_VERSION}: upgrade safeckpt", path=path)
+    document.pop(_SELF_HASH_KEY, None)
+    return document
+
+
+def check_file(data, entry: Mapping[str, Any], path: str) -> None:
+    """Compare a file's bytes with its manifest entry; IntegrityError naming the file
+    (and the tensor, where the entry records per-tensor ranges) on any difference.
+    """
+    view = memoryview(data).cast("B")
+    if view.nbytes != entry["size"]:
+        raise IntegrityError(f"is {view.nbytes} bytes but the manifest records {entry['size']}; the file was "
+                             "truncated or extended after the commit: restore another step", path=path)
+    if hash_bytes(view) == entry[HASH]:
+        return
+    if "header" in entry and first_damaged_range(view, {"header": entry["header"]}):
+        raise IntegrityError("the safetensors header's bytes differ from the manifest's hash; the file is "
+                             "damaged: restore another step", path=path)
+    tensor = first_damaged_range(view, entry.get("tensors", {}))
+    if tensor is not None:
+        raise IntegrityError("the tensor's bytes differ from the manifest's hash; the file is damaged: "
+                             "restore another step", path=path, tensor=tensor)
+    raise IntegrityError("its bytes differ from the manifest's hash; the file is damaged: restore another step",
+                         path=path)

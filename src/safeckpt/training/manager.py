@@ -1,0 +1,684 @@
+"""CheckpointManager: save training state on a schedule, keep what the policy keeps, restore it verified.
+
+The manager orchestrates; the pieces live elsewhere: `policy` decides when to
+save and what to keep, `storage` moves bytes (a local directory or an fsspec
+URL) and commits, `integrity` hashes and writes the manifest, `state` turns
+a state tree into tensors plus a JSON document and back.
+
+A checkpoint is a directory named after its step::
+
+    step-00001200/
+      tensors.safetensors   the state's tensors (any safetensors reader opens it)
+      state.json            the tree's skeleton and scalars, step, time, metrics, versions
+      manifest.json         written last: sizes and BLAKE3 hashes (per file, per tensor)
+
+Only a checkpoint whose manifest is complete and intact is listed; ordering
+is by the step inside the manifest, never by the name.
+
+>>> with CheckpointManager("checkpoints", keep_last=3, every_n_steps=100) as mgr:
+...     for step in range(start, steps):
+...         train_one_step()
+...         mgr.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import platform
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+from ..errors import CheckpointError, CheckpointNotFoundError, IntegrityError, SafeckptError
+from ..format.dtypes import DTYPES, storage_dtype
+from ..format.reader import parse_bytes_header, to_logical
+from ..format.writer import header_for, layout, prepare, write_stream
+from . import integrity
+from .integrity import HASH, HashingWriter, check_file, decode_manifest, encode_manifest, hash_bytes
+from .policy import (CheckpointInfo, Retention, Schedule, best, by_step, check_step, checkpoint_name,
+                     partials_to_remove, should_save, step_from_name, temporaries_to_remove, to_delete)
+from .state import join_state, snapshot, split_state
+from .storage import open_storage
+
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+# The manifest first: removing it un-commits the checkpoint before its data goes.
+OUR_FILES = (MANIFEST_FILE, TENSORS_FILE, STATE_FILE)
+STATE_FORMAT = "safeckpt-state"
+STATE_SCHEMA_VERSION = 1
+# Non-finite metrics are stored as these strings, so that both JSON files stay standard JSON.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# What to do about a failed write, by errno; the message ends with it.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space (or lower keep_last), then save again",
+    errno.EDQUOT: "the disk quota is exhausted: free space or raise the quota, then save again",
+    errno.EFBIG: "the file size limit (ulimit -f) or the filesystem's largest file is below the checkpoint's "
+                 "size: raise the limit or save to another filesystem",
+    errno.EACCES: "make the directory writable, then save again",
+    errno.EROFS: "the filesystem is read-only: save to another directory",
+}
+
+Which = Union[str, int]
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A directory named like a checkpoint whose manifest is damaged: never listed, never deleted."""
+
+    step: int
+    path: str
+    error: IntegrityError
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a checkpoint directory holds."""
+
+    checkpoints: list[CheckpointInfo]  # committed and intact manifests, by step
+    damaged: list[Damaged] = field(default_factory=list)
+    partials: dict[str, list[str]] = field(default_factory=dict)  # step-* without a manifest -> files
+    manifests: dict[str, dict] = field(default_factory=dict)  # path -> parsed manifest
+    monitor: Optional[str] = None  # recorded by the newest checkpoint
+    mode: str = "min"
+
+
+@dataclass(frozen=True)
+class CheckpointCheck:
+    """The verdict on one checkpoint; `file` and `tensor` say where a mismatch is."""
+
+    step: int
+    path: str
+    ok: bool
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    file: Optional[str] = None
+    tensor: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """`CheckpointManager.verify()`: one check per checkpoint, by step."""
+
+    directory: str
+    checkpoints: list[CheckpointCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checkpoints)
+
+    @property
+    def failures(self) -> list[CheckpointCheck]:
+        return [check for check in self.checkpoints if not check.ok]
+
+
+class CheckpointManager:
+    """Save, list, prune, verify and restore training checkpoints in one directory.
+
+    `directory` is a local path or an fsspec URL ("s3://bucket/run",
+    "memory://run"; `storage_options` go to fsspec). Saving follows the
+    schedule (`every_n_steps`, `every_seconds`; with neither, every call
+    saves; `force=True` always saves). After each commit, checkpoints that no
+    retention rule keeps are deleted: rules are `keep_last` newest steps
+    (None: keep all), `keep_best` best by `monitor` (`mode` "min" or "max";
+    NaN is never best) and `keep_every_n_steps` multiples (kept forever). The
+    checkpoint this manager restored from is never deleted by it.
+
+    With `async_save=True`, `save()` copies the state's tensors and returns;
+    the write happens on a background thread, one at a time, and its error
+    surfaces at the next `save()`, `wait()` or `close()`.
+
+    A local directory is locked (flock) for the manager's life: a second
+    manager gets LockedError. Object stores have no locks: give each run its
+    own prefix.
+
+    >>> with CheckpointManager("ckpt", keep_last=2, keep_best=1, monitor="val_loss") as mgr:
+    ...     mgr.save(100, {"model": model.state_dict()}, metrics={"val_loss": 0.31})
+    ...     state = mgr.restore("best")
+    """
+
+    def __init__(self, directory, keep_last: Optional[int] = 3, keep_best: Optional[int] = None,
+                 monitor: Optional[str] = None, mode: str = "min", every_n_steps: Optional[int] = None,
+                 every_seconds: Optional[float] = None, async_save: bool = False,
+                 keep_every_n_steps: Optional[int] = None, *,
+                 storage_options: Optional[Mapping[str, Any]] = None) -> None:
+        self.retention = Retention(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
+                                   keep_every_n_steps=keep_every_n_steps)
+        self.schedule = Schedule(every_n_steps=every_n_steps, every_seconds=every_seconds)
+        self.async_save = bool(async_save)
+        self._storage = open_storage(directory, storage_options)
+        self.directory = self._storage.url
+        self._lock = self._storage.lock()
+        self._closed = False
+        self._mutex = threading.Lock()
+        self._protected: set[str] = set()  # restored from: never deleted by this manager
+        self._last_save_time = time.time()
+        self._last_saved_step: Optional[int] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
+        try:
+            self._remove_leftovers()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- saving ------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, metrics: Optional[Mapping[str, Any]] = None,
+             force: bool = False) -> bool:
+        """Save `state` as checkpoint `step` if the schedule says so; returns whether it saved.
+
+        `state` is a tree of dicts, lists and tuples of tensors (numpy, torch,
+        jax), numbers, strings and None. `metrics` (numbers) are recorded in
+        the manifest and rank `keep_best`. A step is never overwritten.
+
+        >>> mgr.save(1200, {"model": model.state_dict(), "epoch": 3}, metrics={"val_loss": 0.25})
+        True
+        """
+        self._check_open()
+        step = check_step(step)
+        self._collect_finished()
+        metrics = clean_metrics(metrics)
+        now = time.time()
+        if not should_save(self.schedule, step, now, self._last_save_time, self._last_saved_step, force):
+            return False
+        self.wait()  # at most one save in flight; raises the previous one's error
+        self._check_step_is_free(step)
+        self._warn_if_unmonitored(step, metrics)
+        if self.async_save:
+            # The caller may change its tensors as soon as save() returns: copy them now.
+            tensors, document = split_state(snapshot(state))
+        else:
+            tensors, document = split_state(state)
+        previous = self._last_saved_step
+        self._last_save_time, self._last_saved_step = now, step
+        job = _SaveJob(self, step, now, metrics, tensors, document, previous)
+        if self.async_save:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="safeckpt-save")
+            self._pending = self._executor.submit(job.run)
+        else:
+            job.run()
+        return True
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _collect_finished(self) -> None:
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def _check_step_is_free(self, step: int) -> None:
+        name = checkpoint_name(step)
+        if not self._storage.exists(name):
+            return
+        listing = scan(self._storage)
+        where = _display(self._storage, name)
+        if any(info.step == step for info in listing.checkpoints):
+            raise CheckpointError(f"step {step} is already saved; checkpoints are never overwritten: save under "
+                                  "a new step, or delete this directory first", path=where)
+        if self._storage.remote and name in listing.partials and \
+                set(listing.partials[name]) <= set(OUR_FILES):
+            self._storage.remove_checkpoint(name, OUR_FILES)  # a crashed save of this very step
+            return
+        raise CheckpointError(f"cannot save step {step}: something safeckpt did not commit is already at this "
+                              "path; move it away, then save again", path=where)
+
+    def _warn_if_unmonitored(self, step: int, metrics: Mapping[str, float]) -> None:
+        monitor = self.retention.monitor
+        if monitor is not None and monitor not in metrics:
+            warnings.warn(f"save({step}) got no metric {monitor!r} (metrics: {sorted(metrics) or 'none'}); this "
+                          "checkpoint cannot count as best: pass metrics={" + repr(monitor) + ": value}",
+                          stacklevel=3)
+
+    def _write(self, step: int, now: float, metrics: dict, tensors: Mapping[str, Any],
+               document: dict) -> CheckpointInfo:
+        """Write and commit one checkpoint; nothing is left behind on failure."""
+        name = checkpoint_name(step)
+        staging = None
+        try:
+            staging = self._storage.begin(name)
+            files, manifest_size = _write_files(staging, step, now, metrics, tensors, document,
+                                                self.retention)
+            staging.commit()
+        except BaseException as exc:
+            if staging is not None:
+                staging.abort()
+            if isinstance(exc, OSError):
+                where = staging.final if staging is not None else self.directory
+                raise _write_error(exc, step, where) from exc
+            raise
+        size = manifest_size + sum(entry["size"] for entry in files.values())
+        return CheckpointInfo(step, now, decode_metrics(metrics), staging.final, size)
+
+    def _prune(self, saved: CheckpointInfo) -> None:
+        with self._mutex:
+            protected = self._protected | {saved.path}
+        for victim in to_delete(scan(self._storage).checkpoints, self.retention, protected):
+            try:
+                self._storage.remove_checkpoint(_basename(victim.path), OUR_FILES)
+            except OSError as exc:
+                warnings.warn(f"{victim.path}: could not delete this pruned checkpoint ({exc}); it stays on "
+                              "disk: delete it by hand", stacklevel=2)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first by step.
+
+        >>> [info.step for info in mgr.list()]
+        [9, 10, 100, 1000]
+        """
+        return scan(self._storage).checkpoints
+
+    def restore(self, which: Which = "latest", target: Any = None, verify: bool = True) -> Any:
+        """The state saved in a checkpoint: "latest", "best" (by `monitor`) or a step.
+
+        Hashes are checked first (`verify=False` skips them): a mismatch raises
+        IntegrityError naming the file and the tensor. `target`, a state tree
+        like the one saved (e.g. a fresh model's state), is checked against
+        the checkpoint: every tensor present with its shape and dtype, or a
+        CheckpointError naming the first difference. Tensors come back in the
+        framework they were saved from.
+
+        >>> state = mgr.restore("latest")
+        >>> model.load_state_dict(state["model"])
+        """
+        self._check_open()
+        listing = scan(self._storage)
+        info = _choose(listing, which, self.retention)
+        with self._mutex:  # before reading: a background prune must not take it meanwhile
+            self._protected.add(info.path)
+        tensors, document = read_checkpoint(self._storage, info, listing.manifests[info.path], verify)
+        if target is not None:
+            _check_target(target, document, info.path)
+        return join_state(tensors, document)
+
+    def verify(self, step: Optional[int] = None) -> CheckReport:
+        """Check the hashes of every checkpoint (or of one step); never raises for damage.
+
+        >>> report = mgr.verify(); report.ok, [c.error for c in report.failures]
+        """
+        self._check_open()
+        listing = scan(self._storage)
+        checks = [check_checkpoint(self._storage, info, listing.manifests[info.path])
+                  for info in listing.checkpoints]
+        checks += [CheckpointCheck(d.step, d.path, False, str(d.error), type(d.error).__name__,
+                                   d.error.path, d.error.tensor) for d in listing.damaged]
+        checks.sort(key=lambda check: (check.step, check.path))
+        if step is not None:
+            step = check_step(step)
+            checks = [check for check in checks if check.step == step]
+            if not checks:
+                raise CheckpointNotFoundError(f"no checkpoint of step {step}; saved steps: "
+                                              f"{_steps_text(listing)}", path=self.directory)
+        return CheckReport(self.directory, checks)
+
+    # -- life ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish the save in flight, then release the directory; raises that save's error."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as background:  # keep the body's error; mention the save's
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"also, the background save failed: {background}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed; open a new one", path=self.directory)
+
+    def _remove_leftovers(self) -> None:
+        """Temporaries of a crashed save (local), and manifest-less partial checkpoints
+        older than the newest committed one (object stores)."""
+        names = self._storage.entries()
+        for name in temporaries_to_remove(name for name, is_dir in names.items() if is_dir):
+            self._storage.remove_temporary(name, OUR_FILES)
+        if self._storage.remote:
+            listing = scan(self._storage)
+            newest = listing.checkpoints[-1].step if listing.checkpoints else None
+            for name in partials_to_remove(listing.partials, newest, OUR_FILES[1:]):
+                self._storage.remove_checkpoint(name, OUR_FILES)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, {self.retention}, {self.schedule}, async_save={self.async_save})"
+
+
+@dataclass
+class _SaveJob:
+    """One save: write, commit, prune. Run on the caller's thread or the background one."""
+
+    manager: CheckpointManager
+    step: int
+    now: float
+    metrics: dict
+    tensors: Mapping[str, Any]
+    document: dict
+    previous_step: Optional[int]
+
+    def run(self) -> None:
+        try:
+            saved = self.manager._write(self.step, self.now, self.metrics, self.tensors, self.document)
+        except BaseException:
+            if self.manager._last_saved_step == self.step:  # a retry of this step must save
+                self.manager._last_saved_step = self.previous_step
+            raise
+        finally:
+            self.tensors = self.document = None  # a finished job holds no snapshot
+        self.manager._prune(saved)
+
+
+# --- writing --------------------------------------------------------------------------
+
+def _write_files(staging, step: int, now: float, metrics: dict, tensors: Mapping[str, Any], document: dict,
+                 retention: Retention) -> tuple[dict, int]:
+    """tensors.safetensors, state.json, then manifest.json; returns the file entries and manifest size."""
+    where = staging.where(TENSORS_FILE)
+    ordered = layout([prepare(name, array, where) for name, array in tensors.items()])
+    metadata = {"step": str(step)}
+    header_size = len(header_for(ordered, metadata))
+    ranges, position = [("", 0, header_size)], header_size
+    for tensor in ordered:
+        ranges.append((tensor.name, position, position + tensor.nbytes))
+        position += tensor.nbytes
+    with staging.open(TENSORS_FILE) as out, HashingWriter(out, ranges) as writer:
+        write_stream(ordered, writer, metadata)
+    hashes = writer.range_hashes()
+    tensors_entry = {
+        "size": writer.size, HASH: writer.hexdigest(),
+        "header": {"range": [0, header_size], HASH: hashes[0]},
+        "tensors": {name: {"range": [begin, end], HASH: digest}
+                    for (name, begin, end), digest in zip(ranges[1:], hashes[1:])},
+    }
+    versions = library_versions()
+    state_bytes = json.dumps({"format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION, "step": step,
+                              "time": now, "metrics": metrics, "versions": versions, "state": document},
+                             ensure_ascii=False, allow_nan=False).encode("utf-8")
+    with staging.open(STATE_FILE) as out:
+        out.write(state_bytes)
+    files = {TENSORS_FILE: tensors_entry, STATE_FILE: {"size": len(state_bytes), HASH: hash_bytes(state_bytes)}}
+    monitor = {"name": retention.monitor, "mode": retention.mode} if retention.monitor else None
+    manifest = encode_manifest({
+        "format": integrity.MANIFEST_FORMAT, "schema_version": integrity.MANIFEST_SCHEMA_VERSION,
+        "step": step, "time": now, "metrics": metrics, "monitor": monitor, "versions": versions, "hash": HASH,
+        "files": files})
+    with staging.open(MANIFEST_FILE) as out:
+        out.write(manifest)
+    return files, len(manifest)
+
+
+def _write_error(exc: OSError, step: int, where: str) -> CheckpointError:
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    fix = _WRITE_FIXES.get(exc.errno, "check that the directory is writable and has room, then save again")
+    return CheckpointError(f"cannot save step {step}: {reason}{f' ({code})' if code else ''}; nothing was "
+                           f"committed and earlier checkpoints are untouched: {fix}", path=where)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with each checkpoint: safeckpt, Python, numpy, and torch/jax when loaded."""
+    import safeckpt
+    versions = {"safeckpt": safeckpt.__version__, "python": platform.python_version(), "numpy": np.__version__}
+    for module in ("torch", "jax"):
+        if module in sys.modules:
+            versions[module] = str(getattr(sys.modules[module], "__version__", "unknown"))
+    return versions
+
+
+def clean_metrics(metrics: Optional[Mapping[str, Any]]) -> dict:
+    """Metrics as JSON: str keys, int or float values (numpy and torch scalars too);
+    NaN and infinities as the strings "NaN", "Infinity", "-Infinity"."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise CheckpointError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    cleaned = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"metric names must be strings, got {key!r}")
+        if hasattr(value, "item") and not isinstance(value, (int, float)):  # numpy and torch scalars
+            try:
+                value = value.item()
+            except (TypeError, ValueError, RuntimeError) as exc:  # more than one value
+                raise CheckpointError(f"metric {key!r} must be a single number ({exc})") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CheckpointError(f"metric {key!r} must be a number, got {type(value).__name__} {value!r}; "
+                                  "pass float(value)")
+        if isinstance(value, int):
+            cleaned[key] = value
+            continue
+        number = float(value)
+        if math.isnan(number):
+            cleaned[key] = "NaN"
+        elif math.isinf(number):
+            cleaned[key] = "Infinity" if number > 0 else "-Infinity"
+        else:
+            cleaned[key] = number
+    return cleaned
+
+
+def decode_metrics(metrics: Mapping[str, Any]) -> dict:
+    """The inverse of `clean_metrics`: the strings for non-finite values become floats again."""
+    return {key: _NON_FINITE[value] if isinstance(value, str) and value in _NON_FINITE else value
+            for key, value in metrics.items()}
+
+
+# --- reading --------------------------------------------------------------------------
+
+def scan(storage) -> Listing:
+    """Read the manifests of a checkpoint directory: committed, damaged, partial."""
+    committed, damaged, partials, manifests = [], [], {}, {}
+    for name, is_dir in storage.entries().items():
+        step = step_from_name(name) if is_dir else None
+        if step is None:
+            continue
+        files = storage.files(name)
+        path = _display(storage, name)
+        if MANIFEST_FILE not in files:
+            partials[name] = files
+            continue
+        manifest_path = _display(storage, name, MANIFEST_FILE)
+        try:
+            raw = storage.read_bytes(name, MANIFEST_FILE)
+            manifest = decode_manifest(raw, manifest_path)
+            info = _info_from_manifest(manifest, path, len(raw), manifest_path)
+            if info.step != step:
+                raise IntegrityError(f"records step {info.step} but its directory is named for step {step}; "
+                                     "directories must keep their names: rename it back", path=manifest_path)
+        except FileNotFoundError:  # deleted meanwhile (pruned by another thread)
+            continue
+        except IntegrityError as exc:
+            damaged.append(Damaged(step, path, exc))
+            continue
+        committed.append(info)
+        manifests[path] = manifest
+    committed = by_step(committed)
+    monitor, mode = None, "min"
+    if committed:
+        recorded = manifests[committed[-1].path].get("monitor") or {}
+        monitor, mode = recorded.get("name"), recorded.get("mode", "min")
+    return Listing(committed, sorted(damaged, key=lambda d: (d.step, d.path)), partials, manifests, monitor, mode)
+
+
+def inspect_directory(directory, storage_options: Optional[Mapping[str, Any]] = None) -> Listing:
+    """List a checkpoint directory without opening a manager: no lock, nothing cleaned or created.
+
+    >>> [info.step for info in inspect_directory("checkpoints").checkpoints]
+    [100, 200]
+    """
+    return scan(open_storage(directory, storage_options, create=False))
+
+
+def _info_from_manifest(manifest: Mapping[str, Any], path: str, manifest_size: int,
+                        manifest_path: str) -> CheckpointInfo:
+    try:
+        step = manifest["step"]
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step is {step!r}")
+        files = manifest["files"]
+        size = manifest_size + sum(int(files[name]["size"]) for name in (TENSORS_FILE, STATE_FILE))
+        for name in (TENSORS_FILE, STATE_FILE):
+            if not isinstance(files[name][HASH], str):
+                raise TypeError(f"{name} has no hash")
+        return CheckpointInfo(step, float(manifest["time"]), decode_metrics(manifest.get("metrics") or {}),
+                              path, size)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"lacks what a manifest records ({exc}); move this directory away",
+                             path=manifest_path) from None
+
+
+def _choose(listing: Listing, which: Which, retention: Retention) -> CheckpointInfo:
+    directory_steps = _steps_text(listing)
+    if which == "latest":
+        if listing.damaged and (not listing.checkpoints or listing.damaged[-1].step > listing.checkpoints[-1].step):
+            bad = listing.damaged[-1]
+            fallback = (f"restore({listing.checkpoints[-1].step}) restores the newest intact one"
+                        if listing.checkpoints else "no intact checkpoint remains")
+            raise IntegrityError(f"the newest checkpoint (step {bad.step}) is damaged: {bad.error.detail}; "
+                                 f"{fallback}", path=bad.error.path)
+        if not listing.checkpoints:
+            raise CheckpointNotFoundError("no committed checkpoint to restore; save one first (check "
+                                          "mgr.list() before restoring)")
+        return listing.checkpoints[-1]
+    if which == "best":
+        if retention.monitor is None:
+            raise CheckpointError("restore('best') needs the metric to rank by: create the manager with "
+                                  "monitor='val_loss' (and mode='min' or 'max')")
+        found = best(listing.checkpoints, retention.monitor, retention.mode)
+        if found is None:
+            raise CheckpointNotFoundError(f"no checkpoint has a value of {retention.monitor!r} that is not NaN "
+                                          f"(saved steps: {directory_steps}); pass it in save(..., metrics=...)")
+        return found
+    if isinstance(which, str):
+        raise CheckpointError(f"restore() takes 'latest', 'best' or a step number, got {which!r}")
+    step = check_step(which)
+    for info in listing.checkpoints:
+        if info.step == step:
+            return info
+    for bad in listing.damaged:
+        if bad.step == step:
+            raise bad.error
+    raise CheckpointNotFoundError(f"no checkpoint of step {step}; saved steps: {directory_steps}")
+
+
+def read_checkpoint(storage, info: CheckpointInfo, manifest: Mapping[str, Any],
+                    verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """A checkpoint's tensors (numpy arrays sharing one owned buffer) and state document."""
+    name = _basename(info.path)
+    files = manifest["files"]
+    state_path, tensors_path = _display(storage, name, STATE_FILE), _display(storage, name, TENSORS_FILE)
+    raw_state = _read(storage.read_bytes, name, STATE_FILE, state_path)
+    if verify:
+        check_file(raw_state, files[STATE_FILE], state_path)
+    buffer = _read(storage.read_array, name, TENSORS_FILE, tensors_path)
+    if verify:
+        check_file(buffer, files[TENSORS_FILE], tensors_path)
+    try:
+        stored = json.loads(raw_state.decode("utf-8"))
+        document = stored["state"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"is not a safeckpt state file ({exc}); restore with verify=True to find the "
+                              "damage", path=state_path) from None
+    header = parse_bytes_header(buffer, tensors_path)
+    tensors = {}
+    for tensor, entry in header.tensors.items():
+        begin = header.data_start + entry.data_offsets[0]
+        dtype = DTYPES[entry.dtype]
+        tensors[tensor] = to_logical(buffer[begin:begin + entry.nbytes].view(storage_dtype(dtype)), dtype,
+                                     entry.shape)
+    return tensors, document
+
+
+def check_checkpoint(storage, info: CheckpointInfo, manifest: Mapping[str, Any]) -> CheckpointCheck:
+    """Compare every file of a checkpoint with its manifest; never raises for damage."""
+    name = _basename(info.path)
+    try:
+        for filename in (STATE_FILE, TENSORS_FILE):
+            path = _display(storage, name, filename)
+            try:
+                with storage.mapped(name, filename) as data:
+                    check_file(data, manifest["files"][filename], path)
+            except FileNotFoundError:
+                raise IntegrityError("is missing; the checkpoint is incomplete: restore another step",
+                                     path=path) from None
+    except (SafeckptError, OSError) as exc:
+        return CheckpointCheck(info.step, info.path, False, str(exc), type(exc).__name__,
+                               getattr(exc, "path", None) or getattr(exc, "filename", None),
+                               getattr(exc, "tensor", None))
+    return CheckpointCheck(info.step, info.path, True)
+
+
+def _check_target(target: Any, document: Mapping[str, Any], path: str) -> None:
+    """Every tensor of `target` is in the checkpoint with the same shape and dtype, and vice versa."""
+    _, expected = split_state(target)
+    want, have = expected["tensors"], document.get("tensors", {})
+    for name in want:
+        if name not in have:
+            raise CheckpointError(f"target has tensor {name!r} but the checkpoint does not; it was saved from "
+                                  "a different state: restore without target= to see what it holds", path=path)
+        for key in ("dtype", "shape"):
+            if want[name].get(key) != have[name].get(key):
+                raise CheckpointError(f"tensor {name!r} is {key} {have[name].get(key)} in the checkpoint but "
+                                      f"{want[name].get(key)} in target: the model or optimizer differs from the "
+                                      "one saved", path=path)
+    extra = [name for name in have if name not in want]
+    if extra:
+        raise CheckpointError(f"the checkpoint has tensors target lacks ({', '.join(map(repr, extra[:5]))}"
+                              f"{', ...' if len(extra) > 5 else ''}): it was saved from a different state",
+                              path=path)
+
+
+def _read(read, name: str, filename: str, path: str):
+    try:
+        return read(name, filename)
+    except FileNotFoundError:
+        raise IntegrityError("is missing; the checkpoint is incomplete: restore another step", path=path) from None
+
+
+def _display(storage, *parts: str) -> str:
+    return storage.display(*parts) if storage.remote else storage.path(*parts)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _steps_text(listing: Listing) -> str:
+    steps = [str(info.step) for info in listing.checkpoints]
+    if len(steps) > 6:
+        steps = steps[:3] + ["..."] + steps[-3:]
+    return ", ".join(steps) or "none"
