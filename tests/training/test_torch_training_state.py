@@ -244,3 +244,27 @@ def test_cuda_rng_states_are_captured_and_restored(tmp_path):
     torch.cuda.manual_seed_all(0)
     restore_training_state(state, model)
     assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_resume_through_the_checkpoint_manager(tmp_path, settled, async_save):
+    """The README's loop: save with the manager, reopen it, restore into fresh objects, go on."""
+    from safeckpt import CheckpointManager
+
+    full_parts, full_losses = uninterrupted("adamw_cosine")
+    run.seed_everything(1234)
+    parts = run.build("adamw_cosine")
+    data = run.make_data()
+    losses = run.train(parts, data, HALF)
+    with CheckpointManager(tmp_path / "ckpt", keep_last=2, async_save=async_save) as mgr:
+        assert mgr.save(HALF, training_state(*parts, extra={"done": HALF}), metrics={"loss": losses[-1]})
+        run.train(parts, data, 2)  # training goes on while the snapshot is written: must not leak in
+    run.seed_everything(999)  # a fresh process would start from other RNG states
+    fresh = run.build("adamw_cosine")
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        assert [info.step for info in mgr.list()] == [HALF]
+        assert restore_training_state(mgr.restore("latest"), *fresh) == {"done": HALF}
+    losses += run.train(fresh, data, run.STEPS - HALF)
+    assert losses == full_losses
+    for (name, a), b in zip(full_parts[0].state_dict().items(), fresh[0].state_dict().values()):
+        assert _bits(a) == _bits(b), name
