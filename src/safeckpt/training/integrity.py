@@ -25,7 +25,10 @@ detected too (even one that leaves the JSON valid and equal in meaning)::
      "manifest_blake3": "…"
     }
 
-(each member on one line; wrapped here to fit).
+(each member on one line; wrapped here to fit). The tensors file is hashed range
+by range only (``"hashed": "ranges"``): its header and tensors tile it, so every
+byte is hashed once while it is written, and its ``"blake3"`` is `root_hash` of
+the ranges' hashes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import blake3
 from ..errors import IntegrityError
 
 HASH = "blake3"
+# A file entry with "hashed": RANGES was hashed range by range (see root_hash).
+RANGES = "ranges"
 MANIFEST_FORMAT = "safeckpt-checkpoint"
 MANIFEST_SCHEMA_VERSION = 1
 # Inputs smaller than this are hashed on the calling thread: starting the
@@ -82,9 +87,11 @@ class HashingWriter:
     >>> writer.hexdigest(), writer.range_hashes()[1]
     """
 
-    def __init__(self, out, ranges: Sequence[tuple[str, int, int]] = ()) -> None:
+    def __init__(self, out, ranges: Sequence[tuple[str, int, int]] = (), *, whole_file: bool = True) -> None:
         self._out = out
-        self._file = new_hasher()
+        # without a whole-file hash every byte is hashed once, not twice: the ranges must then
+        # tile the stream, and the file's hash is `root_hash` of theirs
+        self._file = new_hasher() if whole_file else None
         self._ranges = list(ranges)
         self._hashers = [new_hasher(end - begin) for _, begin, end in self._ranges]
         self._next = 0  # the first range not yet complete
@@ -110,8 +117,12 @@ class HashingWriter:
         return view.nbytes
 
     def _hash(self, view: memoryview, start: int) -> None:
-        self._file.update(view)
         stop = start + view.nbytes
+        if self._file is not None:
+            self._file.update(view)
+        elif not self._ranges or stop > self._ranges[-1][2]:
+            raise ValueError("bytes written past the hashed ranges (whole_file=False needs ranges "
+                             "that cover the whole stream)")
         index = self._next
         while index < len(self._ranges):
             _, begin, end = self._ranges[index]
@@ -132,9 +143,9 @@ class HashingWriter:
             pending.result()
 
     def hexdigest(self) -> str:
-        """The hash of everything written."""
+        """The hash of everything written (`root_hash` of the ranges' without a whole-file hash)."""
         self._finish_hashing()
-        return self._file.hexdigest()
+        return self._file.hexdigest() if self._file is not None else root_hash(self.range_hashes())
 
     def range_hashes(self) -> list[str]:
         """Each range's hash, in the order of `ranges`."""
@@ -155,6 +166,11 @@ class HashingWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def root_hash(range_hashes: Sequence[str]) -> str:
+    """The hash of a file hashed by ranges that tile it: BLAKE3 of their hex digests, one per line."""
+    return hash_bytes("\n".join(range_hashes).encode("ascii"))
 
 
 def first_damaged_range(data, ranges: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
@@ -222,6 +238,9 @@ def check_file(data, entry: Mapping[str, Any], path: str) -> None:
     if view.nbytes != entry["size"]:
         raise IntegrityError(f"is {view.nbytes} bytes but the manifest records {entry['size']}; the file was "
                              "truncated or extended after the commit: restore another step", path=path)
+    if entry.get("hashed") == RANGES:
+        _check_by_ranges(view, entry, path)
+        return
     if hash_bytes(view) == entry[HASH]:
         return
     if "header" in entry and first_damaged_range(view, {"header": entry["header"]}):
@@ -233,3 +252,27 @@ def check_file(data, entry: Mapping[str, Any], path: str) -> None:
                              "restore another step", path=path, tensor=tensor)
     raise IntegrityError("its bytes differ from the manifest's hash; the file is damaged: restore another step",
                          path=path)
+
+
+def _check_by_ranges(view: memoryview, entry: Mapping[str, Any], path: str) -> None:
+    """A file hashed by ranges: each range once (large ones on all cores), the first damaged named."""
+    ranges = [("header", entry["header"])] + list(entry.get("tensors", {}).items())
+    ranges.sort(key=lambda item: tuple(item[1]["range"]))
+    position, digests = 0, []
+    for name, part in ranges:
+        begin, end = part["range"]
+        if begin != position or end < begin:
+            raise IntegrityError("the manifest's byte ranges do not tile the file; the manifest is not ours "
+                                 "or is damaged: restore another step", path=path)
+        digest = hash_bytes(view[begin:end])
+        if digest != part[HASH]:
+            if name == "header":
+                raise IntegrityError("the safetensors header's bytes differ from the manifest's hash; the file "
+                                     "is damaged: restore another step", path=path)
+            raise IntegrityError("the tensor's bytes differ from the manifest's hash; the file is damaged: "
+                                 "restore another step", path=path, tensor=name)
+        digests.append(digest)
+        position = end
+    if position != view.nbytes or root_hash(digests) != entry[HASH]:
+        raise IntegrityError("its bytes differ from the manifest's hash; the file is damaged: restore another step",
+                             path=path)

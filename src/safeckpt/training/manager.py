@@ -415,11 +415,11 @@ def _write_files(staging, step: int, now: float, metrics: dict, tensors: Mapping
     for tensor in ordered:
         ranges.append((tensor.name, position, position + tensor.nbytes))
         position += tensor.nbytes
-    with staging.open(TENSORS_FILE) as out, HashingWriter(out, ranges) as writer:
+    with staging.open(TENSORS_FILE) as out, HashingWriter(out, ranges, whole_file=False) as writer:
         write_stream(ordered, writer, metadata)
     hashes = writer.range_hashes()
     tensors_entry = {
-        "size": writer.size, HASH: writer.hexdigest(),
+        "size": writer.size, HASH: writer.hexdigest(), "hashed": integrity.RANGES,
         "header": {"range": [0, header_size], HASH: hashes[0]},
         "tensors": {name: {"range": [begin, end], HASH: digest}
                     for (name, begin, end), digest in zip(ranges[1:], hashes[1:])},
