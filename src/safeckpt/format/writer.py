@@ -235,13 +235,14 @@ class atomic_output:
             os.close(self.fd)
             if exc_type is None:
                 os.replace(self.temp, self.path)
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
         finally:
             if os.path.exists(self.temp):
                 os.unlink(self.temp)
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

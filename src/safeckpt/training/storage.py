@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import CheckpointError, LockedError
 from ..format.storage import PreadStorage
+from ..format.writer import fsync_directory
 from ..sources.base import unmap
 from .policy import temporary_name
 
@@ -199,17 +200,6 @@ def _unlink_all(directory: str, names: tuple[str, ...], fsync_after_first: bool 
             continue
         if index == 0 and fsync_after_first:
             fsync_directory(directory)  # the manifest is gone for good before the data goes
-
-
-def fsync_directory(directory: str) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 class DirectoryLock:
