@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import pickletools
 import re
@@ -50,13 +49,13 @@ import stat
 import struct
 import tarfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
 from .. import errors
 from ..format.reader import parse_bytes_header
 from ..sources import npz, pickle_vm, torch_legacy, zip_archive
+from ..sources.base import mapped
 from ..sources.detect import sniff
 from ..sources.pickle_vm import GlobalUse, PickleError, Placeholder, PlaceholderCall
 from .scan_rules import (DENYLIST, INFO, MALICIOUS, NESTED_LOADERS, SAFE, SUSPICIOUS,  # noqa: F401
@@ -176,7 +175,7 @@ def scan(path: "os.PathLike | str") -> ScanReport:
     if os.path.isdir(path):
         return _scan_directory(path)
     try:
-        with _mapped(path) as data:
+        with mapped(path) as data:
             return scan_bytes(data, path=path)
     except OSError as exc:
         return ScanReport(path, "unknown", SUSPICIOUS, error=f"cannot read: {exc.strerror or exc}")
@@ -206,26 +205,6 @@ def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None
         except BufferError:  # still referenced by a traceback; freed with it
             pass
     return scanner.report(fmt)
-
-
-@contextmanager
-def _mapped(path: str) -> Iterator[Any]:
-    """The file's bytes: an mmap (nothing is read until touched), or b"" for an empty file."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, "not a regular file")
-        if st.st_size == 0:
-            yield b""
-            return
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        yield mm
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # a view is still referenced (a traceback); GC unmaps it later
-            pass
 
 
 # --- directories ----------------------------------------------------------------------

@@ -15,10 +15,12 @@ which is what a flattened state dict looks like to every other tool.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import math
 import mmap
 import os
+import stat
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -324,3 +326,24 @@ def unmap(mapping: Optional[mmap.mmap]) -> None:
         mapping.close()
     except BufferError:
         pass
+
+
+@contextlib.contextmanager
+def mapped(path: str) -> Iterator[Any]:
+    """A regular file's bytes, mapped read-only (nothing is read until touched); b"" when empty.
+
+    >>> with mapped("model.bin") as data:
+    ...     head = bytes(data[:8])
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        if st.st_size == 0:
+            yield b""
+            return
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mapping
+    finally:
+        unmap(mapping)

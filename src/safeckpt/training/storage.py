@@ -22,7 +22,6 @@ deleting never leaves a listed checkpoint with missing files.
 
 from __future__ import annotations
 
-import mmap
 import os
 import secrets
 import shutil
@@ -35,7 +34,7 @@ import numpy as np
 from ..errors import CheckpointError, LockedError
 from ..format.storage import PreadStorage
 from ..format.writer import fsync_directory
-from ..sources.base import unmap
+from ..sources.base import mapped
 from .policy import temporary_name
 
 LOCK_FILE = ".safeckpt.lock"
@@ -113,15 +112,8 @@ class LocalStorage:
     @contextmanager
     def mapped(self, *parts: str) -> Iterator[Any]:
         """The file's bytes as a read-only buffer (a shared map: nothing is copied)."""
-        with open(self.path(*parts), "rb") as file:
-            if os.fstat(file.fileno()).st_size == 0:
-                yield b""
-                return
-            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            try:
-                yield mapping
-            finally:
-                unmap(mapping)
+        with mapped(self.path(*parts)) as data:
+            yield data
 
     def begin(self, name: str) -> "LocalStaging":
         return LocalStaging(self, name)
