@@ -14,6 +14,7 @@ from rich.console import Console
 import safeckpt
 from safeckpt.cli import COMMANDS, main
 from safeckpt.cli import convert as convert_cli
+from safeckpt.cli import output
 
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
@@ -128,12 +129,12 @@ def test_errors_exit_2_with_one_line(tmp_path, checkpoint, monkeypatch, args, me
 
 def test_progress_bar_only_after_a_second(monkeypatch):
     shown = io.StringIO()
-    monkeypatch.setattr(convert_cli.output, "make_console",
+    monkeypatch.setattr(output, "make_console",
                         lambda stderr=False: Console(file=shown, force_terminal=True, width=100))
-    bar = convert_cli._ProgressBar(enabled=True)
+    bar = output.ProgressBar("converting", enabled=True)
     bar(10, 100, "first")
     assert bar.bar is None  # under a second: nothing drawn
-    bar.started -= convert_cli.PROGRESS_AFTER_SECONDS
+    bar.started -= output.PROGRESS_AFTER_SECONDS
     bar(50, 100, "layers.0.weight")
     assert bar.bar is not None
     bar.close()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import warnings
 from typing import Optional
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import SafeckptError, UnsafeFileError
 from ..ops.convert import ConvertReport, convert
@@ -22,42 +20,12 @@ from ..sources import open_source
 from . import output
 from .output import Column, grouped, human_bytes, printable
 
-# The progress bar appears only for work that has already taken this long.
-PROGRESS_AFTER_SECONDS = 1.0
 # Rows of the overflow table and names of skipped tensors shown (all of them with --json).
 SHOWN_ROWS = 20
 
 EXIT_CODES = ("\b\nExit codes:\n  0  converted (and verified, with --verify)\n"
               "  2  not converted: the source is unsafe (see --allow-unsafe-structure), unreadable or\n"
               "     malformed, a verification failed, or the command line is wrong; nothing is written")
-
-
-class _ProgressBar:
-    """A `progress` callback that shows a rich bar once the work has run for a second."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.started = time.monotonic()
-        self.bar: Optional[Progress] = None
-        self.task = None
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self.bar is None:
-            if not self.enabled or time.monotonic() - self.started < PROGRESS_AFTER_SECONDS:
-                return
-            console = output.make_console(stderr=True)
-            if not console.is_terminal:
-                self.enabled = False
-                return
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                TimeRemainingColumn(), console=console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("converting", total=total)
-        self.bar.update(self.task, completed=done, description=printable(name)[:40].ljust(40))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _failure(exc: BaseException, src: str) -> str:
@@ -150,7 +118,7 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
     if drop_ema and ema_only:
         output.exit_with(output.EXIT_ERROR, "error: --drop-ema and --ema-only exclude each other")
     ema = "drop" if drop_ema else "only" if ema_only else None
-    bar = _ProgressBar(enabled=not as_json)
+    bar = output.ProgressBar("converting", enabled=not as_json)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow is printed from the report

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import NoReturn, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import click
 from rich import box
 from rich.cells import cell_len
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +33,8 @@ EXIT_ERROR = 2  # the input could not be read (missing, unreadable), or a usage 
 RICH_TABLE_ROWS = 1000
 # Cells longer than this (metadata values holding whole configs) are cut in tables; --json has them whole.
 MAX_CELL_CHARS = 200
+# The progress bar appears only for work that has already taken this long.
+PROGRESS_AFTER_SECONDS = 1.0
 # Set to see the traceback of an unexpected error (for bug reports).
 TRACEBACK_ENV = "SAFECKPT_TRACEBACK"
 
@@ -178,3 +182,35 @@ def plain_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], rule: 
 def _width(text: str) -> int:
     """Terminal cells taken by `text` (wide CJK characters take two)."""
     return len(text) if text.isascii() else cell_len(text)
+
+
+# --- progress ---------------------------------------------------------------------
+
+class ProgressBar:
+    """A `progress(done_bytes, total_bytes, name)` callback: a rich bar on stderr, shown only on a
+    terminal and once the work has run for `PROGRESS_AFTER_SECONDS`. Call `close()` when done."""
+
+    def __init__(self, what: str, enabled: bool = True) -> None:
+        self.what = what
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.bar: Optional[Progress] = None
+        self.task = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.bar is None:
+            if not self.enabled or time.monotonic() - self.started < PROGRESS_AFTER_SECONDS:
+                return
+            console = make_console(stderr=True)
+            if not console.is_terminal:
+                self.enabled = False
+                return
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                TimeRemainingColumn(), console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=total)
+        self.bar.update(self.task, completed=done, description=printable(name)[:40].ljust(40))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
