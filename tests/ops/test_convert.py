@@ -20,6 +20,7 @@ import safeckpt.torch
 from safeckpt import errors
 from safeckpt.ops import cast as casting
 from safeckpt.ops import convert as convert_module
+from safeckpt.ops import sink as sink_module
 from safeckpt.ops.convert import ConvertReport, convert, parse_size
 from safeckpt.sources.detect import open_source
 
@@ -385,7 +386,7 @@ def test_stable_diffusion_ema(tmp_path, stable_diffusion_like):
 @pytest.fixture
 def no_kernel_copy(monkeypatch):
     """Tensor bytes go through user space (and writer.write_all), not copy_file_range."""
-    monkeypatch.setattr(convert_module._Run, "_copy_in_kernel", lambda *args: False)
+    monkeypatch.setattr(sink_module.SinkRun, "_copy_in_kernel", lambda *args: False)
 
 
 def test_verify_detects_a_corrupted_write(tmp_path, model_like, monkeypatch, no_kernel_copy):
@@ -421,7 +422,7 @@ def test_failure_midway_leaves_nothing(tmp_path, failure, monkeypatch):
     torch.save({f"t{i}": torch.full((300,), float(i)) for i in range(6)}, tmp_path / "m.pt")
     out = tmp_path / "out"
     reads = []
-    original = convert_module._Run._write_tensor
+    original = sink_module.SinkRun._write_tensor
 
     def failing_write(self, fd, plan, path):
         reads.append(plan.name)
@@ -429,14 +430,14 @@ def test_failure_midway_leaves_nothing(tmp_path, failure, monkeypatch):
             raise failure
         return original(self, fd, plan, path)
 
-    monkeypatch.setattr(convert_module._Run, "_write_tensor", failing_write)
+    monkeypatch.setattr(sink_module.SinkRun, "_write_tensor", failing_write)
     with pytest.raises(type(failure)):
         convert(tmp_path / "m.pt", out / "model.safetensors", shard_size=2400)  # two tensors per shard
     assert not out.exists()  # shards already renamed, temp files and the new directory are all gone
     monkeypatch.undo()
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "model.safetensors").write_bytes(b"old")
-    monkeypatch.setattr(convert_module._Run, "_write_tensor", failing_write)
+    monkeypatch.setattr(sink_module.SinkRun, "_write_tensor", failing_write)
     reads.clear()
     with pytest.raises(type(failure)):
         convert(tmp_path / "m.pt", tmp_path / "kept" / "model.safetensors")
@@ -460,7 +461,7 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch, path):
         return real_copy(src, dst, count, offset_src, offset_dst)
 
     if path == "write":
-        monkeypatch.setattr(convert_module._Run, "_copy_in_kernel", lambda *args: False)
+        monkeypatch.setattr(sink_module.SinkRun, "_copy_in_kernel", lambda *args: False)
         monkeypatch.setattr(convert_module.writer, "write_all", enospc_write)
     else:
         monkeypatch.setattr(os, "copy_file_range", enospc_copy)
@@ -609,7 +610,7 @@ def test_kernel_copy_and_user_space_copy_write_the_same_bytes(tmp_path, monkeypa
     torch.save({"big": big, "rows": big[2:5], "cols": big[:, ::2], "bf": big.bfloat16(),
                 "ids": torch.arange(5)}, tmp_path / "m.pt")
     convert(tmp_path / "m.pt", tmp_path / "kernel.safetensors")
-    monkeypatch.setattr(convert_module._Run, "_copy_in_kernel", lambda *args: False)
+    monkeypatch.setattr(sink_module.SinkRun, "_copy_in_kernel", lambda *args: False)
     convert(tmp_path / "m.pt", tmp_path / "user.safetensors")
     assert (tmp_path / "kernel.safetensors").read_bytes() == (tmp_path / "user.safetensors").read_bytes()
     loaded = safeckpt.load_file(tmp_path / "kernel.safetensors")

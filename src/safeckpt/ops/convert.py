@@ -38,13 +38,11 @@ then the caller's `metadata`, then the alias entries.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import mmap
 import os
-import re
 import threading
 import time
 import warnings
@@ -56,11 +54,10 @@ import numpy as np
 from .. import errors
 from ..format import writer
 from ..format.dtypes import DTYPES
-from ..format.header import MAX_HEADER_BYTES, collector_paused
-from ..format.reader import SafetensorsFile
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
-from .selection import Choice, choose_tensors, first_items, tied_names
+from .selection import Choice, choose_tensors, first_items, matches, tied_names
+from .sink import OutputTensor, parse_size, write_safetensors
 
 # --- limits and names --------------------------------------------------------------
 
@@ -68,35 +65,11 @@ from .selection import Choice, choose_tensors, first_items, tied_names
 # structure (millions of optimizer scalars) must not push the header towards the
 # format's 100 MB limit, so larger trees are cut (biggest parts first) and the cut noted.
 MAX_TREE_JSON_BYTES = 16 * 1024 * 1024
-# Bytes handed to one write(): small enough for a smooth progress bar and bounded
-# temporaries, large enough that the per-call cost is nothing.
-WRITE_PIECE_BYTES = 64 * 1024 * 1024
-# copy_file_range errors that mean "not here" (old kernel, filesystems it cannot join): write instead
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
-# Bytes compared at a time by verify (each comparison makes a bool array this long).
-VERIFY_PIECE_BYTES = 16 * 1024 * 1024
-# Outputs are committed (renamed into place) together at the end, so a failure leaves
-# every old file untouched; each holds a file descriptor until then, so past this many
-# shards the written ones are committed early (descriptors are limited, often to 1024).
-MAX_PENDING_OUTPUTS = 256
 # Bytes hashed between two checks for cancellation (and page drops).
 HASH_BLOCK_BYTES = 8 * 1024 * 1024
 
 HASH_KEY = "safeckpt.source_sha256"
 HASH_PLACEHOLDER = "0" * 64  # a sha256 hex digest has exactly this length
-SAFETENSORS_SUFFIX = ".safetensors"
-DEFAULT_BASE_NAME = "model"
-
-# Units of shard sizes, as transformers' convert_file_size_to_int reads them
-# ("5GB" is 5 * 10**9 bytes, "2GiB" 2 * 2**30; a lower-case "b" means bits).
-_SIZE_UNITS: dict[str, int] = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
 # --- the report --------------------------------------------------------------------
 
 @dataclass
@@ -129,8 +102,9 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
             select: "Sequence[str] | str | None" = None, exclude: "Sequence[str] | str | None" = None,
             extract: Optional[str] = "auto", ema: Optional[str] = None, verify: bool = False,
             allow_unsafe_structure: bool = False, metadata: Optional[dict[str, str]] = None,
-            source_hash: bool = True,
-            progress: Optional[Callable[[int, int, str], None]] = None) -> ConvertReport:
+            source_hash: bool = True, progress: Optional[Callable[[int, int, str], None]] = None,
+            cast_select: "Sequence[str] | str | None" = None,
+            cast_exclude: "Sequence[str] | str | None" = None) -> ConvertReport:
     """Convert any checkpoint safeckpt reads into safetensors, streaming; nothing is executed.
 
     `dst` is a file (``out/model.safetensors``) or a directory (``model.safetensors``
@@ -142,6 +116,8 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     output names. `extract` is "auto", a top-level key ("state_dict", "model") or
     None. `ema` is None, "drop" or "only" (Stable Diffusion ``model_ema.*``).
     `progress(done_bytes, total_bytes, name)` is called as bytes are written.
+    `cast_select` / `cast_exclude` are globs on the output names choosing which
+    floating tensors `dtype` applies to (all of them by default; see ``safeckpt cast``).
 
     >>> report = convert("pytorch_model.bin", "model.safetensors", dtype="bf16", verify=True)
     >>> report.tensors, report.outputs
@@ -149,8 +125,10 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     """
     started = time.perf_counter()
     target = casting.target_dtype(dtype) if dtype is not None else None
-    limit = parse_size(shard_size) if shard_size is not None else None
+    if shard_size is not None:
+        parse_size(shard_size)  # a bad size is refused before anything is read
     select, exclude = _globs(select, "select"), _globs(exclude, "exclude")
+    cast_select, cast_exclude = _globs(cast_select, "cast_select"), _globs(cast_exclude, "cast_exclude")
     if ema not in (None, "drop", "only"):
         raise errors.SafeckptError(f"ema must be None, 'drop' or 'only', not {ema!r}")
     user_metadata = writer.check_metadata(metadata, dst)
@@ -164,70 +142,51 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         if early_hash is not None:
             early_hash.cancel()
         raise
+    hasher: Optional[_SourceHash] = None
     try:
         scan_report = _check_safety(_files_read(source), allow_unsafe_structure)
         choice = choose_tensors(source, extract=extract, ema=ema, select=select, exclude=exclude)
         aliases = tied_names(source, choice)
-        plans = _plan_tensors(source, choice, aliases, target, dst)
-        run = _Run(source, plans, _destination(dst), limit, progress, verify)
+        plans = _plan_tensors(source, choice, aliases, target, dst, cast_select, cast_exclude)
+        run_notes: list[str] = []
         hashed = source_hash and os.path.isfile(source.path)
         if source_hash and not hashed:
-            run.notes.append(f"no source sha256: {source.path} is not a regular file")
-        run.metadata = _metadata(source, choice, target, ema, user_metadata, aliases, hashed, run.notes)
+            run_notes.append(f"no source sha256: {source.path} is not a regular file")
+        meta = _metadata(source, choice, target, ema, user_metadata, aliases, hashed, run_notes)
         if early_hash is not None and (not hashed or source.path != source_path):
             early_hash.cancel()
-            early_hash = None
-        run.hasher = (early_hash or _SourceHash(source.path)) if hashed else None
-        run.write()
+        hasher = (early_hash if early_hash is not None and hashed and source.path == source_path
+                  else _SourceHash(source.path) if hashed else None)
+        early_hash = None
+        outputs = _Outputs(source)
+        written = write_safetensors(
+            [outputs.tensor(plan) for plan in plans], dst, metadata=meta, shard_size=shard_size,
+            verify=verify, progress=progress,
+            finish_metadata=(lambda m: dict(m, **{HASH_KEY: _digest(hasher, source.path)})) if hashed else None)
     except BaseException:
-        if early_hash is not None:
-            early_hash.cancel()
+        for pending_hash in (early_hash, hasher):
+            if pending_hash is not None:
+                pending_hash.cancel()
         raise
     finally:
         if not isinstance(src, TensorSource):
             source.close()
 
-    notes = list(source.notes) + choice.notes + run.notes  # what reading left out comes first
+    notes = list(source.notes) + choice.notes + run_notes  # what reading left out comes first
     if scan_report is not None and scan_report.verdict != "safe":
         notes.insert(0, f"the scan found the source {scan_report.verdict} ({len(scan_report.findings)} "
                         "findings); nothing in it was executed")
-    if run.overflow:
-        total = sum(run.overflow.values())
-        warnings.warn(f"{source_path}: {total} finite values in {len(run.overflow)} tensors overflowed "
+    if outputs.overflow:
+        total = sum(outputs.overflow.values())
+        warnings.warn(f"{source_path}: {total} finite values in {len(outputs.overflow)} tensors overflowed "
                       f"when cast to {target} (they are now ±inf, or ±max for F8_E4M3): "
-                      f"{first_items(run.overflow)}", RuntimeWarning, stacklevel=2)
+                      f"{first_items(outputs.overflow)}", RuntimeWarning, stacklevel=2)
     return ConvertReport(
-        source=source_path, source_format=source.format, outputs=run.outputs, index=run.index,
-        tensors=len(plans), bytes_written=run.bytes_written, aliases=dict(aliases),
-        skipped=choice.skipped, cast=target, overflow=dict(run.overflow), verified=bool(verify),
+        source=source_path, source_format=source.format, outputs=written.outputs, index=written.index,
+        tensors=len(plans), bytes_written=written.bytes_written, aliases=dict(aliases),
+        skipped=choice.skipped, cast=target, overflow=dict(outputs.overflow), verified=bool(verify),
         seconds=time.perf_counter() - started,
         scan_verdict=scan_report.verdict if scan_report is not None else None, notes=notes)
-
-
-def parse_size(size: "int | str") -> int:
-    """Bytes in a shard size: an int, or "5GB" (10**9), "2GiB" (2**30), "500MB", "5Gb" (bits).
-
-    Read as transformers' ``convert_file_size_to_int`` reads it.
-
-    >>> parse_size("5GB"), parse_size("2GiB"), parse_size(1000)
-    (5000000000, 2147483648, 1000)
-    """
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise errors.SafeckptError(f"shard size must be a number of bytes or text like '5GB', not {size!r}")
-    if isinstance(size, int):
-        value = size
-    else:
-        match = _SIZE_PATTERN.match(size)
-        unit = match.group(2).upper() if match else None
-        if unit not in _SIZE_UNITS:
-            raise errors.SafeckptError(
-                f"shard size {size!r} is not a size: use an integer followed by a unit, e.g. '5GB', "
-                "'500MB', '2GiB'")
-        bits = unit.endswith("B") and match.group(2).endswith("b") and not unit.endswith("IB")
-        value = int(float(match.group(1)) * _SIZE_UNITS[unit]) // (8 if bits else 1)
-    if value <= 0:
-        raise errors.SafeckptError(f"shard size must be positive, got {size!r}")
-    return value
 
 
 # --- planning ---------------------------------------------------------------------
@@ -248,14 +207,16 @@ class _Plan:
 
 
 def _plan_tensors(source: TensorSource, choice: Choice, aliases: dict[str, str], target: Optional[str],
-                  dst) -> list[_Plan]:
+                  dst, cast_select: Sequence[str] = (), cast_exclude: Sequence[str] = ()) -> list[_Plan]:
     plans = []
     for out, name in choice.names.items():
         if out in aliases:
             continue
         writer.check_name(out, dst)
         info = source.infos[name]
-        dtype = target if target is not None and casting.is_floating(info.dtype) else info.dtype
+        cast = (target is not None and casting.is_floating(info.dtype)
+                and matches(out, cast_select, cast_exclude))
+        dtype = target if cast else info.dtype
         nbytes = info.nbytes if dtype == info.dtype else _nbytes(dtype, info.shape)
         plans.append(_Plan(out, name, info, dtype, nbytes))
     return plans
@@ -263,45 +224,6 @@ def _plan_tensors(source: TensorSource, choice: Choice, aliases: dict[str, str],
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     return math.prod(shape) * DTYPES[dtype].bits // 8
-
-
-def _shards(plans: list[_Plan], limit: Optional[int]) -> list[list[_Plan]]:
-    """Greedy packing in write order; a tensor larger than the limit gets a shard of its own."""
-    if limit is None:
-        return [plans]
-    shards: list[list[_Plan]] = [[]]
-    size = 0
-    for plan in plans:
-        if shards[-1] and size + plan.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(plan)
-        size += plan.nbytes
-    return shards
-
-
-@dataclass(frozen=True)
-class _Destination:
-    directory: str
-    base: str  # "model" -> model-00001-of-00002.safetensors, model.safetensors.index.json
-    single: str  # the path of a one-file output
-
-    def shard(self, k: int, n: int) -> str:
-        return os.path.join(self.directory, f"{self.base}-{k:05d}-of-{n:05d}{SAFETENSORS_SUFFIX}")
-
-    @property
-    def index(self) -> str:
-        return os.path.join(self.directory, f"{self.base}{SAFETENSORS_SUFFIX}.index.json")
-
-
-def _destination(dst) -> _Destination:
-    """A directory if it is one, ends with a slash, or has no extension ("out"); else a file."""
-    dst = os.fspath(dst)
-    if os.path.isdir(dst) or dst.endswith(("/", os.sep)) or not os.path.splitext(os.path.basename(dst))[1]:
-        return _Destination(dst, DEFAULT_BASE_NAME, os.path.join(dst, DEFAULT_BASE_NAME + SAFETENSORS_SUFFIX))
-    directory, file = os.path.split(dst)
-    base = file[:-len(SAFETENSORS_SUFFIX)] if file.endswith(SAFETENSORS_SUFFIX) else os.path.splitext(file)[0]
-    return _Destination(directory or ".", base or DEFAULT_BASE_NAME, dst)
 
 
 # --- metadata ----------------------------------------------------------------------
@@ -426,173 +348,22 @@ class _SourceHash:
         self._thread.join()
 
 
-# --- writing -----------------------------------------------------------------------
+# --- the tensors written --------------------------------------------------------------
 
-@dataclass
-class _Pending:
-    """A written output not yet committed (its header may still need the source hash)."""
+class _Outputs:
+    """Each plan as the sink's OutputTensor: read from the source, cast in blocks if asked."""
 
-    path: str
-    output: writer.atomic_output
-    fd: int
-    ordered: list
-    plans: list
-    header_bytes: int
-    needs_hash: bool
-
-
-class _Run:
-    """One conversion's outputs: written, committed, cleaned up on failure, verified."""
-
-    def __init__(self, source: TensorSource, plans: list[_Plan], dest: _Destination, limit: Optional[int],
-                 progress: Optional[Callable[[int, int, str], None]], verify: bool) -> None:
+    def __init__(self, source: TensorSource) -> None:
         self.source = source
-        self.verify = verify
-        self.plans = plans
-        self.dest = dest
-        self.shards = _shards(plans, limit)
-        self.progress = progress
-        self.total = sum(p.nbytes for p in plans)
-        self.done = 0
-        self.metadata: dict[str, str] = {}
-        self.hasher: Optional[_SourceHash] = None
-        self.notes: list[str] = []
-        self.overflow: dict[str, int] = {}
-        self.outputs: list[str] = []
-        self.index: Optional[str] = None
-        self.bytes_written = 0
-        self._pending: list[_Pending] = []
-        self._committed: list[str] = []
-        self._made_dirs: list[str] = []
-        self._release = getattr(source, "release", None)
-        self._source_fd: Optional[int] = None
+        self.overflow: dict[str, int] = {}  # output name -> values that overflowed in the cast
 
-    # -- the whole run
-    def write(self) -> None:
-        n = len(self.shards)
-        paths = [self.dest.single] if n == 1 else [self.dest.shard(k + 1, n) for k in range(n)]
-        try:
-            self._make_directory()
-            for path, shard in zip(paths, self.shards):
-                self._write_output(path, shard)
-                if len(self._pending) >= MAX_PENDING_OUTPUTS:
-                    self._commit_pending()
-            self._commit_pending()
-            if n > 1:
-                self._write_index(paths)
-        except BaseException:
-            self.abandon()
-            raise
-        finally:
-            if self._source_fd is not None:
-                os.close(self._source_fd)
-                self._source_fd = None
-        self.outputs = paths
-        self.bytes_written = sum(os.path.getsize(p) for p in paths)
-
-    def _make_directory(self) -> None:
-        missing, directory = [], os.path.abspath(self.dest.directory)
-        while not os.path.exists(directory):
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for directory in reversed(missing):
-            os.mkdir(directory)
-            self._made_dirs.append(directory)
-
-    def abandon(self) -> None:
-        """Remove everything this run wrote: temporary files, committed shards, new directories."""
-        if self.hasher is not None:
-            self.hasher.cancel()
-        for pending in self._pending:
-            try:
-                pending.output.__exit__(RuntimeError, RuntimeError("conversion failed"), None)
-            except OSError:
-                pass
-        self._pending.clear()
-        for path in self._committed:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        for directory in reversed(self._made_dirs):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
-
-    # -- one output file
-    def _write_output(self, path: str, shard: list[_Plan]) -> None:
-        prepared = {p.name: writer.PreparedTensor(p.name, DTYPES[p.dtype], tuple(p.info.shape), p.nbytes,
-                                                  _unused_load) for p in shard}
-        ordered = writer.layout(prepared.values())
-        header = self._header(ordered, self.metadata, path)
-        plans = {p.name: p for p in shard}
-        output = writer.atomic_output(path)
-        fd = output.__enter__()
-        self._pending.append(_Pending(path, output, fd, ordered, shard, len(header),
-                                      self.metadata.get(HASH_KEY) == HASH_PLACEHOLDER))
-        with collector_paused():
-            writer.write_all(fd, memoryview(header))
-            for tensor in ordered:
-                self._write_tensor(fd, plans[tensor.name], path)
-
-    def _header(self, ordered: list, metadata: dict[str, str], path: str) -> bytes:
-        header = writer.header_for(ordered, metadata)
-        if len(header) - 8 > MAX_HEADER_BYTES:
-            raise errors.SafeckptError(
-                f"the header would be {len(header) - 8} bytes, over the format's {MAX_HEADER_BYTES}-byte limit "
-                "(too many tensors or too much metadata for one file): use a smaller shard size", path=path)
-        return header
-
-    def _write_tensor(self, fd: int, plan: _Plan, path: str) -> None:
+    def tensor(self, plan: _Plan) -> OutputTensor:
         span = None if plan.cast else self.source.file_span(plan.source)
-        if span is not None and self._copy_in_kernel(fd, span, plan):
-            if self._release is not None:
-                self._release(plan.source)
-            return
-        written = 0
-        for chunk in self._tensor_bytes(plan, path):
-            for start in range(0, chunk.nbytes, WRITE_PIECE_BYTES):
-                piece = chunk[start:start + WRITE_PIECE_BYTES]
-                writer.write_all(fd, piece)
-                written += piece.nbytes
-                self.done += piece.nbytes
-                if self.progress is not None:
-                    self.progress(self.done, self.total, plan.name)
-        if written != plan.nbytes:
-            raise errors.SourceError(
-                f"the source gave {written} bytes for a tensor of {plan.nbytes} bytes ({plan.info.dtype} "
-                f"{list(plan.info.shape)})", path=self.source.path, tensor=plan.source)
-        if self._release is not None:
-            self._release(plan.source)
+        in_file = (self.source.path, span[0]) if span is not None and span[1] == plan.nbytes else None
+        return OutputTensor(plan.name, plan.dtype, tuple(plan.info.shape), lambda: self._bytes(plan),
+                            span=in_file, done=lambda: self.source.release(plan.source))
 
-    def _copy_in_kernel(self, fd: int, span: tuple[int, int], plan: _Plan) -> bool:
-        """Copy a tensor stored as-is in the source file with copy_file_range: no page faults,
-        no user-space copy, no mapped pages left resident. False where the OS cannot."""
-        if self._source_fd is None:
-            self._source_fd = os.open(self.source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        offset, remaining = span
-        if remaining != plan.nbytes or not hasattr(os, "copy_file_range"):
-            return False
-        start = os.lseek(fd, 0, os.SEEK_CUR)
-        try:
-            while remaining:
-                copied = os.copy_file_range(self._source_fd, fd, min(remaining, WRITE_PIECE_BYTES), offset)
-                if copied == 0:
-                    raise errors.SourceError(f"the source file ended at byte {offset} inside the tensor",
-                                             path=self.source.path, tensor=plan.source)
-                offset, remaining = offset + copied, remaining - copied
-                self.done += copied
-                if self.progress is not None:
-                    self.progress(self.done, self.total, plan.name)
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY or remaining != plan.nbytes:
-                raise
-            os.lseek(fd, start, os.SEEK_SET)
-            return False
-        return True
-
-    def _tensor_bytes(self, plan: _Plan, path: str) -> Iterator[memoryview]:
+    def _bytes(self, plan: _Plan) -> Iterator[memoryview]:
         """The bytes the file holds for `plan`, in order: cast in blocks if asked."""
         array = self._read(plan)
         if plan.cast:
@@ -605,8 +376,7 @@ class _Run:
             return
         value = writer.RawTensor(plan.info.dtype, tuple(plan.info.shape), array) \
             if DTYPES[plan.info.dtype].numpy is None else array
-        for chunk in writer.tensor_chunks(value):
-            yield chunk.cast("B") if chunk.format != "B" or chunk.ndim != 1 else chunk
+        yield from writer.tensor_chunks(value)
 
     def _read(self, plan: _Plan) -> np.ndarray:
         array = self.source.read(plan.source)
@@ -620,85 +390,13 @@ class _Run:
                 path=self.source.path, tensor=plan.source)
         return array
 
-    # -- committing
-    def _commit_pending(self) -> None:
-        """Patch in the source hash, verify if asked, then fsync and rename each pending output."""
-        for pending in list(self._pending):
-            metadata = self.metadata
-            if pending.needs_hash:
-                metadata = dict(self.metadata, **{HASH_KEY: self._digest()})
-                header = writer.header_for(pending.ordered, metadata)
-                if len(header) != pending.header_bytes:  # cannot happen: both are 64 hex digits
-                    raise AssertionError("the source hash changed the header's length")
-                os.pwrite(pending.fd, header, 0)
-            if self.verify:
-                self._verify_output(pending, metadata)
-            self._pending.remove(pending)
-            pending.output.__exit__(None, None, None)  # fsync, rename, fsync the directory
-            self._committed.append(pending.path)
 
-    def _digest(self) -> str:
-        digest = self.hasher.result() if self.hasher is not None else None
-        if digest is None:
-            error = self.hasher.error if self.hasher is not None else "no hash was computed"
-            raise errors.SourceError(f"cannot hash the source: {error}; pass source_hash=False to convert "
-                                     "without its sha256", path=self.source.path)
-        return digest
-
-    def _write_index(self, paths: list[str]) -> None:
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {p.name: os.path.basename(path) for path, shard in zip(paths, self.shards)
-                                for p in shard}}
-        data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        with writer.atomic_output(self.dest.index) as fd:
-            writer.write_all(fd, memoryview(data))
-        self._committed.append(self.dest.index)
-        self.index = self.dest.index
-
-    # -- verifying
-    def _verify_output(self, pending: _Pending, metadata: dict[str, str]) -> None:
-        """Re-read a written file (before it replaces anything): the strict reader must accept
-        its header, and every tensor's bytes must equal the source's (or its cast)."""
-        temp = pending.output.temp
-        with SafetensorsFile(temp, backend="pread") as file:  # pread: only the header is read here
-            header = file.header
-        if header.metadata != metadata or set(header.tensors) != {p.name for p in pending.plans}:
-            raise errors.SafeckptError("verification failed: the header does not list what was written",
-                                       path=pending.path)
-        fd = os.open(temp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            for plan in pending.plans:
-                info = header.tensors[plan.name]
-                if (info.dtype, tuple(info.shape)) != (plan.dtype, tuple(plan.info.shape)):
-                    raise errors.SafeckptError(
-                        f"verification failed: written as {info.dtype}{list(info.shape)}, expected "
-                        f"{plan.dtype}{list(plan.info.shape)}", path=pending.path, tensor=plan.name)
-                self._verify_tensor(fd, header.data_start + info.data_offsets[0], plan, pending.path)
-        finally:
-            os.close(fd)
-
-    def _verify_tensor(self, fd: int, offset: int, plan: _Plan, path: str) -> None:
-        position = 0
-        for chunk in self._tensor_bytes(plan, path):
-            expected = np.frombuffer(chunk, np.uint8)
-            for start in range(0, expected.size, VERIFY_PIECE_BYTES):
-                want = expected[start:start + VERIFY_PIECE_BYTES]
-                have = np.frombuffer(os.pread(fd, want.size, offset + position), np.uint8)
-                if have.size != want.size or not np.array_equal(have, want):
-                    where = position + (int(np.argmax(have != want)) if have.size == want.size else have.size)
-                    raise errors.SafeckptError(
-                        f"verification failed: byte {where} of the tensor differs from the source"
-                        f"{' cast to ' + plan.dtype if plan.cast else ''}", path=path, tensor=plan.name)
-                position += want.size
-        if position != plan.nbytes:
-            raise errors.SafeckptError(f"verification failed: {plan.nbytes} bytes stored, {position} expected",
-                                       path=path, tensor=plan.name)
-        if self._release is not None:
-            self._release(plan.source)
-
-
-def _unused_load():  # PreparedTensor wants a loader; convert streams bytes itself
-    raise AssertionError("convert writes tensors from the source, not through PreparedTensor.load")
+def _digest(hasher: "_SourceHash", path: str) -> str:
+    digest = hasher.result()
+    if digest is None:
+        raise errors.SourceError(f"cannot hash the source: {hasher.error}; pass source_hash=False to convert "
+                                 "without its sha256", path=path)
+    return digest
 
 
 # --- helpers -----------------------------------------------------------------------

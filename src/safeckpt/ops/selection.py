@@ -18,7 +18,7 @@ import numpy as np
 from .. import errors
 from ..sources.base import TensorSource
 
-__all__ = ["Choice", "choose_tensors", "tied_names", "first_items"]
+__all__ = ["Choice", "choose_tensors", "tied_names", "first_items", "matches"]
 
 EMA_PREFIX = "model_ema."
 MODEL_PREFIX = "model."
@@ -61,9 +61,9 @@ def choose_tensors(source: TensorSource, *, extract: Optional[str] = "auto", ema
     if ema is not None:
         names = _apply_ema(source, names, ema, notes)
     if select:
-        names = {out: name for out, name in names.items() if any(fnmatch.fnmatchcase(out, g) for g in select)}
+        names = {out: name for out, name in names.items() if matches(out, select)}
     if exclude:
-        names = {out: name for out, name in names.items() if not any(fnmatch.fnmatchcase(out, g) for g in exclude)}
+        names = {out: name for out, name in names.items() if matches(out, (), exclude)}
     if not names and (select or exclude or prefix is not None) and len(source.infos):
         raise errors.SafeckptError(
             f"nothing to convert: no tensor is left after {_describe_filters(prefix, select, exclude)} "
@@ -71,6 +71,17 @@ def choose_tensors(source: TensorSource, *, extract: Optional[str] = "auto", ema
     used = set(names.values())
     skipped = [name for name in source.infos if name not in used]
     return Choice(names, skipped, prefix, notes)
+
+
+def matches(name: str, select: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """True if `name` matches one of the `select` globs (or there are none) and none of `exclude`.
+
+    >>> matches("model.norm.weight", ["*.weight"], ["*norm*"])
+    False
+    """
+    if select and not any(fnmatch.fnmatchcase(name, g) for g in select):
+        return False
+    return not any(fnmatch.fnmatchcase(name, g) for g in exclude)
 
 
 def _extract_key(source: TensorSource, extract: Optional[str], notes: list[str]) -> Optional[str]:
