@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import safeckpt
+from safeckpt.format.dtypes import DTYPES
 import safeckpt.torch
 from safeckpt import errors
 from safeckpt.ops import cast as casting
@@ -268,13 +269,27 @@ def test_cast_blocks_are_bounded_and_ordered(monkeypatch):
     monkeypatch.setattr(casting, "BLOCK_ELEMENTS", 7)
     values = np.arange(60, dtype=np.float64).reshape(6, 10).T * 1e4  # 3e5 > fp16 max from index 31 on
     blocks = list(casting.cast_blocks(values, "fp16"))
-    assert max(b.size for b, _ in blocks) <= 7
+    assert max(b.values.size for b in blocks) <= 7
     with np.errstate(over="ignore"):
         expected = values.astype(np.float16).tobytes()
-    assert np.concatenate([b for b, _ in blocks]).tobytes() == expected
-    assert sum(n for _, n in blocks) == int(np.count_nonzero(values > 65519))
+    assert np.concatenate([b.values for b in blocks]).tobytes() == expected
+    assert sum(b.overflow for b in blocks) == int(np.count_nonzero(values > 65519))
     out, overflow = casting.cast_array(values, "F16")
-    assert out.tobytes() == expected and overflow == sum(n for _, n in blocks)
+    assert out.tobytes() == expected and overflow == sum(b.overflow for b in blocks)
+
+
+@pytest.mark.parametrize("source, target", [(np.float32, "fp16"), (np.float32, "bf16"), (np.float64, "fp32"),
+                                            (ml_dtypes.bfloat16, "fp16"), (np.float32, "F8_E4M3"),
+                                            (np.float16, "F8_E5M2")])
+def test_cast_counts_values_that_underflow_to_zero(source, target):
+    tiny = np.array([0.0, -0.0, 1.0, 1e-30, -1e-30, 1e-42, 1e-50, 3e-8, np.nan, np.inf, 1e-5, -2e-3],
+                    np.float64).astype(source)
+    name = casting.target_dtype(target)
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+        out = tiny.astype(DTYPES[name].numpy)
+    expected = int(np.count_nonzero((tiny.astype(np.float64) != 0) & (out.astype(np.float64) == 0)))
+    assert expected > 0
+    assert sum(b.underflow for b in casting.cast_blocks(tiny, target)) == expected
 
 
 def test_cast_refuses_what_it_cannot_do():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 
@@ -37,10 +37,10 @@ def _failure(exc: BaseException, src: str) -> str:
     return output.describe_failure(exc, src)[1]
 
 
-def _summary(report: ConvertReport) -> None:
+def _summary(report: ConvertReport, verb: str = "converted") -> None:
     console = output.make_console()
     written = ", ".join(printable(p) for p in report.outputs)
-    console.print(f"converted {printable(report.source)} ({report.source_format}) -> {written}", markup=False)
+    console.print(f"{verb} {printable(report.source)} ({report.source_format}) -> {written}", markup=False)
     if report.index:
         console.print(f"index: {printable(report.index)}", markup=False)
     line = (f"{grouped(report.tensors)} tensors, {human_bytes(report.bytes_written)} in "
@@ -60,12 +60,14 @@ def _summary(report: ConvertReport) -> None:
                       f"{', ...' if len(report.skipped) > 5 else ''})", markup=False)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
-    if report.overflow:
-        console.print(f"warning: values overflowed {report.cast} in {len(report.overflow)} tensors "
-                      "(now ±inf, or ±max for F8_E4M3):", markup=False)
-        rows = sorted(report.overflow.items(), key=lambda item: -item[1])[:SHOWN_ROWS]
-        output.print_table(console, (Column("tensor"), Column("values", right=True)),
-                           [(printable(name), grouped(count)) for name, count in rows])
+    for counts, what in ((report.overflow, "overflowed (now ±inf, or ±max for F8_E4M3)"),
+                         (report.underflow, "underflowed (non-zero values now ±0)")):
+        if counts:
+            console.print(f"warning: values {what} in {len(counts)} tensors cast to {report.cast}:",
+                          markup=False)
+            rows = sorted(counts.items(), key=lambda item: -item[1])[:SHOWN_ROWS]
+            output.print_table(console, (Column("tensor"), Column("values", right=True)),
+                               [(printable(name), grouped(count)) for name, count in rows])
 
 
 @click.command("convert", short_help="Convert any checkpoint to safetensors; nothing in it is executed.",
@@ -118,21 +120,30 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
     if drop_ema and ema_only:
         output.exit_with(output.EXIT_ERROR, "error: --drop-ema and --ema-only exclude each other")
     ema = "drop" if drop_ema else "only" if ema_only else None
-    bar = output.ProgressBar("converting", enabled=not as_json)
+
+    def work(progress: output.ProgressBar) -> ConvertReport:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(open_source(src, template=template)) if template else src
+            return convert(source, dst, shard_size=shard_size, dtype=dtype, select=select or None,
+                           exclude=exclude or None, extract=None if extract.lower() == "none" else extract,
+                           ema=ema, verify=verify, allow_unsafe_structure=allow_unsafe_structure,
+                           source_hash=not no_source_hash, progress=progress)
+
+    run(work, src, as_json)
+
+
+def run(work: Callable[[output.ProgressBar], ConvertReport], src: str, as_json: bool,
+        verb: str = "converted") -> ConvertReport:
+    """Run a conversion with a progress bar; print its report, or one line and exit 2 on failure."""
+    bar = output.ProgressBar({"converted": "converting", "cast": "casting"}.get(verb, verb), enabled=not as_json)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow is printed from the report
-            with contextlib.ExitStack() as stack:
-                source = stack.enter_context(open_source(src, template=template)) if template else src
-                report = convert(source, dst, shard_size=shard_size, dtype=dtype, select=select or None,
-                                 exclude=exclude or None,
-                                 extract=None if extract.lower() == "none" else extract, ema=ema,
-                                 verify=verify, allow_unsafe_structure=allow_unsafe_structure,
-                                 source_hash=not no_source_hash, progress=bar)
+            report = work(bar)
     except UnsafeFileError as exc:
         bar.close()
         if as_json:
-            click.echo(json.dumps({"converted": False, "error": str(exc), "error_type": "UnsafeFileError",
+            click.echo(json.dumps({verb: False, "error": str(exc), "error_type": "UnsafeFileError",
                                    "scan": exc.report.to_dict() if hasattr(exc.report, "to_dict") else None},
                                   indent=2))
         output.exit_with(output.EXIT_ERROR, output.one_line(f"REFUSED {exc}"))
@@ -142,11 +153,11 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
             output.exit_with(output.EXIT_ERROR, "interrupted: nothing was written")
         message = _failure(exc, src)
         if as_json:
-            click.echo(json.dumps({"converted": False, "error": message, "error_type": type(exc).__name__},
-                                  indent=2))
+            click.echo(json.dumps({verb: False, "error": message, "error_type": type(exc).__name__}, indent=2))
         output.exit_with(output.EXIT_ERROR, f"ERROR {message}")
     bar.close()
     if as_json:
-        click.echo(json.dumps(dict(report.to_dict(), converted=True), indent=2))
+        click.echo(json.dumps(dict(report.to_dict(), **{verb: True}), indent=2))
     else:
-        _summary(report)
+        _summary(report, verb)
+    return report

@@ -10,6 +10,9 @@ Overflow -- a finite value beyond the target's range:
   does (ml_dtypes alone would make them NaN, silently wiping out weights).
 Either way they are counted, so a caller can warn that fp16 cannot hold a model.
 
+Underflow -- a non-zero input that becomes ±0 in the target (below half its
+smallest subnormal: fp32 -> fp16 loses everything under 3e-8) -- is counted too.
+
 Only floating tensors are cast; integers and bools keep their values by design
 (`is_floating` says which dtypes count). F6 types have no numpy representation
 and are never cast.
@@ -17,11 +20,16 @@ and are never cast.
 >>> out, overflow = cast_array(np.array([1.0, 7e4], np.float32), "fp16")
 >>> out, overflow
 (array([1., inf], dtype=float16), 1)
+
+`cast` is the ``safeckpt cast`` operation: `convert` with a target dtype, where
+`select` / `exclude` choose which floating tensors are cast (the others are
+copied as they are, so ``--exclude '*norm*'`` keeps norms in fp32).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -86,24 +94,34 @@ def is_floating(dtype: str) -> bool:
     return dtype in FLOATING
 
 
-def cast_blocks(array: np.ndarray, target: str) -> Iterator[tuple[np.ndarray, int]]:
-    """The values of `array` in C order, cast to `target`, as 1-D blocks with their overflow counts.
+class CastBlock(NamedTuple):
+    """A block of cast values and how many of them overflowed or underflowed."""
+
+    values: np.ndarray
+    overflow: int
+    underflow: int
+
+
+def cast_blocks(array: np.ndarray, target: str) -> Iterator[CastBlock]:
+    """The values of `array` in C order, cast to `target`, as 1-D blocks with overflow counts.
 
     Memory is bounded by a block whatever the array's size or strides.
 
-    >>> [(b.tolist(), n) for b, n in cast_blocks(np.ones((2, 2), np.float32).T, "bf16")]
+    >>> [(b.values.tolist(), b.overflow) for b in cast_blocks(np.ones((2, 2), np.float32).T, "bf16")]
     [([1.0, 1.0, 1.0, 1.0], 0)]
     """
     name = target_dtype(target)
     _source_dtype(array)
     out_dtype = DTYPES[name].numpy
-    check = _can_overflow(array.dtype, out_dtype)
+    over = _can_overflow(array.dtype, out_dtype)
+    under = _can_underflow(array.dtype, out_dtype)
     for values in _flat_pieces(array):
         for start in range(0, values.size, BLOCK_ELEMENTS):
             block = values[start:start + BLOCK_ELEMENTS]
-            with np.errstate(over="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", invalid="ignore", under="ignore"):
                 out = block.astype(out_dtype)
-            yield out, (_fix_overflow(block, out, name) if check else 0)
+            yield CastBlock(out, _fix_overflow(block, out, name) if over else 0,
+                            _count_underflow(block, out, name) if under else 0)
 
 
 def cast_array(array: np.ndarray, target: str) -> tuple[np.ndarray, int]:
@@ -122,10 +140,10 @@ def cast_array(array: np.ndarray, target: str) -> tuple[np.ndarray, int]:
     out = np.empty(array.shape, out_dtype)
     flat = out.reshape(-1)
     position = overflow = 0
-    for block, count in cast_blocks(array, name):
-        flat[position:position + block.size] = block
-        position += block.size
-        overflow += count
+    for block in cast_blocks(array, name):
+        flat[position:position + block.values.size] = block.values
+        position += block.values.size
+        overflow += block.overflow
     return out, overflow
 
 
@@ -152,6 +170,17 @@ def _can_overflow(source: np.dtype, target: np.dtype) -> bool:
     return float(ml_dtypes.finfo(source).max) > float(ml_dtypes.finfo(target).max)
 
 
+def _can_underflow(source: np.dtype, target: np.dtype) -> bool:
+    return float(ml_dtypes.finfo(source).smallest_subnormal) < float(ml_dtypes.finfo(target).smallest_subnormal)
+
+
+def _count_underflow(block: np.ndarray, out: np.ndarray, target: str) -> int:
+    """Non-zero inputs that became ±0: zeros stay zeros, so it is the drop in the non-zero count."""
+    unsigned, mask, _ = _NON_FINITE_BITS[target]
+    lost = np.count_nonzero(block) - np.count_nonzero(out.view(unsigned) & unsigned(mask))
+    return int(lost)
+
+
 def _fix_overflow(block: np.ndarray, out: np.ndarray, target: str) -> int:
     """Count finite inputs that became non-finite; saturate them where the target has no inf."""
     unsigned, mask, first = _NON_FINITE_BITS[target]
@@ -166,3 +195,26 @@ def _fix_overflow(block: np.ndarray, out: np.ndarray, target: str) -> int:
         largest = out.dtype.type(float(ml_dtypes.finfo(out.dtype).max))
         out[clip] = np.where(np.signbit(block[clip]), -largest, largest)
     return overflow
+
+
+def cast(src: "os.PathLike | str", dst: "os.PathLike | str", dtype: str, *,
+         select: "Sequence[str] | str | None" = None, exclude: "Sequence[str] | str | None" = None,
+         shard_size: "int | str | None" = None, verify: bool = False, allow_unsafe_structure: bool = False,
+         progress: Optional[Callable[[int, int, str], None]] = None, **convert_options: Any):
+    """Write `src` (any format safeckpt reads) as safetensors with its floating tensors cast to `dtype`.
+
+    `select` / `exclude` are globs on tensor names choosing which floating tensors
+    are cast; every other tensor (integers, bools, and those left out) is written
+    unchanged. Returns convert's `ConvertReport`, whose ``overflow`` and
+    ``underflow`` map each tensor to its count of values that became ±inf (±max for
+    F8_E4M3) or ±0. Other keyword arguments go to `convert`.
+
+    >>> report = cast("model.safetensors", "model-bf16.safetensors", "bf16", exclude="*norm*")
+    >>> report.overflow
+    {}
+    """
+    from .convert import convert  # at call time: convert imports this module
+
+    return convert(src, dst, dtype=dtype, cast_select=select, cast_exclude=exclude, shard_size=shard_size,
+                   verify=verify, allow_unsafe_structure=allow_unsafe_structure, progress=progress,
+                   **convert_options)

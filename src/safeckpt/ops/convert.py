@@ -86,6 +86,7 @@ class ConvertReport:
     skipped: list[str]  # source tensors not written (extract, ema, select/exclude)
     cast: Optional[str]
     overflow: dict[str, int]  # tensor -> finite values that overflowed in the cast
+    underflow: dict[str, int]  # tensor -> non-zero values that became ±0 in the cast
     verified: bool
     seconds: float
     scan_verdict: Optional[str] = None
@@ -184,7 +185,8 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     return ConvertReport(
         source=source_path, source_format=source.format, outputs=written.outputs, index=written.index,
         tensors=len(plans), bytes_written=written.bytes_written, aliases=dict(aliases),
-        skipped=choice.skipped, cast=target, overflow=dict(outputs.overflow), verified=bool(verify),
+        skipped=choice.skipped, cast=target, overflow=dict(outputs.overflow),
+        underflow=dict(outputs.underflow), verified=bool(verify),
         seconds=time.perf_counter() - started,
         scan_verdict=scan_report.verdict if scan_report is not None else None, notes=notes)
 
@@ -356,6 +358,7 @@ class _Outputs:
     def __init__(self, source: TensorSource) -> None:
         self.source = source
         self.overflow: dict[str, int] = {}  # output name -> values that overflowed in the cast
+        self.underflow: dict[str, int] = {}  # output name -> non-zero values that became zero
 
     def tensor(self, plan: _Plan) -> OutputTensor:
         span = None if plan.cast else self.source.file_span(plan.source)
@@ -367,12 +370,15 @@ class _Outputs:
         """The bytes the file holds for `plan`, in order: cast in blocks if asked."""
         array = self._read(plan)
         if plan.cast:
-            count = 0
-            for block, overflow in casting.cast_blocks(array, plan.dtype):
-                count += overflow
-                yield memoryview(block.view(np.uint8))
-            if count:
-                self.overflow[plan.name] = count
+            overflow = underflow = 0
+            for block in casting.cast_blocks(array, plan.dtype):
+                overflow += block.overflow
+                underflow += block.underflow
+                yield memoryview(block.values.view(np.uint8))
+            if overflow:
+                self.overflow[plan.name] = overflow
+            if underflow:
+                self.underflow[plan.name] = underflow
             return
         value = writer.RawTensor(plan.info.dtype, tuple(plan.info.shape), array) \
             if DTYPES[plan.info.dtype].numpy is None else array
