@@ -8,8 +8,10 @@
 from .api import load, load_file, safe_open, save, save_file
 from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
 from .format import RawTensor, SafetensorsFile, TensorInfo
+from .ops.cast import cast
 from .ops.convert import ConvertReport, convert
 from .ops.scan import ScanReport, scan
+from .ops.verify import VerifyReport, verify
 from .sources import TensorSource, open_source
 from .training.manager import CheckpointInfo, CheckpointManager
 
@@ -19,5 +21,6 @@ __all__ = [
     "save_file", "load_file", "save", "load", "safe_open",
     "SafeckptError", "HeaderError", "SourceError", "UnsafeFileError",
     "RawTensor", "SafetensorsFile", "TensorInfo", "open_source", "TensorSource",
-    "scan", "ScanReport", "convert", "ConvertReport", "CheckpointManager", "CheckpointInfo",
+    "scan", "ScanReport", "convert", "ConvertReport", "cast", "verify", "VerifyReport",
+    "CheckpointManager", "CheckpointInfo",
 ]

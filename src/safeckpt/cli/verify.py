@@ -1,29 +1,40 @@
-"""`safeckpt verify FILE...`: is each file a valid safetensors file?
+"""`safeckpt verify PATH...`: is each checkpoint intact? Its structure, then its BLAKE3 hashes.
 
-The format has no checksums, so validity is structural: the length prefix,
-the header (UTF-8 JSON, no duplicate keys, known dtypes, sane shapes, string
-metadata) and the layout (tensors tile the data buffer exactly, each span the
-size its shape and dtype need) -- all of which `SafetensorsFile` checks on
-open. Together they catch truncated downloads, files with bytes appended,
-edited headers, and other formats (pickles, LFS pointers, HTML) saved under a
-.safetensors name.
+A thin command over `safeckpt.ops.verify.verify` (which says what is checked, and
+how manifests look): this module only prints one line per checked file, sharded
+model or training checkpoint (OK on stdout; INVALID / ERROR with the reason on
+stderr), or one JSON document, and draws a progress bar while hashing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import click
 
-from ..format.reader import SafetensorsFile
+from ..errors import SafeckptError
+from ..ops.verify import VerifyReport, read_lfs_pointer, verify
 from . import output
 from .output import grouped, printable
 
 STATUS_BY_CODE = {output.EXIT_OK: "ok", output.EXIT_INVALID: "invalid", output.EXIT_ERROR: "error"}
+
+EXIT_CODES = ("\b\nExit codes:\n"
+              "  0  every PATH is intact: valid structure, and hashes that match its manifest\n"
+              "     where it has one (with --write: the manifest is written)\n"
+              "  1  a PATH is invalid or damaged: its structure, a tensor's or file's hash, a\n"
+              "     size, a missing or unrecorded file, an edited manifest, or a mismatch with\n"
+              "     the LFS pointer (the reason is on stderr)\n"
+              "  2  a PATH is missing or cannot be read, the LFS pointer file is malformed, or\n"
+              "     the command line is wrong")
+
+JSON_HELP = ("Print one JSON document: {valid, exit_code, notes, files: [{file, kind, format, status, exit_code, "
+             "tensors, parameters, file_size, files, manifest, hashes, error, error_type, failed_file, "
+             "failed_tensor, problems, missing, extra, sha256, lfs, hashed_bytes, seconds, notes}]}; hashes is "
+             "verified, written, missing (no manifest), failed or unchecked.")
 
 
 @dataclass(frozen=True)
@@ -42,79 +53,160 @@ class FileCheck:
     def line(self) -> str:
         """What the command prints for this file."""
         if self.status == "ok":
-            return (f"OK {printable(self.file)}: {grouped(self.tensors)} tensors, "
-                    f"{grouped(self.parameters)} parameters, {grouped(self.file_size)} bytes")
+            return (f"OK {printable(self.file)}: {grouped(self.tensors or 0)} tensors, "
+                    f"{grouped(self.parameters or 0)} parameters, {grouped(self.file_size or 0)} bytes")
         return f"{self.status.upper()} {self.error}"
 
 
 def check_file(path: "os.PathLike | str") -> FileCheck:
-    """Validate the structure of one file; never raises for bad input.
+    """Validate one file (its structure, and its hashes if it has a manifest); never raises for bad input.
 
     >>> check_file("model.safetensors").status
     'ok'
     """
-    path = os.fspath(path)
+    report = run_verify(os.fspath(path))
+    return FileCheck(report.path, report.status, report.exit_code, report.tensors, report.parameters,
+                     report.size, report.error, report.error_type)
+
+
+def run_verify(path: str, **options) -> VerifyReport:
+    """`verify(path, **options)`, with an unexpected error (a bug) turned into an "error" report."""
     try:
-        with SafetensorsFile(path, backend="pread") as file:
-            header = file.header
-    except Exception as exc:  # noqa: BLE001 - every failure is a verdict
+        return verify(path, **options)
+    except SafeckptError:
+        raise  # the caller's mistake (a bad LFS pointer): the command checks those first
+    except Exception as exc:  # noqa: BLE001 - one line and exit 2, never a traceback
         code, message = output.describe_failure(exc, path)
-        return FileCheck(path, STATUS_BY_CODE[code], code, error=message, error_type=type(exc).__name__)
-    return FileCheck(path, "ok", output.EXIT_OK, tensors=len(header.tensors),
-                     parameters=sum(info.numel for info in header.tensors.values()),
-                     file_size=header.data_start + header.data_size)
+        return VerifyReport(path, "file", status=STATUS_BY_CODE[code], hashes="unchecked", error=message,
+                            error_type=type(exc).__name__, problems=[message])
 
 
-def check_paths(paths: Iterable[str]) -> list[FileCheck]:
-    """Check each path; a directory stands for the *.safetensors files under it."""
-    results: list[FileCheck] = []
-    for path in paths:
-        if not os.path.isdir(path):
-            results.append(check_file(path))
-            continue
-        found = sorted(str(p) for p in Path(path).rglob("*.safetensors") if p.is_file())
-        if not found:
-            results.append(FileCheck(path, "error", output.EXIT_ERROR, error=output.one_line(
-                f"{path}: no *.safetensors files in this directory"), error_type="NotFound"))
-        results.extend(check_file(file) for file in found)
-    return results
+def ok_line(report: VerifyReport) -> str:
+    """'OK PATH: N tensors, P parameters, B bytes', and what the hashes showed."""
+    line = f"OK {printable(report.path)}: "
+    if report.tensors is not None:
+        line += f"{grouped(report.tensors)} tensors, {grouped(report.parameters or 0)} parameters, "
+    line += f"{grouped(report.size or 0)} bytes"
+    if len(report.files) > 1:
+        line += f" in {len(report.files)} files"
+    if report.format not in (None, "safetensors"):
+        line += f" ({report.format})"
+    if report.hashes == "verified":
+        line += f", hashes match {printable(report.manifest or '')}"
+    elif report.hashes == "written":
+        line += f", manifest written: {printable(report.manifest or '')}"
+    if report.lfs is not None and report.lfs.get("match"):
+        line += ", size and sha256 match the LFS pointer"
+    return line
 
 
-@click.command("verify", short_help="Check that files are valid safetensors files.",
-               epilog=output.exit_codes_help(ok="every file is valid"))
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document: {valid, files: [{file, status, exit_code, tensors, "
-                   "parameters, file_size, error, error_type}]}.")
-def command(files: tuple[str, ...], as_json: bool) -> None:
-    """Check that each FILE is a valid safetensors file.
+def leaf_dict(report: VerifyReport) -> dict:
+    """A leaf report as JSON: `file` is the PATH checked, `file_size` its bytes (as before manifests)."""
+    out = report.to_dict()
+    out.pop("children")
+    return {"file": out.pop("path"), "kind": out.pop("kind"), "status": out.pop("status"),
+            "exit_code": out.pop("exit_code"), "format": out.pop("format"), "tensors": out.pop("tensors"),
+            "parameters": out.pop("parameters"), "file_size": out.pop("size"), **out}
 
-    Validates everything the format defines: the header length, the header
-    JSON (UTF-8, no duplicate keys, known dtypes, valid shapes and offsets,
-    string-only metadata) and the layout (tensors cover the data exactly, no
-    gaps, overlaps or trailing bytes). Only the header is read. A directory
-    stands for the *.safetensors files under it.
 
-    Prints "OK FILE: N tensors, P parameters, B bytes" on stdout for a valid
-    file; "INVALID FILE: reason" or "ERROR FILE: reason" on stderr otherwise.
-    With several files the exit code is the worst one.
+def _print_human(reports: list[VerifyReport]) -> None:
+    leaves = [leaf for report in reports for leaf in report.leaves()]
+    for report in reports:
+        for note in report.notes if report.children else ():
+            click.echo(output.one_line(f"note: {note}"))
+    for leaf in leaves:
+        if leaf.status == "ok":
+            click.echo(ok_line(leaf))
+        else:
+            for problem in leaf.problems or [leaf.error or f"{leaf.path}: failed"]:
+                click.echo(output.one_line(f"{leaf.status.upper()} {problem}"), err=True)
+        for file, digest in leaf.sha256.items():
+            click.echo(f"{digest}  {printable(file)}")
+        for note in leaf.notes:
+            click.echo(output.one_line(f"note: {note}"))
+    if len(leaves) > 1:
+        click.echo(f"{sum(leaf.status == 'ok' for leaf in leaves)} of {len(leaves)} valid")
+    unhashed = [leaf for leaf in leaves if leaf.status == "ok" and leaf.hashes == "missing"]
+    if len(unhashed) == 1:
+        click.echo(f"no manifest: structure checked only (run `safeckpt verify --write "
+                   f"{printable(unhashed[0].path)}` to record its hashes)")
+    elif unhashed:
+        click.echo(f"{len(unhashed)} without a manifest: structure checked only (run `safeckpt verify --write` "
+                   "on them to record their hashes)")
+
+
+def _usage_error(message: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"valid": False, "exit_code": output.EXIT_ERROR, "error": message}, indent=2))
+    output.exit_with(output.EXIT_ERROR, f"ERROR {message}")
+
+
+@click.command("verify", short_help="Check checkpoints' structure and BLAKE3 hashes; write hash manifests.",
+               epilog=EXIT_CODES)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--write", is_flag=True,
+              help="Record the BLAKE3 hash of each file and of each tensor in a manifest beside PATH "
+                   "(FILE.blake3.json; for a sharded model INDEX.blake3.json), after checking the structure. "
+                   "Replaces an older manifest.")
+@click.option("--sha256", "sha256", is_flag=True,
+              help="Also print each file's sha256 (as `sha256sum` does): the oid the Hugging Face Hub shows for "
+                   "an LFS file.")
+@click.option("--lfs-pointer", metavar="POINTER", type=click.Path(path_type=str),
+              help="Compare the file's size and sha256 with this Git LFS pointer file (one PATH, a file).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def command(paths: tuple[str, ...], write: bool, sha256: bool, lfs_pointer: Optional[str], as_json: bool) -> None:
+    """Check that each PATH is intact: its structure, then its hashes.
+
+    PATH is a checkpoint file of any format safeckpt reads (a file named
+    *.safetensors must be one), a sharded model (its folder or index JSON), a
+    training checkpoint of CheckpointManager (a step-* directory or the
+    manager's directory), or a folder: each checkpoint file under it.
+
+    The structure check needs no manifest: the safetensors header and layout
+    (truncated downloads, appended bytes, edited headers, a pickle or LFS
+    pointer under the wrong name), or the parser's checks for other formats.
+    `verify --write` then records BLAKE3 hashes of every file and tensor
+    (hashed on all cores); a later `verify` checks them and names the first
+    damaged tensor and its file, missing and unrecorded files, and an edited
+    manifest. Training checkpoints carry their manifest.json already.
+
+    Prints "OK PATH: N tensors, P parameters, B bytes" on stdout for an intact
+    PATH; "INVALID PATH: reason" or "ERROR PATH: reason" on stderr otherwise.
+    With several, the exit code is the worst one.
 
     \b
     Examples:
       safeckpt verify model.safetensors
-      safeckpt verify checkpoints/             # every *.safetensors under it
-      safeckpt verify --json model-*.safetensors
+      safeckpt verify --write model.safetensors     # then: safeckpt verify model.safetensors
+      safeckpt verify --write Llama-3-8B/           # a sharded model: one manifest for all shards
+      safeckpt verify checkpoints/                  # every step a CheckpointManager saved
+      safeckpt verify --sha256 pytorch_model.bin
+      safeckpt verify model.safetensors --lfs-pointer model.safetensors.pointer
+      safeckpt verify --json downloads/
     """
-    results = check_paths(files)
+    pointer = None
+    if lfs_pointer is not None:
+        if len(paths) != 1 or os.path.isdir(paths[0]):
+            _usage_error("--lfs-pointer compares one file: give exactly one PATH, a file", as_json)
+        try:
+            pointer = read_lfs_pointer(lfs_pointer)
+        except (SafeckptError, OSError) as exc:
+            _usage_error(output.describe_failure(exc, lfs_pointer)[1], as_json)
+    bar = output.ProgressBar("hashing", enabled=not as_json)
+    try:
+        reports = [run_verify(path, write=write, sha256=sha256, lfs_pointer=pointer, progress=bar)
+                   for path in paths]
+    finally:
+        bar.close()
+    code = max(report.exit_code for report in reports)
     if as_json:
-        click.echo(json.dumps({"valid": all(r.status == "ok" for r in results),
-                               "files": [asdict(r) for r in results]}, indent=2))
-    for result in results:
-        if result.status != "ok":
-            click.echo(result.line(), err=True)
-        elif not as_json:
-            click.echo(result.line())
-    if len(results) > 1 and not as_json:
-        valid = sum(r.status == "ok" for r in results)
-        click.echo(f"{valid} of {len(results)} valid")
-    raise SystemExit(max(r.exit_code for r in results))
+        leaves = [leaf for report in reports for leaf in report.leaves()]
+        notes = [note for report in reports if report.children for note in report.notes]
+        click.echo(json.dumps({"valid": code == output.EXIT_OK, "exit_code": code, "notes": notes,
+                               "files": [leaf_dict(leaf) for leaf in leaves]}, indent=2))
+        for leaf in leaves:
+            for problem in leaf.problems if leaf.status != "ok" else ():
+                click.echo(output.one_line(f"{leaf.status.upper()} {problem}"), err=True)
+    else:
+        _print_human(reports)
+    raise SystemExit(code)

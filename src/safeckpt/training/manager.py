@@ -41,8 +41,8 @@ from ..errors import CheckpointError, CheckpointNotFoundError, IntegrityError, S
 from ..format.dtypes import DTYPES, storage_dtype
 from ..format.reader import parse_bytes_header, to_logical
 from ..format.writer import header_for, layout, prepare, write_stream
-from . import integrity
-from .integrity import HASH, HashingWriter, check_file, decode_manifest, encode_manifest, hash_bytes
+from ..ops import integrity
+from ..ops.integrity import HASH, HashingWriter, check_file, decode_manifest, encode_manifest, hash_bytes
 from .policy import (CheckpointInfo, Retention, Schedule, best, by_step, check_step, checkpoint_name,
                      partials_to_remove, should_save, step_from_name, temporaries_to_remove, to_delete)
 from .state import join_state, snapshot, split_state
