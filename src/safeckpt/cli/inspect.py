@@ -1,9 +1,18 @@
-"""`safeckpt inspect FILE`: what a safetensors file holds, from its header alone."""
+"""`safeckpt inspect PATH`: what a checkpoint holds, from its header or structure alone.
+
+A safetensors file is described from its validated header (two small reads);
+every other format `open_source` reads from its structure, which nothing
+executes. The description: totals, the tensors (repeated layers folded, see
+`safeckpt.ops.layout`), parameters per module and per dtype, metadata, the
+non-tensor tree of a checkpoint (epoch, hyper-parameters), the scan verdict of
+pickle-based files, and for a sharded model every shard at once.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from typing import Any, Optional
 
 import click
@@ -11,42 +20,74 @@ from rich.console import Console
 
 from ..format.dtypes import DTYPES
 from ..format.reader import SafetensorsFile
+from ..ops.layout import group_tensors, module_totals
+from ..ops.scan import SEVERITIES, scan
+from ..ops.selection import choose_tensors
 from ..sources import open_source
+from ..sources.base import TensorSource
 from ..sources.detect import SNIFF_BYTES, sniff
+from ..sources.safetensors_source import SafetensorsSource
+from ..sources.sharded import ShardedSource, find_index, read_index
 from . import output
 from .output import Column, grouped, human_bytes, human_count, printable
 
 TENSOR_COLUMNS = (Column("name"), Column("dtype"), Column("shape"), Column("parameters", right=True),
                   Column("bytes", right=True))
+GROUP_COLUMNS = (Column("name"), Column("count", right=True), Column("shape"), Column("dtype"),
+                 Column("parameters", right=True), Column("bytes", right=True))
+MODULE_COLUMNS = (Column("module"), Column("tensors", right=True), Column("parameters", right=True),
+                  Column("share", right=True))
 DTYPE_COLUMNS = (Column("dtype"), Column("tensors", right=True), Column("parameters", right=True),
                  Column("bytes", right=True))
+SHARD_COLUMNS = (Column("shard"), Column("format"), Column("tensors", right=True), Column("bytes", right=True),
+                 Column("file size", right=True))
+FINDING_COLUMNS = (Column("severity"), Column("what"), Column("where"), Column("why"))
 METADATA_COLUMNS = (Column("metadata key"), Column("value"))
 # Lines of the non-tensor structure printed (all of it with --json).
 STRUCTURE_LINES = 60
+# Checkpoint values (epoch, hyper-parameters) listed near the top.
+CHECKPOINT_LINES = 40
+# Top-level keys whose contents are hyper-parameters, listed near the top key by key.
+HYPERPARAMETER_KEYS = ("hyper_parameters", "hparams", "hyper_params", "hparams_initial", "args", "config",
+                       "cfg")
+# Scan findings kept in --json, and shown in the human form (most severe first).
+JSON_FINDINGS = 20
+SHOWN_FINDINGS = 5
+# Module rows printed (all of them with --json).
+MODULE_ROWS = 50
+# Bytes of a shard read to tell a safetensors shard (read by its header alone) from others.
+_SHARD_SNIFF_BYTES = 16
+# Formats that hold no pickles (nothing to scan): safetensors' header is checked by reading it.
+_NOT_SCANNED = ("safetensors", "raw", "sharded")
 
 
 def describe(path: "os.PathLike | str", template: Optional[str] = None) -> dict[str, Any]:
     """Everything `inspect` shows, as a JSON-able dict; tensor data is never read.
 
-    A safetensors file is described from its validated header alone; any other
-    format `open_source` reads (PyTorch, Lightning, npz, sharded folders, ...)
-    from its structure, which nothing executes.
+    A safetensors file is described from its validated header alone; a sharded
+    model (its folder or index JSON) from its index and its shards' headers; any
+    other format `open_source` reads (PyTorch, Lightning, npz, ...) from its
+    structure, which nothing executes, and pickle-based files are scanned.
 
     >>> describe("model.safetensors")["totals"]["parameters"]
     1228800
+    >>> describe("last.ckpt")["scan"]["verdict"]
+    'safe'
     """
     path = os.fspath(path)
-    # Unrecognised content goes to the safetensors reader, whose errors say what the file is.
-    if template is not None or os.path.isdir(path) or sniff(_head(path)) not in (None, "safetensors"):
-        return _describe_source(path, template)
-    # pread: the header is read with two small reads; the data is never mapped or read.
-    with SafetensorsFile(path, backend="pread") as file:
-        header = file.header
-    tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
-                "bytes": info.nbytes, "data_offsets": list(info.data_offsets)}
-               for name, info in header.tensors.items()]
-    return _report(path, "safetensors", "safetensors file", header.data_start + header.data_size,
-                   tensors, header.metadata, header_size=header.data_start)
+    if template is None:
+        if os.path.isdir(path):
+            index = find_index(path)
+            if index is not None:
+                return _describe_sharded(path, index)
+        else:
+            kind = sniff(_head(path))
+            # Unrecognised content goes to the safetensors reader, whose errors say what the file is.
+            if kind in (None, "safetensors"):
+                return _describe_safetensors(path)
+            if kind == "json":
+                return _describe_sharded(path, path)
+    return _describe_source(path, template)
 
 
 def _head(path: str) -> bytes:
@@ -54,20 +95,76 @@ def _head(path: str) -> bytes:
         return f.read(SNIFF_BYTES)
 
 
-def _describe_source(path: str, template: Optional[str] = None) -> dict[str, Any]:
+def _describe_safetensors(path: str) -> dict[str, Any]:
+    # pread: the header is read with two small reads; the data is never mapped or read.
+    with SafetensorsFile(path, backend="pread") as file:
+        header = file.header
+    tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
+                "bytes": info.nbytes, "data_offsets": list(info.data_offsets)}
+               for name, info in header.tensors.items()]
+    return _report(path, "safetensors", "safetensors file", header.data_start + header.data_size,
+                   tensors, header.metadata, header.tensors, header_size=header.data_start)
+
+
+def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
     with open_source(path, template=template) as source:
-        tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape),
-                    "parameters": info.numel, "bytes": info.nbytes}
-                   for name, info in source.infos.items()]
-        size = os.path.getsize(path) if os.path.isfile(path) else sum(
-            os.path.getsize(s.path) for s in getattr(source, "shards", {}).values())
-        report = _report(path, source.format, source.describe(), size, tensors, source.metadata)
-        report["structure"] = without_tensors(source.tree)
-        report["aliases"] = dict(source.aliases)
-        report["notes"] = list(source.notes)
-        report["unknown_globals"] = sorted({f"{g.module}.{g.name}" for g in getattr(source, "globals", ())
-                                            if not g.allowed})
+        if source.format != "safetensors":
+            report = _source_report(path, source, os.path.getsize(source.path))
+            if source.format not in _NOT_SCANNED:
+                report["scan"] = scan_summary([source.path])
+            return report
+        model_file = source.path
+    return _describe_safetensors(model_file)  # a model folder's single file: its header is enough
+
+
+def _describe_sharded(path: str, index: str) -> dict[str, Any]:
+    with ShardedSource(index, _open_shard) as source:
+        shards = source.shards
+        report = _source_report(path, source, sum(os.path.getsize(s.path) for s in shards.values()))
+        counts: dict[str, list[int]] = {name: [0, 0] for name in shards}
+        for name, shard_name in read_index(index)["weight_map"].items():
+            counts[shard_name][0] += 1
+            counts[shard_name][1] += source.infos[name].nbytes
+        report["shards"] = [{"file": name, "format": shard.format, "tensors": counts[name][0],
+                             "bytes": counts[name][1], "file_size": os.path.getsize(shard.path)}
+                            for name, shard in sorted(shards.items())]
+        total_size = source.index_metadata.get("total_size")
+        tensor_bytes = source.total_bytes
+        report["index"] = {"file": index, "total_size": total_size, "tensor_bytes": tensor_bytes,
+                           "matches": None if not isinstance(total_size, int) else total_size == tensor_bytes}
+        report["unknown_globals"] = _unknown_globals(shards.values())
+        pickled = [s.path for s in shards.values() if s.format not in _NOT_SCANNED]
+        if pickled:
+            report["scan"] = scan_summary(pickled)
     return report
+
+
+def _open_shard(path: str) -> TensorSource:
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(_SHARD_SNIFF_BYTES)
+    if sniff(head) == "safetensors":
+        return SafetensorsSource(path, backend="pread")
+    return open_source(path)
+
+
+def _source_report(path: str, source: TensorSource, size: int) -> dict[str, Any]:
+    tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape),
+                "parameters": info.numel, "bytes": info.nbytes}
+               for name, info in source.infos.items()]
+    # Lightning / SD checkpoints keep the weights under "state_dict": modules are counted inside it.
+    prefix = choose_tensors(source, extract="auto").extracted
+    report = _report(path, source.format, source.describe(), size, tensors, source.metadata, source.infos,
+                     prefix=prefix)
+    report["structure"] = without_tensors(source.tree)
+    report["aliases"] = dict(source.aliases)
+    report["notes"] = list(source.notes)
+    report["unknown_globals"] = _unknown_globals([source])
+    return report
+
+
+def _unknown_globals(sources: Any) -> list[str]:
+    return sorted({f"{g.module}.{g.name}" for source in sources for g in getattr(source, "globals", ())
+                   if not g.allowed})
 
 
 def without_tensors(tree: Any) -> Any:
@@ -84,8 +181,27 @@ def without_tensors(tree: Any) -> Any:
     return tree
 
 
+def scan_summary(paths: list[str]) -> dict[str, Any]:
+    """The worst scan verdict over `paths` and the most severe findings (what --json shows).
+
+    >>> scan_summary(["model.ckpt"])
+    {'verdict': 'safe', 'files': 1, 'findings': [], 'findings_total': 0, 'error': None}
+    """
+    reports = [scan(p) for p in paths]
+    verdict = max((r.verdict for r in reports), key=("safe", "suspicious", "malicious").index)
+    findings = [dict(asdict(f), file=r.path) for r in reports for f in r.findings]
+    findings.sort(key=lambda f: -SEVERITIES.get(f["severity"], 0))  # stable: file order within a severity
+    errors = [f"{r.path}: {r.error}" for r in reports if r.error is not None]
+    return {"verdict": verdict, "files": len(paths), "findings": findings[:JSON_FINDINGS],
+            "findings_total": len(findings), "error": "; ".join(errors) or None}
+
+
+def _share(part: int, total: int) -> float:
+    return part / total if total else 0.0
+
+
 def _report(path: str, format: str, description: str, file_size: int, tensors: list,
-            metadata: Any, header_size: Any = None) -> dict[str, Any]:
+            metadata: Any, infos: Any, header_size: Any = None, prefix: Optional[str] = None) -> dict[str, Any]:
     by_dtype: dict[str, dict[str, int]] = {}
     for tensor in tensors:
         totals = by_dtype.setdefault(tensor["dtype"], {"tensors": 0, "parameters": 0, "bytes": 0})
@@ -93,18 +209,25 @@ def _report(path: str, format: str, description: str, file_size: int, tensors: l
         totals["parameters"] += tensor["parameters"]
         totals["bytes"] += tensor["bytes"]
     parameters = sum(t["parameters"] for t in by_dtype.values())
+    # In the order the format writes dtypes: widest first.
+    dtype_order = sorted(by_dtype, key=lambda n: -DTYPES[n].rank)
     report = {
         "file": path,
         "format": format,
         "description": description,
         "file_size": file_size,
         "tensors": tensors,
-        # In the order the format writes dtypes: widest first.
-        "totals_by_dtype": {name: by_dtype[name] for name in sorted(by_dtype, key=lambda n: -DTYPES[n].rank)},
+        "totals_by_dtype": {name: by_dtype[name] for name in dtype_order},
+        "share_by_dtype": {name: _share(by_dtype[name]["parameters"], parameters) for name in dtype_order},
         "totals": {"tensors": len(tensors), "parameters": parameters,
                    "parameters_human": human_count(parameters),
                    "bytes": sum(t["bytes"] for t in by_dtype.values())},
         "metadata": metadata,
+        "groups": [{"pattern": g.pattern, "count": g.count, "dtype": g.dtype, "shape": list(g.shape),
+                    "parameters": g.parameters, "bytes": g.bytes, "indices": [list(i) for i in g.indices]}
+                   for g in group_tensors(infos)],
+        "modules_prefix": prefix,
+        "modules": [_module(m, parameters) for m in module_totals(infos, prefix=prefix)],
     }
     if header_size is not None:
         # with the 8-byte length prefix: header_size + bytes = file_size
@@ -112,8 +235,58 @@ def _report(path: str, format: str, description: str, file_size: int, tensors: l
     return report
 
 
-def print_description(console: Console, report: dict[str, Any]) -> None:
-    """The human-readable form of `describe`'s report."""
+def _module(module: Any, total: int) -> dict[str, Any]:
+    entry = {"name": module.name, "tensors": module.tensors, "parameters": module.parameters,
+             "bytes": module.bytes, "share": _share(module.parameters, total)}
+    if module.children:
+        entry["children"] = [_module(child, total) for child in module.children]
+    return entry
+
+
+# --- the human form -----------------------------------------------------------------
+
+def print_description(console: Console, report: dict[str, Any], *, flat: bool = False) -> None:
+    """The human-readable form of `describe`'s report.
+
+    Repeated layers are folded (``model.layers.{0..31}.mlp.up_proj.weight  32 ×``)
+    unless `flat` or nothing repeats; then every tensor has its own row.
+    """
+    _print_summary(console, report)
+    _print_scan(console, report.get("scan"))
+    _print_checkpoint(console, report.get("structure"))
+    _print_shards(console, report)
+    console.print()
+    groups = report["groups"]
+    if not groups:
+        console.print("no tensors", markup=False)
+    elif flat or len(groups) == len(report["tensors"]):
+        output.print_table(console, TENSOR_COLUMNS, [
+            (printable(t["name"]), t["dtype"], _shape(t["shape"]), grouped(t["parameters"]),
+             grouped(t["bytes"])) for t in report["tensors"]])
+    else:
+        times = "×" if console.encoding.lower().startswith("utf") else "x"
+        output.print_table(console, GROUP_COLUMNS, [
+            (printable(g["pattern"]), f"{g['count']} {times}" if g["count"] > 1 else "", _shape(g["shape"]),
+             g["dtype"], grouped(g["parameters"]), grouped(g["bytes"])) for g in groups])
+        console.print(f"{grouped(len(report['tensors']))} tensors in {grouped(len(groups))} rows, "
+                      "repeated layers folded (--flat lists every tensor)", markup=False)
+    _print_modules(console, report)
+    if groups:
+        console.print()
+        output.print_table(console, DTYPE_COLUMNS, [
+            (dtype, grouped(t["tensors"]), grouped(t["parameters"]), grouped(t["bytes"]))
+            for dtype, t in report["totals_by_dtype"].items()])
+    metadata = report["metadata"]
+    console.print()
+    if metadata:
+        output.print_table(console, METADATA_COLUMNS,
+                           [(printable(key), printable(value)) for key, value in metadata.items()])
+    elif report["format"] == "safetensors":
+        console.print("no __metadata__")
+    _print_structure(console, report)
+
+
+def _print_summary(console: Console, report: dict[str, Any]) -> None:
     totals = report["totals"]
     console.print(printable(report["file"]), markup=False)
     if report["format"] != "safetensors":
@@ -124,22 +297,118 @@ def print_description(console: Console, report: dict[str, Any]) -> None:
     console.print(f"  tensors     {grouped(totals['tensors'])}", markup=False)
     console.print(f"  parameters  {grouped(totals['parameters'])} ({totals['parameters_human']})",
                   markup=False)
+    if totals["parameters"]:
+        shares = ", ".join(f"{dtype} {_percent(share)}" for dtype, share in report["share_by_dtype"].items())
+        console.print(f"  dtypes      {shares}", markup=False)
+
+
+def _percent(share: float) -> str:
+    if 0 < share < 0.001:
+        return "<0.1%"
+    if 0.999 < share < 1:
+        return ">99.9%"
+    return f"{share * 100:.1f}%"
+
+
+def _print_scan(console: Console, summary: Optional[dict[str, Any]]) -> None:
+    if summary is None:
+        return
+    verdict, findings, total = summary["verdict"], summary["findings"], summary["findings_total"]
+    error = f"; could not be fully read: {printable(summary['error'])}" if summary["error"] else ""
+    if verdict == "safe":
+        console.print(f"  scan        safe{error}", markup=False)
+        return
+    several = summary["files"] > 1
+    if verdict == "malicious":
+        worst = f"{printable(findings[0]['what'])} in {_where(findings[0], several)}" if findings else "see scan"
+        line = (f"  scan        MALICIOUS: {worst} - loading this file with torch.load or pickle would run "
+                "it; nothing was run here")
+        console.print(line + error, markup=False, style="bold red")
+    else:
+        noun = "finding" if total == 1 else "findings"
+        console.print(f"  scan        suspicious ({total} {noun}){error}", markup=False, style="yellow")
+    if findings:
+        output.print_table(console, FINDING_COLUMNS, [
+            (f["severity"], printable(f["what"]), _where(f, several), printable(f["why"]))
+            for f in findings[:SHOWN_FINDINGS]])
+    if total > SHOWN_FINDINGS:
+        console.print(f"  ... {total - SHOWN_FINDINGS} more findings (safeckpt scan lists them all)",
+                      markup=False)
     console.print()
-    output.print_table(console, TENSOR_COLUMNS, [
-        (printable(t["name"]), t["dtype"], _shape(t["shape"]), grouped(t["parameters"]), grouped(t["bytes"]))
-        for t in report["tensors"]])
+
+
+def _where(finding: dict[str, Any], with_file: bool) -> str:
+    """'archive/data.pkl@57' ('shard.bin:archive/data.pkl@57' when several files were scanned)."""
+    at = f"@{finding['offset']}" if finding["offset"] >= 0 else ""
+    place = f"{finding['member'] or ''}{at}" or "the file"
+    return printable(f"{os.path.basename(finding['file'])}:{place}" if with_file else place)
+
+
+def _print_checkpoint(console: Console, structure: Any) -> None:
+    """Epoch, global step, versions and hyper-parameters first: what a checkpoint is usually opened for."""
+    if not isinstance(structure, dict):
+        return
+    lines = [(key, value) for key, value in structure.items()
+             if not isinstance(value, (dict, list)) and not key.startswith("__")]  # "__object__": a marker
+    for key in HYPERPARAMETER_KEYS:
+        if isinstance(structure.get(key), (dict, list)):
+            lines.extend(_flatten(structure[key], key, 0))
+    if not lines:
+        return
+    console.print("checkpoint values (the whole structure is below):", markup=False)
+    for key, value in lines[:CHECKPOINT_LINES]:
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        console.print(f"  {printable(key)} = {printable(text)}", markup=False)
+    if len(lines) > CHECKPOINT_LINES:
+        console.print(f"  ... {len(lines) - CHECKPOINT_LINES} more", markup=False)
+
+
+def _flatten(value: Any, key: str, depth: int) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and depth < 3:
+        return [item for k, v in value.items() for item in _flatten(v, f"{key}.{k}", depth + 1)]
+    return [(key, value)]
+
+
+def _print_shards(console: Console, report: dict[str, Any]) -> None:
+    if "shards" not in report:
+        return
+    index = report["index"]
     console.print()
-    output.print_table(console, DTYPE_COLUMNS, [
-        (dtype, grouped(t["tensors"]), grouped(t["parameters"]), grouped(t["bytes"]))
-        for dtype, t in report["totals_by_dtype"].items()])
-    metadata = report["metadata"]
+    output.print_table(console, SHARD_COLUMNS, [
+        (printable(s["file"]), s["format"], grouped(s["tensors"]), grouped(s["bytes"]), grouped(s["file_size"]))
+        for s in report["shards"]])
+    name = printable(os.path.basename(index["file"]))
+    if index["matches"] is None:
+        console.print(f"index {name} has no total_size; the tensors hold {grouped(index['tensor_bytes'])} bytes",
+                      markup=False)
+    elif index["matches"]:
+        console.print(f"index {name}: total_size {grouped(index['total_size'])} bytes, as the tensors hold",
+                      markup=False)
+    else:
+        console.print(f"warning: index {name} says total_size {grouped(index['total_size'])} bytes but the "
+                      f"tensors hold {grouped(index['tensor_bytes'])} bytes "
+                      f"({index['tensor_bytes'] - index['total_size']:+,})", markup=False, style="yellow")
+
+
+def _print_modules(console: Console, report: dict[str, Any]) -> None:
+    modules = report["modules"]
+    if len(modules) < 2 and not any("children" in m for m in modules):
+        return  # one module and nothing under it: the totals above say it all
     console.print()
-    if metadata:
-        output.print_table(console, METADATA_COLUMNS,
-                           [(printable(key), printable(value)) for key, value in metadata.items()])
-    elif report["format"] == "safetensors":
-        console.print("no __metadata__")
-    _print_structure(console, report)
+    if report["modules_prefix"]:
+        console.print(f"modules (the {printable(report['modules_prefix'])!r} prefix left out):", markup=False)
+    rows = []
+    for module in modules[:MODULE_ROWS]:
+        rows.append(_module_row(module, ""))
+        rows.extend(_module_row(child, "  ") for child in module.get("children", ()))
+    output.print_table(console, MODULE_COLUMNS, rows)
+    if len(modules) > MODULE_ROWS:
+        console.print(f"... {len(modules) - MODULE_ROWS} more modules (--json lists all)", markup=False)
+
+
+def _module_row(module: dict[str, Any], indent: str) -> tuple[str, ...]:
+    return (indent + printable(module["name"]), grouped(module["tensors"]), grouped(module["parameters"]),
+            _percent(module["share"]))
 
 
 def _print_structure(console: Console, report: dict[str, Any]) -> None:
@@ -166,54 +435,87 @@ def _shape(shape: list[int]) -> str:
 
 
 EXIT_CODES = output.exit_codes_help(
-    ok="the description was printed",
+    ok="the description was printed, also for a file the scan finds malicious (the verdict\n"
+       "     is printed loudly; `safeckpt scan --strict` is the gate for scripts)",
     invalid="the file is invalid or not a format safeckpt reads (the reason is on stderr)",
     error="the file is missing or cannot be read, or the command line is wrong")
 
 
-@click.command("inspect", short_help="Show the tensors, dtypes, sizes and metadata of a file.",
+@click.command("inspect", short_help="Show the tensors, layers, dtypes, sizes and metadata of a checkpoint.",
                epilog=EXIT_CODES)
-@click.argument("file", type=click.Path(path_type=str))
+@click.argument("file", metavar="PATH", type=click.Path(path_type=str))
 @click.option("--template", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
-              help="Read FILE as a raw dump (arrays back to back) laid out as the template says: a "
+              help="Read PATH as a raw dump (arrays back to back) laid out as the template says: a "
                    "JSON template or an existing .safetensors file.")
+@click.option("--flat", is_flag=True, help="One row per tensor, repeated layers not folded.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
-def command(file: str, template: Optional[str], as_json: bool) -> None:
-    """Show the tensors, dtypes, sizes and metadata of FILE, in any format safeckpt reads.
+def command(file: str, template: Optional[str], flat: bool, as_json: bool) -> None:
+    """Show what PATH holds: tensors, layers, parameters, dtypes, metadata; nothing is loaded.
 
-    FILE may be a safetensors file, a PyTorch .pt/.pth/.bin (zip or legacy),
+    PATH may be a safetensors file, a PyTorch .pt/.pth/.bin (zip or legacy),
     a Lightning or Stable Diffusion .ckpt, a Paddle .pdparams, a plain pickle,
-    an .npy/.npz, or a sharded model (its index JSON or its folder). The format
-    is recognised from the content, never the name. Tensor data is never read,
-    and nothing in the file is executed.
+    an .npy/.npz, or a sharded model (its folder or its index JSON: every
+    shard at once). The format is recognised from the content, never the
+    name. Tensor data is never read (headers and structure only), and nothing
+    in the file is executed.
 
     \b
-    Prints, in file order: name, dtype, shape, parameters (elements) and
-    bytes of each tensor; totals by dtype; the total parameter count; the
-    file size; the __metadata__ key/values; and for checkpoints the
-    structure that is not tensors (epoch, hyper-parameters, optimizer
-    settings), tied tensors, and the classes the file asks to build.
+    Prints: totals (tensors, parameters, share of each dtype); the scan
+    verdict of pickle-based files (safe, suspicious or MALICIOUS, with the
+    top findings); a checkpoint's epoch, global step and hyper-parameters;
+    a sharded model's shards and its index's total_size check; the tensors,
+    names that differ only in a layer index folded into one row
+    (model.layers.{0..31}.mlp.up_proj.weight  32 × [11008, 4096]  BF16;
+    --flat: one row per tensor); parameters per top-level module (inside
+    a Lightning state_dict); totals by dtype; the __metadata__; and the
+    whole non-tensor structure, tied tensors, and the classes the file
+    asks to build.
 
     \b
     --json prints {file, format, description, file_size, tensors: [{name,
-    dtype, shape, parameters, bytes}], totals_by_dtype, totals, metadata},
-    plus header_size and data_offsets for safetensors (header_size includes
-    the 8-byte length prefix, so header_size + totals.bytes == file_size) and
-    structure, aliases, notes, unknown_globals for other formats.
+    dtype, shape, parameters, bytes}], totals_by_dtype, share_by_dtype,
+    totals, metadata, groups: [{pattern, count, dtype, shape, parameters,
+    bytes, indices}], modules: [{name, tensors, parameters, bytes, share,
+    children}], modules_prefix}; shares are fractions of all parameters.
+    Plus header_size and data_offsets for safetensors (header_size includes
+    the 8-byte length prefix, so header_size + totals.bytes == file_size);
+    structure, aliases, notes, unknown_globals for other formats; scan:
+    {verdict, files, findings (the 20 most severe), findings_total, error}
+    for pickle-based files; shards: [{file, format, tensors, bytes,
+    file_size}] and index: {file, total_size, tensor_bytes, matches} for
+    sharded models.
 
     \b
     Examples:
       safeckpt inspect model.safetensors
-      safeckpt inspect pytorch_model.bin
+      safeckpt inspect Llama-3-8B/            # every shard of a sharded model
+      safeckpt inspect pytorch_model.bin --flat
       safeckpt inspect last.ckpt --json | jq .structure.hyper_parameters
-      safeckpt inspect model.safetensors --json | jq .totals.parameters
+      safeckpt inspect model.safetensors --json | jq '.modules[] | {name, share}'
+      safeckpt inspect download.pt --json | jq .scan.verdict
     """
     try:
         report = describe(file, template)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         code, message = output.describe_failure(exc, file)
-        output.exit_with(code, f"error: {message}")
+        output.exit_with(code, f"error: {message}{_verdict_of_unreadable(file, template, code)}")
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        print_description(output.make_console(), report)
+        print_description(output.make_console(), report, flat=flat)
+
+
+def _verdict_of_unreadable(path: str, template: Optional[str], code: int) -> str:
+    """What the scan says of a pickle-based file that could not be described (a hostile one often can't)."""
+    if code != output.EXIT_INVALID or template is not None or not os.path.isfile(path):
+        return ""
+    try:
+        if sniff(_head(path)) in (None, "safetensors", "json"):
+            return ""
+        summary = scan_summary([path])
+    except Exception:  # noqa: BLE001 - the description's own error is the one to report
+        return ""
+    if summary["verdict"] == "safe" or not summary["findings"]:
+        return ""
+    worst = summary["findings"][0]
+    return f" (scan: {summary['verdict']}: {worst['what']} in {_where(worst, False)}; see `safeckpt scan`)"

@@ -15,9 +15,10 @@ class SafetensorsSource(TensorSource):
 
     format = "safetensors"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, backend: str = "mmap") -> None:
+        """`backend="pread"` reads the header alone and maps nothing (for describing many shards)."""
         super().__init__(path)
-        self.file = SafetensorsFile(path)
+        self.file = SafetensorsFile(path, backend=backend)
         header = self.file.header
         self.metadata = header.metadata
         self._infos = {name: TensorInfo(t.dtype, t.shape, t.nbytes) for name, t in header.tensors.items()}

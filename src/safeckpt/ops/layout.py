@@ -1,0 +1,258 @@
+"""How a model's tensors are laid out: repeated layers folded, parameters per module.
+
+Folding
+-------
+Names are dotted paths. A component that is a canonical decimal integer
+(``0``, ``17``; not ``07``, not ``conv1``) is an index slot. Tensors whose names
+agree everywhere except in their index slots, and that have the same dtype
+and shape, form a family; a family is written as boxes of index sets::
+
+    model.layers.{0..31}.mlp.up_proj.weight                    32 x [11008, 4096] BF16
+    model.layers.{0..31}.block_sparse_moe.experts.{0..7}.w1.weight   256 x [14336, 4096]
+
+A box is a Cartesian product of one index set per slot; a slot with one value
+is written as that value. When a family is not one product (layer 3 has more
+experts than the others), it is split on its first slot, and the values of that
+slot whose remaining boxes are equal are merged again; so every tensor is in
+exactly one group, and a family that is a product is one group.
+
+Shapes that differ across layers are not folded together: dtype and shape are
+part of the family, so layers ``{0..2}`` (dense) and ``{3..60}`` (MoE) come out as
+two groups, and a tensor whose shape differs in every layer is not folded at
+all. Groups are listed in the order of their first tensor; indices are sorted
+numerically. The work is linear in the total length of the names.
+
+Modules
+-------
+`module_totals` adds up tensors, parameters and bytes by the first dotted
+component (after removing a wrapper prefix such as Lightning's ``state_dict``),
+and one level below it for modules made of sub-modules.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+
+__all__ = ["Group", "ModuleTotal", "group_tensors", "format_indices", "module_totals", "is_index"]
+
+# Names with more index components than this are not folded: real ones have up to four
+# (SD's input_blocks.1.0.in_layers.0), and splitting boxes costs time and recursion per slot.
+MAX_SLOTS = 8
+# A module with more sub-modules than this is not broken down (the grouped view shows them).
+MAX_CHILDREN = 32
+
+
+class Group(NamedTuple):
+    """Tensors of one dtype and shape whose names differ only in folded indices.
+
+    `pattern` is the display name (``h.{0..11}.attn.c_attn.weight``); `indices`
+    has one sorted tuple per folded slot, left to right (empty for one tensor);
+    `names` are the members in index order; `parameters` and `bytes` are totals.
+    """
+
+    pattern: str
+    indices: tuple[tuple[int, ...], ...]
+    count: int
+    shape: tuple[int, ...]
+    dtype: str
+    parameters: int
+    bytes: int
+    names: tuple[str, ...]
+
+
+class ModuleTotal(NamedTuple):
+    """Totals of one module (a name prefix); `children` are its sub-modules, if shown."""
+
+    name: str
+    tensors: int
+    parameters: int
+    bytes: int
+    children: tuple["ModuleTotal", ...] = ()
+
+
+def is_index(part: str) -> bool:
+    """True for a path component that is a layer index: a canonical decimal integer.
+
+    >>> is_index("12"), is_index("012"), is_index("conv1"), is_index("٣")
+    (True, False, False, False)
+    """
+    return part.isdigit() and part.isascii() and (part[0] != "0" or part == "0")
+
+
+def format_indices(values: Iterable[int]) -> str:
+    """Sorted indices as runs: three or more consecutive values become ``a..b``.
+
+    >>> format_indices([0, 1, 2, 3, 5, 7, 8, 9])
+    '0..3,5,7..9'
+    """
+    ordered = sorted(set(values))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{ordered[i]}..{ordered[j]}")
+        else:
+            parts.extend(str(v) for v in ordered[i:j + 1])
+        i = j + 1
+    return ",".join(parts)
+
+
+# A whole dotted component that is a canonical decimal integer (ASCII digits, no leading zero).
+_SLOT = re.compile(r"(?<![^.])(?:0|[1-9][0-9]*)(?![^.])")
+# Stands for a slot in a family's template; names holding it are never folded.
+_HOLE = "\0"
+
+
+class _Family:
+    """Tensors with one template (names with their index slots blanked), dtype and shape."""
+
+    __slots__ = ("template", "members")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.members: dict[tuple[int, ...], tuple[int, str, Any]] = {}
+
+
+def group_tensors(infos: Mapping[str, Any]) -> list[Group]:
+    """Fold repeated layers: tensors whose names differ only in integer components.
+
+    `infos` maps names to anything with ``dtype``, ``shape`` and ``nbytes``
+    (`TensorInfo`). Every tensor is in exactly one group, in the order of each
+    group's first tensor.
+
+    >>> [(g.pattern, g.count) for g in group_tensors(source.infos)][:2]
+    [('model.embed_tokens.weight', 1), ('model.layers.{0..31}.input_layernorm.weight', 32)]
+    """
+    families: dict[tuple, _Family] = {}
+    placed: list[tuple[int, Group]] = []
+    for position, (name, info) in enumerate(infos.items()):
+        values = _SLOT.findall(name)
+        if not values or len(values) > MAX_SLOTS or _HOLE in name:
+            shape = tuple(info.shape)
+            placed.append((position, Group(name, (), 1, shape, info.dtype, math.prod(shape), info.nbytes,
+                                           (name,))))
+            continue
+        key = (_SLOT.sub(_HOLE, name), info.dtype, tuple(info.shape))
+        family = families.get(key)
+        if family is None:
+            family = families[key] = _Family(key[0])
+        family.members[tuple(map(int, values))] = (position, name, info)
+    for (_, dtype, shape), family in families.items():
+        for box in _boxes(list(family.members)):
+            placed.append(_group(family, box, dtype, shape))
+    placed.sort(key=lambda item: item[0])
+    return [group for _, group in placed]
+
+
+def _boxes(points: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], ...]]:
+    """Disjoint products of index sets (one sorted tuple per slot) whose union is `points`."""
+    if not points[0]:
+        return [()]
+    axes = [sorted({p[i] for p in points}) for i in range(len(points[0]))]
+    if math.prod(len(axis) for axis in axes) == len(points):  # points are distinct
+        return [tuple(tuple(axis) for axis in axes)]
+    rests: dict[int, list[tuple[int, ...]]] = {}
+    for p in points:
+        rests.setdefault(p[0], []).append(p[1:])
+    merged: dict[tuple, list[int]] = {}  # the boxes of the other slots -> first-slot values with them
+    for first in sorted(rests):
+        merged.setdefault(tuple(_boxes(rests[first])), []).append(first)
+    return [(tuple(firsts),) + box for boxes, firsts in merged.items() for box in boxes]
+
+
+def _group(family: _Family, box: tuple[tuple[int, ...], ...], dtype: str,
+           shape: tuple[int, ...]) -> tuple[int, Group]:
+    members = [family.members[point] for point in _product(box)]
+    pieces = family.template.split(_HOLE)
+    shown = [str(values[0]) if len(values) == 1 else "{" + format_indices(values) + "}" for values in box]
+    pattern = pieces[0] + "".join(slot + piece for slot, piece in zip(shown, pieces[1:]))
+    count = len(members)
+    group = Group(pattern, tuple(values for values in box if len(values) > 1), count, shape, dtype,
+                  math.prod(shape) * count, sum(info.nbytes for _, _, info in members),
+                  tuple(name for _, name, _ in members))
+    return min(position for position, _, _ in members), group
+
+
+def _product(box: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    points: list[tuple[int, ...]] = [()]
+    for values in box:
+        points = [p + (v,) for p in points for v in values]
+    return points
+
+
+# --- modules ------------------------------------------------------------------------
+
+class _Tally:
+    __slots__ = ("tensors", "parameters", "bytes", "children", "deep")
+
+    def __init__(self) -> None:
+        self.tensors = self.parameters = self.bytes = 0
+        self.children: dict[str, "_Tally"] = {}
+        self.deep = False  # has a sub-module (a name three or more components long)
+
+    def add(self, parameters: int, nbytes: int) -> None:
+        self.tensors += 1
+        self.parameters += parameters
+        self.bytes += nbytes
+
+
+def module_totals(infos: Mapping[str, Any], *, prefix: Optional[str] = None) -> list[ModuleTotal]:
+    """Tensors, parameters and bytes per top-level module, in the order of their first tensor.
+
+    Names under ``prefix.`` (a wrapper such as ``state_dict``) are counted without
+    it; other names as they are. Integer components fold (``h.{0..11}``, and an
+    ``nn.Sequential``'s ``{0..5}``). A module made of sub-modules lists them as
+    `children` (unless it has more than `MAX_CHILDREN`).
+
+    >>> [(m.name, m.parameters) for m in module_totals(infos, prefix="state_dict")]
+    [('model', 6979588096), ('lm_head', 262668288)]
+    """
+    cut = prefix + "." if prefix else None
+    top: dict[Optional[str], _Tally] = {}  # first component (None: an index) -> totals
+    top_indices: set[int] = set()
+    child_indices: dict[Optional[str], set[int]] = {}
+    for name, info in infos.items():
+        if cut is not None and name.startswith(cut):
+            name = name[len(cut):]
+        parts = name.split(".")
+        parameters = math.prod(info.shape)
+        head = _slot(parts[0], top_indices)
+        tally = top.get(head)
+        if tally is None:
+            tally = top[head] = _Tally()
+        tally.add(parameters, info.nbytes)
+        if len(parts) >= 2:
+            key = _slot(parts[1], child_indices.setdefault(head, set()))
+            child = tally.children.get(key)
+            if child is None:
+                child = tally.children[key] = _Tally()
+            child.add(parameters, info.nbytes)
+            tally.deep = tally.deep or len(parts) >= 3
+    totals = []
+    for head, tally in top.items():
+        label = _label(head, top_indices)
+        children: tuple[ModuleTotal, ...] = ()
+        if tally.deep and 2 <= len(tally.children) <= MAX_CHILDREN:
+            children = tuple(ModuleTotal(f"{label}.{_label(key, child_indices[head])}", c.tensors,
+                                         c.parameters, c.bytes) for key, c in tally.children.items())
+        totals.append(ModuleTotal(label, tally.tensors, tally.parameters, tally.bytes, children))
+    return totals
+
+
+def _slot(part: str, indices: set[int]) -> Optional[str]:
+    """`part`, or None for an index (whose value joins `indices`, for the display name)."""
+    if not is_index(part):
+        return part
+    indices.add(int(part))
+    return None
+
+
+def _label(part: Optional[str], indices: set[int]) -> str:
+    if part is not None:
+        return part
+    return str(next(iter(indices))) if len(indices) == 1 else "{" + format_indices(indices) + "}"
