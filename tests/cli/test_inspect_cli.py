@@ -381,3 +381,16 @@ def test_help():
     for text in ("Examples:", "safeckpt inspect", "--flat", "--json", "Exit codes:", "scan --strict",
                  "model.layers.{0..31}.mlp.up_proj.weight"):
         assert text in result.stdout, text
+
+
+def test_tied_tensors_are_counted_once(tmp_path):
+    embed = torch.nn.Embedding(100, 8)
+    head = torch.nn.Linear(8, 100, bias=False)
+    head.weight = embed.weight
+    torch.save({"embed.weight": embed.weight, "head.weight": head.weight, "norm": torch.ones(8)},
+               tmp_path / "tied.pt")
+    report = inspect_json(tmp_path / "tied.pt")
+    assert report["totals"]["tensors"] == 3 and report["totals"]["tied"] == 1
+    assert report["totals"]["parameters"] == 100 * 8 + 8
+    assert report["totals_by_dtype"]["F32"]["parameters"] == 100 * 8 + 8
+    assert "tied tensors counted once" in invoke(tmp_path / "tied.pt").stdout

@@ -154,7 +154,7 @@ def _source_report(path: str, source: TensorSource, size: int) -> dict[str, Any]
     # Lightning / SD checkpoints keep the weights under "state_dict": modules are counted inside it.
     prefix = choose_tensors(source, extract="auto").extracted
     report = _report(path, source.format, source.describe(), size, tensors, source.metadata, source.infos,
-                     prefix=prefix)
+                     prefix=prefix, aliases=source.aliases)
     report["structure"] = without_tensors(source.tree)
     report["aliases"] = dict(source.aliases)
     report["notes"] = list(source.notes)
@@ -201,9 +201,12 @@ def _share(part: int, total: int) -> float:
 
 
 def _report(path: str, format: str, description: str, file_size: int, tensors: list,
-            metadata: Any, infos: Any, header_size: Any = None, prefix: Optional[str] = None) -> dict[str, Any]:
+            metadata: Any, infos: Any, header_size: Any = None, prefix: Optional[str] = None,
+            aliases: Optional[dict[str, str]] = None) -> dict[str, Any]:
     by_dtype: dict[str, dict[str, int]] = {}
     for tensor in tensors:
+        if aliases and tensor["name"] in aliases:
+            continue  # a tied tensor's values are counted once, under the name it is tied to
         totals = by_dtype.setdefault(tensor["dtype"], {"tensors": 0, "parameters": 0, "bytes": 0})
         totals["tensors"] += 1
         totals["parameters"] += tensor["parameters"]
@@ -219,7 +222,7 @@ def _report(path: str, format: str, description: str, file_size: int, tensors: l
         "tensors": tensors,
         "totals_by_dtype": {name: by_dtype[name] for name in dtype_order},
         "share_by_dtype": {name: _share(by_dtype[name]["parameters"], parameters) for name in dtype_order},
-        "totals": {"tensors": len(tensors), "parameters": parameters,
+        "totals": {"tensors": len(tensors), "tied": len(aliases or ()), "parameters": parameters,
                    "parameters_human": human_count(parameters),
                    "bytes": sum(t["bytes"] for t in by_dtype.values())},
         "metadata": metadata,
@@ -295,7 +298,8 @@ def _print_summary(console: Console, report: dict[str, Any]) -> None:
     console.print(f"  file size   {grouped(report['file_size'])} bytes ({human_bytes(report['file_size'])})"
                   f"{header}", markup=False)
     console.print(f"  tensors     {grouped(totals['tensors'])}", markup=False)
-    console.print(f"  parameters  {grouped(totals['parameters'])} ({totals['parameters_human']})",
+    tied = ", tied tensors counted once" if totals.get("tied") else ""
+    console.print(f"  parameters  {grouped(totals['parameters'])} ({totals['parameters_human']}{tied})",
                   markup=False)
     if totals["parameters"]:
         shares = ", ".join(f"{dtype} {_percent(share)}" for dtype, share in report["share_by_dtype"].items())
