@@ -10,9 +10,10 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import cast, convert, demo, inspect, ls, output, scan, verify
+from . import cast, convert, demo, inspect, ls, merge, output, scan, verify
 
-COMMANDS = (inspect.command, verify.command, demo.command, convert.command, cast.command, scan.command, ls.command)
+COMMANDS = (inspect.command, verify.command, demo.command, convert.command, cast.command,
+            merge.command, scan.command, ls.command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=output.exit_codes_help(

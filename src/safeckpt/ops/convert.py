@@ -56,6 +56,7 @@ from ..format import writer
 from ..format.dtypes import DTYPES
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
+from .guard import check_safety, files_read, open_checked
 from .selection import Choice, choose_tensors, first_items, matches, tied_names
 from .sink import OutputTensor, parse_size, write_safetensors
 
@@ -138,14 +139,14 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     # the sha256 is the slowest part of a conversion: start it before anything else
     early_hash = _SourceHash(source_path) if source_hash and os.path.isfile(source_path) else None
     try:
-        source = src if isinstance(src, TensorSource) else _open(source_path, allow_unsafe_structure)
+        source = src if isinstance(src, TensorSource) else open_checked(source_path, allow_unsafe_structure)
     except BaseException:
         if early_hash is not None:
             early_hash.cancel()
         raise
     hasher: Optional[_SourceHash] = None
     try:
-        scan_report = _check_safety(_files_read(source), allow_unsafe_structure)
+        scan_report = check_safety(files_read(source), allow_unsafe_structure)
         choice = choose_tensors(source, extract=extract, ema=ema, select=select, exclude=exclude)
         aliases = tied_names(source, choice)
         plans = _plan_tensors(source, choice, aliases, target, dst, cast_select, cast_exclude)
@@ -406,48 +407,6 @@ def _digest(hasher: "_SourceHash", path: str) -> str:
 
 
 # --- helpers -----------------------------------------------------------------------
-
-def _open(path: str, allow_unsafe: bool) -> TensorSource:
-    from ..sources.detect import open_source  # at call time: detect grows with every format
-
-    try:
-        return open_source(path)
-    except errors.SafeckptError:
-        if os.path.isfile(path):
-            _check_safety([path], allow_unsafe)  # a hostile file that is also malformed: say it is hostile
-        raise
-
-
-def _files_read(source: TensorSource) -> list[str]:
-    """The files a source reads: each shard of a sharded checkpoint, else its own path."""
-    shards = getattr(source, "shards", None)
-    return [shard.path for shard in shards.values()] if isinstance(shards, dict) and shards else [source.path]
-
-
-def _check_safety(paths: list[str], allow: bool):
-    """Scan the files; a malicious one is refused unless `allow` (nothing is executed either way).
-
-    Returns the report of the worst file.
-    """
-    from .scan import scan  # at call time: scan imports every source module
-
-    rank = {"safe": 0, "suspicious": 1, "malicious": 2}
-    worst = None
-    for path in paths:
-        report = scan(path)
-        if worst is None or rank.get(report.verdict, 1) > rank.get(worst.verdict, 1):
-            worst = report
-        if report.verdict == "malicious" and not allow:
-            found = [f for f in report.findings if f.severity == "malicious"] or report.findings
-            listed = "; ".join(f"{f.what} ({f.why})" for f in found[:5])
-            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            raise errors.UnsafeFileError(
-                f"refusing to convert: the scan found {len(found)} malicious findings: {listed}{more}. Nothing "
-                "was executed or written. Run `safeckpt scan` for details; convert anyway with "
-                "allow_unsafe_structure=True (--allow-unsafe-structure): the file's code is never run",
-                report=report, path=path)
-    return worst
-
 
 def _globs(value: "Sequence[str] | str | None", what: str) -> tuple[str, ...]:
     if value is None:
