@@ -202,3 +202,19 @@ def test_sparse_file_larger_than_ram(tmp_path, backend):
 def test_directory_is_an_oserror_not_a_map_failure(tmp_path):
     with pytest.raises(IsADirectoryError):
         safeckpt.load_file(tmp_path)
+
+
+def test_release_gives_back_a_tensors_mapped_pages(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    big = np.arange(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB
+    safeckpt.save_file({"big": big, "small": np.ones(3, np.float32)}, tmp_path / "m.safetensors")
+    process = psutil.Process()
+    with safeckpt.SafetensorsFile(tmp_path / "m.safetensors") as f:
+        view = f.array("big")
+        before = process.memory_info().rss
+        assert float(view[::1024].sum()) == float(big[::1024].sum())  # touches every page
+        touched = process.memory_info().rss
+        f.release("big")
+        released = process.memory_info().rss
+        assert touched - before > 48 * 2**20 and touched - released > 48 * 2**20
+        assert np.array_equal(view[-5:], big[-5:])  # still valid: read again from the file

@@ -141,6 +141,12 @@ class SafetensorsFile:
             return np.asarray(view)
         return view if view.flags.c_contiguous else view.copy()
 
+    def release(self, name: str) -> None:
+        """A hint that tensor `name`'s bytes are no longer needed: its mapped pages are given back
+        (arrays already handed out stay valid; their pages are read again if touched)."""
+        info = self.header.tensors[name]
+        self._storage.release(self.header.data_start + info.data_offsets[0], info.nbytes)
+
     @property
     def bytes_read(self) -> int:
         """Bytes read from the file so far by the pread backend (0 for mmap)."""

@@ -106,6 +106,9 @@ class PreadStorage(_FileStorage):
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self.read(offset, nbytes)
 
+    def release(self, offset: int, nbytes: int) -> None:
+        """Nothing is mapped: nothing to give back."""
+
 
 class MmapStorage(_FileStorage):
     """Tensor bytes as zero-copy views of a private (copy-on-write) map.
@@ -121,6 +124,14 @@ class MmapStorage(_FileStorage):
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         """A writable uint8 view of the file's bytes; writes stay private."""
         return self._buffer[offset:offset + nbytes]
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop the mapped pages wholly inside the range from this process (they are read again from
+        the file if touched): a pass over a file larger than memory stays bounded. Writes made to
+        them through views are dropped too."""
+        start, end = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE, (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self._map is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         # Views handed out keep the map alive; the map is released with the last of them.

@@ -38,6 +38,10 @@ class SafetensorsSource(TensorSource):
         info = self.file.header.tensors[name]
         return self.file.header.data_start + info.data_offsets[0], info.nbytes
 
+    def release(self, name: str) -> None:
+        if name in self.file.header.tensors:
+            self.file.release(name)
+
     def describe(self) -> str:
         return f"safetensors file, {len(self)} tensors"
 
