@@ -10,6 +10,7 @@ from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
 from .format import RawTensor, SafetensorsFile, TensorInfo
 from .ops.cast import cast
 from .ops.convert import ConvertReport, convert
+from .ops.diff import DiffReport, diff
 from .ops.merge import MergeReport, merge
 from .ops.scan import ScanReport, scan
 from .ops.verify import VerifyReport, verify
@@ -23,6 +24,6 @@ __all__ = [
     "SafeckptError", "HeaderError", "SourceError", "UnsafeFileError",
     "RawTensor", "SafetensorsFile", "TensorInfo", "open_source", "TensorSource",
     "scan", "ScanReport", "convert", "ConvertReport", "cast", "verify", "VerifyReport",
-    "merge", "MergeReport",
+    "diff", "DiffReport", "merge", "MergeReport",
     "CheckpointManager", "CheckpointInfo",
 ]

@@ -350,53 +350,6 @@ def test_console_script(ours, tmp_path):
     assert run_script("--version").stdout.strip() == f"safeckpt, version {safeckpt.__version__}"
 
 
-# --- demo --------------------------------------------------------------------------
-
-def test_demo_runs_green(tmp_path):
-    pytest.importorskip("torch")
-    start = time.perf_counter()
-    result = run_script("demo", "--dir", tmp_path, timeout=120)
-    elapsed = time.perf_counter() - start
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert elapsed < 60
-    assert "checks passed" in result.stdout and "✗" not in result.stdout
-    assert "$ safeckpt inspect model.safetensors" in result.stdout
-    assert "$ safeckpt verify truncated.safetensors" in result.stdout
-    assert "INVALID truncated.safetensors:" in result.stdout
-    assert list(tmp_path.iterdir()) == [], "the demo removes its files unless --keep"
-
-
-def test_demo_keep(tmp_path):
-    pytest.importorskip("torch")
-    result = invoke("demo", "--dir", tmp_path, "--keep")
-    assert result.exit_code == 0, result.output
-    (workdir,) = tmp_path.iterdir()
-    assert (workdir / "model.safetensors").is_file() and f"files kept in {workdir}" in result.stdout
-    assert invoke("verify", workdir / "model.safetensors").exit_code == 0
-
-
-def test_demo_fails_when_a_check_fails(tmp_path, monkeypatch):
-    pytest.importorskip("torch")
-    import safeckpt.torch as sct
-    monkeypatch.setattr(sct, "load_model", lambda model, filename, **kwargs: (set(), []))  # loads nothing
-    result = invoke("demo", "--dir", tmp_path)
-    assert result.exit_code == 1
-    assert "checks failed" in result.stdout and "tensors equal" in result.stdout.split("checks failed")[1]
-
-
-def test_demo_directory_that_cannot_be_made(tmp_path):
-    pytest.importorskip("torch")
-    (tmp_path / "file").write_text("")
-    result = invoke("demo", "--dir", tmp_path / "file" / "sub")
-    assert result.exit_code == 2 and "cannot create the demo's directory" in result.stderr
-
-
-def test_demo_without_torch(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-    result = invoke("demo")
-    assert result.exit_code == 2
-    assert "pip install torch" in result.stderr
-
 
 # --- units ------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import cast, convert, demo, inspect, ls, merge, output, scan, verify
+from . import cast, convert, demo, diff, inspect, ls, merge, output, scan, verify
 
-COMMANDS = (inspect.command, verify.command, demo.command, convert.command, cast.command,
+COMMANDS = (inspect.command, verify.command, demo.command, convert.command, cast.command, diff.command,
             merge.command, scan.command, ls.command)
 
 
