@@ -63,14 +63,20 @@ per thread (numpy releases the GIL), and each block is converted to float64
 once per side (fp16 and 8-bit floats through a table of every bit pattern);
 dot products go through BLAS in rows of `DOT_PIECE` elements, short enough
 that BLAS does not start threads of its own (its threads fight ours for the
-cores) and many enough that numpy lets go of the GIL. Partial sums are added
-in part order, so results do not depend on timing. After each tensor its pages
-are released on both sides: memory stays near one tensor's views plus a few
-blocks per thread.
+cores) and many enough that numpy lets go of the GIL. Three of them per block:
+||a||^2 and ||b||^2 (one call for both) and ||a-b||^2; a.b is then
+(||a||^2 + ||b||^2 - ||a-b||^2) / 2, whose error is a few ulps of
+||a||^2 + ||b||^2: about 1e-16 * (||a||/||b|| + ||b||/||a||) absolute on the
+cosine, negligible unless one norm is orders of magnitude below the other.
+The calling thread takes one part of each tensor and gives back the previous
+tensor's pages while the others start. Partial sums are added in part order,
+so results do not depend on timing. Memory stays near one tensor's views plus
+a few blocks per thread.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -241,6 +247,7 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
         entries: dict[str, DiffEntry] = {}
         with _Comparer(tolerance, threads) as comparer:
             cache: dict[tuple[str, str], DiffEntry] = {}
+            release: Callable[[], None] = _nothing
             for name in plan.compared:
                 key = (side_a.canonical[name], side_b.canonical[name])
                 if key in cache:  # a tie on both sides: the same tensors again
@@ -248,16 +255,16 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
                     continue
                 src_a, src_b = side_a.names[name], side_b.names[name]
                 info_a, info_b = side_a.source.infos[src_a], side_b.source.infos[src_b]
-                try:
-                    entry = comparer.compare(name, side_a.source.read(src_a), side_b.source.read(src_b),
-                                             info_a, info_b)
-                finally:
-                    side_a.source.release(src_a)
-                    side_b.source.release(src_b)
+                # The previous tensor's pages are given back while the threads work on this one
+                # (on failure the sources are closed, which unmaps everything).
+                entry = comparer.compare(name, side_a.source.read(src_a), side_b.source.read(src_b),
+                                         info_a, info_b, meanwhile=release)
+                release = functools.partial(_release, side_a.source, src_a, side_b.source, src_b)
                 cache[key] = entries[name] = entry
                 done += info_a.nbytes + info_b.nbytes
                 if progress is not None:
                     progress(done, total, name)
+            release()
         for name in plan.structural:
             entries[name] = plan.structural[name]
         renamed = renames.find(lambda n, name: progress(done + n, total, name) if progress else None)
@@ -468,7 +475,8 @@ class _Comparer:
     def __init__(self, tolerance: _Tolerance, threads: int) -> None:
         self.tolerance = tolerance
         self.threads = threads
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="safeckpt-diff") if threads > 1 else None
+        # The calling thread takes a part of each tensor itself: the pool has one thread fewer.
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="safeckpt-diff") if threads > 1 else None
         self.local = threading.local()
 
     def __enter__(self) -> "_Comparer":
@@ -479,14 +487,15 @@ class _Comparer:
             self.pool.shutdown()
 
     def compare(self, name: str, a: np.ndarray, b: np.ndarray, info_a: TensorInfo,
-                info_b: TensorInfo) -> DiffEntry:
+                info_b: TensorInfo, meanwhile: Optional[Callable[[], None]] = None) -> DiffEntry:
         same_dtype = info_a.dtype == info_b.dtype
         entry = _entry(name, "changed" if same_dtype else "dtype", info_a, info_b)
         x, y = _flat(a), _flat(b)
         numeric = DTYPES[info_a.dtype].numpy is not None and DTYPES[info_b.dtype].numpy is not None
         parts = self._parts(x.size)
         if same_dtype:
-            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=True, numeric=numeric), parts)
+            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=True, numeric=numeric), parts,
+                              meanwhile)
             if all(equal for equal, _ in found):
                 return self._equal(entry)
             if numeric:  # parts found equal have no sums yet
@@ -494,7 +503,10 @@ class _Comparer:
                 more = iter(self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), redo))
                 found = [(equal, sums if sums is not None else next(more)[1]) for equal, sums in found]
         elif numeric:
-            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), parts)
+            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), parts,
+                              meanwhile)
+        elif meanwhile is not None:
+            meanwhile()
         if not numeric:
             entry.note = "no numpy type for this dtype: compared as bytes only"
             if self.tolerance.given:
@@ -537,10 +549,20 @@ class _Comparer:
         per = max(1, -(-per // DOT_PIECE) * DOT_PIECE)  # whole rows for the dot products
         return [slice(start, min(start + per, n)) for start in range(0, max(n, 1), per)]
 
-    def _map(self, work: Callable[[slice], Any], parts: Sequence[slice]) -> list:
-        if self.pool is None or len(parts) < 2:
+    def _map(self, work: Callable[[slice], Any], parts: Sequence[slice],
+             meanwhile: Optional[Callable[[], None]] = None) -> list:
+        """`work` over the parts: the first on this thread, the others on the pool; `meanwhile`
+        runs on this thread once they are under way."""
+        others = [self.pool.submit(work, part) for part in parts[1:]] if self.pool is not None else []
+        if meanwhile is not None:
+            meanwhile()
+        if self.pool is None or not parts:
             return [work(part) for part in parts]
-        return list(self.pool.map(work, parts))
+        try:
+            first = work(parts[0])
+        finally:
+            results = [future.result() for future in others]  # never leave a part running
+        return [first, *results]
 
     def _buffers(self) -> "_Buffers":
         buffers = getattr(self.local, "buffers", None)
@@ -568,12 +590,14 @@ class _Comparer:
         pairs = x.dtype.kind == "c" or y.dtype.kind == "c"
         xr, yr = _real_view(x, pairs), _real_view(y, pairs)
         buffers = self._buffers()
-        a, d = buffers.a[:xr.size], buffers.d[:xr.size]
+        rows = buffers.rows[:, :xr.size]  # A in row 0, B (then A-B) in row 1
+        a, d = rows[0], rows[1]
         _to_float64(xr, a)
         _to_float64(yr, d)
-        aa, bb, ab = _dot(a, a), _dot(d, d), _dot(a, d)
+        aa, bb = _squares(rows)
         np.subtract(a, d, out=d)
         dd = _dot(d, d)
+        ab = (aa + bb - dd) / 2  # one pass fewer (see the module docstring on its accuracy)
         if not math.isfinite(aa + bb + dd):  # a NaN or inf somewhere: the careful path
             _to_float64(yr, d)
             self._nonfinite_block(a, d, pairs, sums)
@@ -622,10 +646,18 @@ class _Buffers:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.a = np.empty(2 * size)  # two floats per complex value
-        self.d = np.empty(2 * size)
+        self.rows = np.empty((2, 2 * size))  # A and B: two floats per complex value
         self.m = np.empty(size)
         self.flags = np.empty(2 * size, dtype=bool)
+
+
+def _release(source_a: TensorSource, name_a: str, source_b: TensorSource, name_b: str) -> None:
+    source_a.release(name_a)
+    source_b.release(name_b)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _globs(value: "Sequence[str] | str | None") -> tuple[str, ...]:
@@ -697,6 +729,19 @@ def _dot(x: np.ndarray, y: np.ndarray) -> float:
         total = math.fsum(float(np.dot(x[i:i + DOT_PIECE], y[i:i + DOT_PIECE]))
                           for i in range(0, whole, DOT_PIECE))
     return total + float(np.dot(x[whole:], y[whole:])) if whole < n else total
+
+
+def _squares(rows: np.ndarray) -> tuple[float, float]:
+    """The squared norms of both rows of a (2, n) array, in one BLAS call (see `_dot`)."""
+    n = rows.shape[1]
+    whole = n - n % DOT_PIECE
+    if _vecdot is None or whole == 0:
+        return _dot(rows[0], rows[0]), _dot(rows[1], rows[1])
+    pieces = rows[:, :whole].reshape(2, -1, DOT_PIECE)
+    totals = _vecdot(pieces, pieces).sum(axis=1)
+    if whole < n:
+        totals += np.einsum("ij,ij->i", rows[:, whole:], rows[:, whole:])
+    return float(totals[0]), float(totals[1])
 
 
 def _count_nonzero(values: np.ndarray) -> int:
