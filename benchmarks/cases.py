@@ -13,6 +13,7 @@ of the same group and variant.
 from __future__ import annotations
 
 import filecmp
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ MODEL = "model.safetensors"
 MODEL_PT = "model.pt"
 MODEL_NPZ = "model.npz"
 SLICE = "slice4096.safetensors"
+# Two more models of the same layout with other values: diffed against MODEL and merged with it.
+MODEL_B = "model_b.safetensors"
+MODEL_C = "model_c.safetensors"
+READ_BUFFER_BYTES = 64 * 1024 * 1024
 SLICE_NAME = "weight"
 SLICE_ROW = 1234
 SLICE_SHAPE = (4096, 4096)
@@ -109,6 +114,8 @@ def setup(cfg: dict) -> Op:
             warnings.simplefilter("ignore")
             np.savez(path(cfg, MODEL_NPZ), **numpy_views(tensors))
         safetensors.torch.save_file({SLICE_NAME: torch.from_numpy(slice_tensor(*SLICE_SHAPE))}, path(cfg, SLICE))
+        for seed, name in ((1, MODEL_B), (2, MODEL_C)):
+            safeckpt.save_file(numpy_state_dict(spec, seed), path(cfg, name))
         ours = path(cfg, "ours-check.safetensors")
         safeckpt.torch.save_file(tensors, ours)
         same = filecmp.cmp(ours, path(cfg, MODEL), shallow=False)
@@ -495,4 +502,115 @@ def ckpt_restore_torch(cfg: dict) -> Op:
         state = torch.load(filename, weights_only=True)
         touch_pages_torch(state["model"].values())
         return state
+    return op
+
+
+# --- the tools: diff, merge, verify, against the I/O they cannot avoid -----------------
+
+def read_files(names: list, cfg: dict, out: "str | None" = None) -> int:
+    """Read files through one buffer (page cache -> user space), copying the last one to `out`."""
+    buffer = bytearray(READ_BUFFER_BYTES)
+    view = memoryview(buffer)
+    total = 0
+    sink = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
+    try:
+        for i, name in enumerate(names):
+            with open(path(cfg, name), "rb", buffering=0) as f:
+                while True:
+                    n = f.readinto(buffer)
+                    if not n:
+                        break
+                    total += n
+                    if sink is not None and i == len(names) - 1:
+                        os.write(sink, view[:n])
+        if sink is not None:
+            os.fsync(sink)
+    finally:
+        if sink is not None:
+            os.close(sink)
+    return total
+
+
+def _sizes(cfg: dict, names: list) -> int:
+    return sum(os.path.getsize(path(cfg, name)) for name in names)
+
+
+@case("diff.ours")
+def diff_ours(cfg: dict) -> Op:
+    from safeckpt.ops.diff import diff
+
+    for name in (MODEL, MODEL_B):
+        warm(cfg, path(cfg, name))
+
+    def op():
+        report = diff(path(cfg, MODEL), path(cfg, MODEL_B))
+        assert not report.identical
+        return Measured(report, {"bytes": _sizes(cfg, [MODEL, MODEL_B])})
+    return op
+
+
+@case("diff.read")
+def diff_read(cfg: dict) -> Op:
+    """The read bandwidth of the two files: every byte copied from the page cache once."""
+    for name in (MODEL, MODEL_B):
+        warm(cfg, path(cfg, name))
+    return lambda: Measured(extras={"bytes": read_files([MODEL, MODEL_B], cfg)})
+
+
+@case("merge.ours")
+def merge_ours(cfg: dict) -> Op:
+    from safeckpt.ops.merge import merge
+
+    inputs = [MODEL, MODEL_B, MODEL_C]
+    for name in inputs:
+        warm(cfg, path(cfg, name))
+    largest = max(math.prod(shape) * (4 if dtype == "F32" else 2) for _, shape, dtype in model_spec(cfg["size"]))
+
+    def op():
+        merge([path(cfg, name) for name in inputs], cfg["out"], method="linear")
+        return Measured(extras={"bytes": _sizes(cfg, inputs) + os.path.getsize(cfg["out"]),
+                                "memory_floor": 256 * 1024 * 1024 + 4 * largest})
+    return op
+
+
+@case("merge.io")
+def merge_io(cfg: dict) -> Op:
+    """Read the three files and write one of them, fsynced: the I/O a merge cannot avoid."""
+    inputs = [MODEL, MODEL_B, MODEL_C]
+    for name in inputs:
+        warm(cfg, path(cfg, name))
+
+    def op():
+        read_files(inputs, cfg, out=cfg["out"])
+        return Measured(extras={"bytes": _sizes(cfg, inputs) + os.path.getsize(cfg["out"])})
+    return op
+
+
+@case("verify.ours")
+def verify_ours(cfg: dict) -> Op:
+    """Check a file against its blake3 manifest (written, untimed, just before)."""
+    from safeckpt.ops.verify import verify
+
+    verify(path(cfg, MODEL), write=True)
+    warm(cfg, path(cfg, MODEL))
+
+    def op():
+        report = verify(path(cfg, MODEL))
+        assert report.ok, report
+        return Measured(extras={"bytes": os.path.getsize(path(cfg, MODEL))})
+    return op
+
+
+@case("verify.sha256")
+def verify_sha256(cfg: dict) -> Op:
+    """hashlib's sha256 of the same file (the Hub's LFS oid), for reference."""
+    import hashlib
+    import mmap
+
+    warm(cfg, path(cfg, MODEL))
+
+    def op():
+        with open(path(cfg, MODEL), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            hashlib.sha256(mapped).hexdigest()
+        return Measured(extras={"bytes": os.path.getsize(path(cfg, MODEL))})
     return op

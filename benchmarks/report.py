@@ -24,7 +24,9 @@ class Comparison:
       "time"      ratio = ours / peer seconds; passes if ratio <= floor
       "speedup"   ratio = ours / peer seconds; passes if ratio <= floor (floor = 1 / required speedup)
       "bandwidth" ratio = our bandwidth / peer bandwidth; passes if ratio >= floor
-      "memory"    ours = extra peak RSS; passes if ours <= floor bytes (peer shown for reference)
+      "memory"    ours = extra peak RSS; passes if ours <= floor bytes (peer shown for reference); a floor
+                  of None is read from the ours case's "memory_floor" (it depends on the model)
+      "throughput" ours = bytes / seconds; passes if ours >= floor GB/s (peer shown for reference)
       "memory_ratio" ratio = ours / peer extra peak RSS; passes if ratio <= floor
       "seconds"   ours = seconds; passes if ours <= floor seconds (peer shown for reference)
       "bytes"     ours = bytes touched; passes if ours <= floor bytes; ratio = ours / peer bytes
@@ -97,6 +99,14 @@ COMPARISONS = [
     Comparison("convert torch .pt -> safetensors: extra peak RSS", "convert.ours",
                "convert.torch_safetensors", "torch.load + safetensors save_file", kind="memory_ratio",
                floor=0.3, floor_text="≤ 0.30× theirs"),
+    Comparison("diff of two checkpoints (float64 stats)", "diff.ours", "diff.read",
+               "reading both files", kind="bandwidth", floor=0.7, floor_text="≥ 0.70× read bandwidth"),
+    Comparison("merge --method linear of three checkpoints", "merge.ours", "merge.io",
+               "reading 3 + writing 1", kind="bandwidth", floor=0.7, floor_text="≥ 0.70× that bandwidth"),
+    Comparison("merge --method linear: extra peak RSS", "merge.ours", "merge.io", "reading 3 + writing 1",
+               kind="memory", floor=None, floor_text="≤ 256 MiB + 4 × largest tensor"),
+    Comparison("verify (blake3 manifest check): hashing", "verify.ours", "verify.sha256",
+               "hashlib sha256 (reference)", kind="throughput", floor=1.5, floor_text="≥ 1.5 GB/s"),
 ]
 
 
@@ -108,6 +118,12 @@ def median(results: Results, case: str, key: str) -> Optional[float]:
 def best(results: Results, case: str) -> Optional[float]:
     values = [r["seconds"] for r in results.get(case, [])]
     return min(values) if values else None
+
+
+def _rate(results: Results, case: str) -> Optional[float]:
+    """Bytes per second, from the median time."""
+    seconds, nbytes = median(results, case, "seconds"), median(results, case, "bytes")
+    return nbytes / seconds if seconds and nbytes else None
 
 
 def _seconds(value: Optional[float]) -> str:
@@ -134,11 +150,20 @@ def evaluate(comparison: Comparison, results: Results) -> Row:
         ours, peer = median(results, c.ours, "peak_extra"), median(results, c.peer, "peak_extra")
         ours_text = "error" if ours is None else human_bytes(ours)
         peer_text = "error" if peer is None else human_bytes(peer)
-        if c.kind == "memory" and ours is not None:
-            verdict = "pass" if ours <= c.floor else "FAIL"
+        floor = c.floor if c.floor is not None else median(results, c.ours, "memory_floor")
+        if c.kind == "memory" and ours is not None and floor is not None:
+            verdict = "pass" if ours <= floor else "FAIL"
         elif ours is not None and peer:
             ratio_text = f"{ours / peer:.2f}×"
             verdict = "pass" if ours / peer <= c.floor else "FAIL"
+    elif c.kind == "throughput":
+        ours_rate, peer_rate = (_rate(results, case) for case in (c.ours, c.peer))
+        ours = ours_rate
+        peer = peer_rate
+        ours_text = "error" if ours_rate is None else f"{ours_rate / 1e9:.2f} GB/s"
+        peer_text = "error" if peer_rate is None else f"{peer_rate / 1e9:.2f} GB/s"
+        if ours_rate is not None:
+            verdict = "pass" if ours_rate / 1e9 >= c.floor else "FAIL"
     elif c.kind == "seconds":
         ours, peer = median(results, c.ours, "seconds"), median(results, c.peer, "seconds")
         ours_text, peer_text = _seconds(ours), _seconds(peer)

@@ -103,32 +103,32 @@ def spec_bytes(spec: Spec) -> Dict[str, int]:
 
 
 _PATTERN_BYTES = 1 * MiB
-_PATTERNS: Dict[str, np.ndarray] = {}
+_PATTERNS: Dict[Tuple[str, int], np.ndarray] = {}
 
 
-def _pattern(dtype: str) -> np.ndarray:
-    """1 MiB of small normal values of `dtype`, as bytes."""
-    if dtype not in _PATTERNS:
-        rng = np.random.default_rng(0)
+def _pattern(dtype: str, seed: int = 0) -> np.ndarray:
+    """1 MiB of small normal values of `dtype`, as bytes (another `seed`: other values)."""
+    if (dtype, seed) not in _PATTERNS:
+        rng = np.random.default_rng(seed)
         values = (rng.standard_normal(_PATTERN_BYTES // ITEMSIZE[dtype], dtype=np.float32) * 0.02)
-        _PATTERNS[dtype] = values.astype(NUMPY_DTYPES[dtype]).view(np.uint8)
-    return _PATTERNS[dtype]
+        _PATTERNS[dtype, seed] = values.astype(NUMPY_DTYPES[dtype]).view(np.uint8)
+    return _PATTERNS[dtype, seed]
 
 
-def fill(raw: np.ndarray, dtype: str) -> None:
+def fill(raw: np.ndarray, dtype: str, seed: int = 0) -> None:
     """Write the pattern of `dtype` over the flat uint8 array `raw`, in place (no temporaries)."""
-    pattern = _pattern(dtype)
+    pattern = _pattern(dtype, seed)
     for start in range(0, raw.size, pattern.size):
         chunk = raw[start:start + pattern.size]
         chunk[...] = pattern[:chunk.size]
 
 
-def numpy_state_dict(spec: Spec) -> Dict[str, np.ndarray]:
-    """The spec as numpy arrays (bf16 from ml_dtypes), every page written."""
+def numpy_state_dict(spec: Spec, seed: int = 0) -> Dict[str, np.ndarray]:
+    """The spec as numpy arrays (bf16 from ml_dtypes), every page written; `seed` picks the values."""
     tensors = {}
     for name, shape, dtype in spec:
         array = np.empty(shape, dtype=NUMPY_DTYPES[dtype])
-        fill(array.reshape(-1).view(np.uint8), dtype)
+        fill(array.reshape(-1).view(np.uint8), dtype, seed)
         tensors[name] = array
     return tensors
 

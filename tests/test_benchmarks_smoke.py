@@ -22,7 +22,9 @@ def test_quick_benchmark_prints_the_table():
     assert "| operation | vs | ours | theirs | ratio | ratio of bests | floor | result |" in done.stdout
     for row in ("save_file, torch dict", "save_file, numpy dict", "load_file torch, lazy",
                 "load_file torch + read every page", "numpy load_file", "load_file(copy=True) bandwidth",
-                "get_slice one row, pread: bytes read", "get_slice one row, mmap: pages resident"):
+                "get_slice one row, pread: bytes read", "get_slice one row, mmap: pages resident",
+                "diff of two checkpoints (float64 stats)", "merge --method linear of three checkpoints",
+                "merge --method linear: extra peak RSS", "verify (blake3 manifest check): hashing"):
         assert f"| {row} |" in done.stdout
     assert "error" not in done.stdout
     assert "byte-identical: yes" in done.stdout
