@@ -8,7 +8,7 @@ wrong, and end with what to do where there is something to do.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 
 # A tensor name longer than this is cut in messages (it is kept whole in `.tensor`),
@@ -197,6 +197,19 @@ class UnsafeFileError(SafeckptError, ValueError):
 
     def __init__(self, detail: str, *, report=None, **kwargs) -> None:
         self.report = report
+        super().__init__(detail, **kwargs)
+
+
+# --- merging (ops/merge.py) --------------------------------------------------
+
+class IncompatibleInputsError(SafeckptError, ValueError):
+    """The inputs cannot be merged: tensors with different shapes, or missing from some inputs.
+
+    `offenders` lists every tensor at fault, one line each.
+    """
+
+    def __init__(self, detail: str, *, offenders: Sequence[str] = (), **kwargs) -> None:
+        self.offenders = list(offenders)
         super().__init__(detail, **kwargs)
 
 

@@ -87,6 +87,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .. import errors
+from ..errors import IncompatibleInputsError
 from ..format import writer
 from ..format.dtypes import DTYPES
 from ..format.storage import read_exactly
@@ -118,17 +119,6 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 LOOKAHEAD = 2 * WORKERS + 2
 # Offenders listed in an incompatibility error (all are in `.offenders`).
 LISTED_OFFENDERS = 20
-
-
-class IncompatibleInputsError(errors.SafeckptError, ValueError):
-    """The inputs cannot be merged: tensors with different shapes, or missing from some inputs.
-
-    `offenders` lists every tensor at fault, one line each.
-    """
-
-    def __init__(self, detail: str, *, offenders: Sequence[str] = (), **kwargs) -> None:
-        self.offenders = list(offenders)
-        super().__init__(detail, **kwargs)
 
 
 @dataclass
