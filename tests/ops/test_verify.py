@@ -12,10 +12,11 @@ import pytest
 
 import safeckpt
 from safeckpt import errors
-from safeckpt.ops import verify as verify_module
+from safeckpt.ops import range_hash
 from safeckpt.ops.verify import (LfsPointer, load_manifest, manifest_path, parse_lfs_pointer, read_lfs_pointer,
                                  sha256_file, verify)
 from safeckpt.ops.integrity import root_hash
+from safeckpt.sources.base import mapped
 
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch", reason="the safetensors oracle is not installed")
@@ -395,9 +396,9 @@ def test_a_pointer_with_extensions_parses():
 # --- the hashing engine --------------------------------------------------------------------
 
 def test_range_hashes_match_blake3_on_every_path(monkeypatch, tmp_path):
-    monkeypatch.setattr(verify_module, "BATCH_BYTES", 4096)  # small batches, and "large" ranges in blocks
-    monkeypatch.setattr(verify_module, "BATCH_RANGES", 7)
-    monkeypatch.setattr(verify_module, "HASH_BLOCK_BYTES", 10_000)
+    monkeypatch.setattr(range_hash, "BATCH_BYTES", 4096)  # small batches, and "large" ranges in blocks
+    monkeypatch.setattr(range_hash, "BATCH_RANGES", 7)
+    monkeypatch.setattr(range_hash, "HASH_BLOCK_BYTES", 10_000)
     rng = np.random.default_rng(1)
     path = tmp_path / "data.bin"
     path.write_bytes(rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes())
@@ -405,10 +406,10 @@ def test_range_hashes_match_blake3_on_every_path(monkeypatch, tmp_path):
     cuts = np.sort(rng.choice(len(data), 60, replace=False)).tolist()
     ranges = list(zip([0] + cuts, cuts + [len(data)])) + [(5, 5), (100, 90_000), (0, len(data))]
     seen = []
-    meter = verify_module._Meter(lambda done, total, name: seen.append(done))
-    with verify_module.mapped(str(path)) as mapping:
-        digests = list(verify_module._range_digests(mapping, ranges, meter, "data.bin"))
-        early = verify_module._range_digests(mapping, ranges, verify_module._Meter(None), "data.bin")
+    meter = range_hash.Meter(lambda done, total, name: seen.append(done))
+    with mapped(str(path)) as mapping:
+        digests = list(range_hash.range_digests(mapping, ranges, meter, "data.bin"))
+        early = range_hash.range_digests(mapping, ranges, range_hash.Meter(None), "data.bin")
         assert next(early) == b3(data[ranges[0][0]:ranges[0][1]])
         early.close()  # stopping early cancels the rest
     assert digests == [b3(data[begin:end]) for begin, end in ranges]

@@ -49,8 +49,9 @@ MANIFEST_SCHEMA_VERSION = 1
 # Inputs smaller than this are hashed on the calling thread: starting the
 # worker threads costs more than it saves.
 PARALLEL_BYTES = 1 << 20
-_SELF_HASH_KEY = "manifest_blake3"
-_SELF_HASH_MARK = b',\n "' + _SELF_HASH_KEY.encode() + b'": "'
+# The manifest's last member: the hash of every byte before it.
+SELF_HASH_KEY = "manifest_blake3"
+_SELF_HASH_MARK = b',\n "' + SELF_HASH_KEY.encode() + b'": "'
 _SELF_HASH_END = b'"\n}\n'
 _HEX_DIGITS = 64
 
@@ -223,11 +224,21 @@ def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
         raise IntegrityError(f"is not a safeckpt manifest (no \"format\": {MANIFEST_FORMAT!r}); move this "
                              "directory away", path=path)
-    if document.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-        raise IntegrityError(f"has schema version {document.get('schema_version')!r}; this safeckpt reads "
-                             f"version {MANIFEST_SCHEMA_VERSION}: upgrade safeckpt", path=path)
-    document.pop(_SELF_HASH_KEY, None)
+    check_schema_version(document, MANIFEST_SCHEMA_VERSION, path)
+    document.pop(SELF_HASH_KEY, None)
     return document
+
+
+def check_schema_version(document: Mapping[str, Any], version: int, path: str) -> None:
+    """IntegrityError naming `path` unless the manifest's ``"schema_version"`` is `version`.
+
+    >>> check_schema_version({"schema_version": 2}, 1, "manifest.json")
+    Traceback (most recent call last):
+    safeckpt.errors.IntegrityError: manifest.json: has schema version 2; this safeckpt reads version 1: ...
+    """
+    if document.get("schema_version") != version:
+        raise IntegrityError(f"has schema version {document.get('schema_version')!r}; this safeckpt reads "
+                             f"version {version}: upgrade safeckpt", path=path)
 
 
 def check_file(data, entry: Mapping[str, Any], path: str) -> None:
