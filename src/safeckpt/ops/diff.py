@@ -68,8 +68,8 @@ cores) and many enough that numpy lets go of the GIL. Three of them per block:
 (||a||^2 + ||b||^2 - ||a-b||^2) / 2, whose error is a few ulps of
 ||a||^2 + ||b||^2: about 1e-16 * (||a||/||b|| + ||b||/||a||) absolute on the
 cosine, negligible unless one norm is orders of magnitude below the other.
-The calling thread takes one part of each tensor and gives back the previous
-tensor's pages while the others start. Partial sums are added in part order,
+The calling thread takes one part of each tensor; a thread of its own gives back
+each tensor's pages (madvise) while the next one is compared. Partial sums are added in part order,
 so results do not depend on timing. Memory stays near one tensor's views plus
 a few blocks per thread.
 """
@@ -247,7 +247,6 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
         entries: dict[str, DiffEntry] = {}
         with _Comparer(tolerance, threads) as comparer:
             cache: dict[tuple[str, str], DiffEntry] = {}
-            release: Callable[[], None] = _nothing
             for name in plan.compared:
                 key = (side_a.canonical[name], side_b.canonical[name])
                 if key in cache:  # a tie on both sides: the same tensors again
@@ -255,16 +254,14 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
                     continue
                 src_a, src_b = side_a.names[name], side_b.names[name]
                 info_a, info_b = side_a.source.infos[src_a], side_b.source.infos[src_b]
-                # The previous tensor's pages are given back while the threads work on this one
-                # (on failure the sources are closed, which unmaps everything).
                 entry = comparer.compare(name, side_a.source.read(src_a), side_b.source.read(src_b),
-                                         info_a, info_b, meanwhile=release)
-                release = functools.partial(_release, side_a.source, src_a, side_b.source, src_b)
+                                         info_a, info_b)
+                # Its pages are given back on a thread of their own while the next tensor is compared.
+                comparer.release(functools.partial(_release, side_a.source, src_a, side_b.source, src_b))
                 cache[key] = entries[name] = entry
                 done += info_a.nbytes + info_b.nbytes
                 if progress is not None:
                     progress(done, total, name)
-            release()
         for name in plan.structural:
             entries[name] = plan.structural[name]
         renamed = renames.find(lambda n, name: progress(done + n, total, name) if progress else None)
@@ -477,6 +474,8 @@ class _Comparer:
         self.threads = threads
         # The calling thread takes a part of each tensor itself: the pool has one thread fewer.
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="safeckpt-diff") if threads > 1 else None
+        # Giving pages back (madvise) costs a tenth of a diff: done beside the comparing threads.
+        self.releaser = ThreadPoolExecutor(1, thread_name_prefix="safeckpt-diff-release")
         self.local = threading.local()
 
     def __enter__(self) -> "_Comparer":
@@ -485,17 +484,22 @@ class _Comparer:
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+        self.releaser.shutdown()
+
+    def release(self, work: Callable[[], None]) -> None:
+        """Run `work` (giving back a tensor's pages) on the release thread; a failure there is not
+        a difference, so its errors are dropped (the sources are closed, and unmapped, in the end)."""
+        self.releaser.submit(work)
 
     def compare(self, name: str, a: np.ndarray, b: np.ndarray, info_a: TensorInfo,
-                info_b: TensorInfo, meanwhile: Optional[Callable[[], None]] = None) -> DiffEntry:
+                info_b: TensorInfo) -> DiffEntry:
         same_dtype = info_a.dtype == info_b.dtype
         entry = _entry(name, "changed" if same_dtype else "dtype", info_a, info_b)
         x, y = _flat(a), _flat(b)
         numeric = DTYPES[info_a.dtype].numpy is not None and DTYPES[info_b.dtype].numpy is not None
         parts = self._parts(x.size)
         if same_dtype:
-            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=True, numeric=numeric), parts,
-                              meanwhile)
+            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=True, numeric=numeric), parts)
             if all(equal for equal, _ in found):
                 return self._equal(entry)
             if numeric:  # parts found equal have no sums yet
@@ -503,10 +507,7 @@ class _Comparer:
                 more = iter(self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), redo))
                 found = [(equal, sums if sums is not None else next(more)[1]) for equal, sums in found]
         elif numeric:
-            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), parts,
-                              meanwhile)
-        elif meanwhile is not None:
-            meanwhile()
+            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), parts)
         if not numeric:
             entry.note = "no numpy type for this dtype: compared as bytes only"
             if self.tolerance.given:
@@ -549,13 +550,9 @@ class _Comparer:
         per = max(1, -(-per // DOT_PIECE) * DOT_PIECE)  # whole rows for the dot products
         return [slice(start, min(start + per, n)) for start in range(0, max(n, 1), per)]
 
-    def _map(self, work: Callable[[slice], Any], parts: Sequence[slice],
-             meanwhile: Optional[Callable[[], None]] = None) -> list:
-        """`work` over the parts: the first on this thread, the others on the pool; `meanwhile`
-        runs on this thread once they are under way."""
+    def _map(self, work: Callable[[slice], Any], parts: Sequence[slice]) -> list:
+        """`work` over the parts: the first on this thread, the others on the pool."""
         others = [self.pool.submit(work, part) for part in parts[1:]] if self.pool is not None else []
-        if meanwhile is not None:
-            meanwhile()
         if self.pool is None or not parts:
             return [work(part) for part in parts]
         try:
@@ -654,10 +651,6 @@ class _Buffers:
 def _release(source_a: TensorSource, name_a: str, source_b: TensorSource, name_b: str) -> None:
     source_a.release(name_a)
     source_b.release(name_b)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _globs(value: "Sequence[str] | str | None") -> tuple[str, ...]:
