@@ -109,7 +109,7 @@ def test_many_blocks_and_parts_give_the_same_stats(tmp_path, monkeypatch, thread
         monkeypatch.setattr(diff_module, "_vecdot", None)
     monkeypatch.setattr(diff_module, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(diff_module, "DOT_PIECE", 16)
-    monkeypatch.setattr(diff_module, "PART_MIN_ELEMENTS", 100)
+    monkeypatch.setattr(diff_module, "PART_ELEMENTS", 100)
     rng = np.random.default_rng(1)
     a = {"w": rng.standard_normal(1000).astype(np.float32), "c": rng.standard_normal(300).astype(np.complex64),
          "tail": np.arange(700, dtype=np.float64), "same": np.ones(500, np.float32)}

@@ -68,21 +68,23 @@ cores) and many enough that numpy lets go of the GIL. Three of them per block:
 (||a||^2 + ||b||^2 - ||a-b||^2) / 2, whose error is a few ulps of
 ||a||^2 + ||b||^2: about 1e-16 * (||a||/||b|| + ||b||/||a||) absolute on the
 cosine, negligible unless one norm is orders of magnitude below the other.
-The calling thread takes one part of each tensor; a thread of its own gives back
-each tensor's pages (madvise) while the next one is compared. Partial sums are added in part order,
+Tensors are cut into parts of at most `PART_ELEMENTS` and queued a few tensors
+ahead, so the threads share large tensors, take small ones in turn and never wait
+for each other; the calling thread collects results in order and gives back each
+finished tensor's pages while the threads work on. Partial sums are added in part order,
 so results do not depend on timing. Memory stays near one tensor's views plus
 a few blocks per thread.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import math
 import numbers
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -104,9 +106,11 @@ STRUCTURAL = frozenset({"dtype", "shape", "renamed", "only_a", "only_b"})
 # the dozen numpy calls per block cost little next to the work (measured: 64K to 1M elements
 # are within 20%, 256K the fastest).
 BLOCK_ELEMENTS = 256 * 1024
-# A tensor is split between threads only into parts at least this long (a part costs a
-# hand-over to a thread, tens of microseconds).
-PART_MIN_ELEMENTS = 64 * 1024
+# Elements of one piece of work handed to a thread: tensors are cut into parts this long (a
+# smaller tensor is one part), so the threads share large tensors and take small ones in turn.
+PART_ELEMENTS = 4 * 1024 * 1024
+# Tensors queued ahead of the one being finished: the threads never wait for each other.
+TENSORS_IN_FLIGHT = 4
 # Length of the rows handed to BLAS for dot products (np.vecdot over a block cut into rows).
 # Short rows for two reasons: OpenBLAS starts threads of its own for a dot of more than
 # 10,000 elements, and with ours already on every core the two pools fighting made a diff
@@ -246,22 +250,36 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
         done = 0
         entries: dict[str, DiffEntry] = {}
         with _Comparer(tolerance, threads) as comparer:
-            cache: dict[tuple[str, str], DiffEntry] = {}
-            for name in plan.compared:
-                key = (side_a.canonical[name], side_b.canonical[name])
-                if key in cache:  # a tie on both sides: the same tensors again
-                    entries[name] = _copy_as(cache[key], name)
-                    continue
-                src_a, src_b = side_a.names[name], side_b.names[name]
-                info_a, info_b = side_a.source.infos[src_a], side_b.source.infos[src_b]
-                entry = comparer.compare(name, side_a.source.read(src_a), side_b.source.read(src_b),
-                                         info_a, info_b)
-                # Its pages are given back on a thread of their own while the next tensor is compared.
-                comparer.release(functools.partial(_release, side_a.source, src_a, side_b.source, src_b))
-                cache[key] = entries[name] = entry
-                done += info_a.nbytes + info_b.nbytes
+            first_of: dict[tuple[str, str], str] = {}  # a tie on both sides is compared once
+            ties: dict[str, str] = {}
+            in_flight: collections.deque = collections.deque()
+
+            def finish_one() -> None:
+                nonlocal done
+                name, pending, source_names = in_flight.popleft()
+                entries[name] = comparer.finish(pending)
+                _release(side_a.source, source_names[0], side_b.source, source_names[1])
+                done += pending.nbytes
                 if progress is not None:
                     progress(done, total, name)
+
+            for name in plan.compared:
+                key = (side_a.canonical[name], side_b.canonical[name])
+                if key in first_of:
+                    ties[name] = first_of[key]
+                    continue
+                first_of[key] = name
+                src_a, src_b = side_a.names[name], side_b.names[name]
+                info_a, info_b = side_a.source.infos[src_a], side_b.source.infos[src_b]
+                pending = comparer.submit(name, side_a.source.read(src_a), side_b.source.read(src_b),
+                                          info_a, info_b)
+                in_flight.append((name, pending, (src_a, src_b)))
+                while len(in_flight) > TENSORS_IN_FLIGHT:
+                    finish_one()
+            while in_flight:
+                finish_one()
+            for name, first in ties.items():
+                entries[name] = _copy_as(entries[first], name)
         for name in plan.structural:
             entries[name] = plan.structural[name]
         renamed = renames.find(lambda n, name: progress(done + n, total, name) if progress else None)
@@ -466,16 +484,31 @@ class _Sums:
         self.abs_max = max(self.abs_max, other.abs_max)
 
 
+@dataclass
+class _Pending:
+    """A tensor pair whose parts are queued: each part's (bytes equal, sums) or its future."""
+
+    entry: DiffEntry
+    x: np.ndarray
+    y: np.ndarray
+    parts: list[slice]
+    found: list
+    numeric: bool
+    nbytes: int
+
+
 class _Comparer:
-    """Compares tensor pairs block by block on a pool of threads."""
+    """Compares tensor pairs block by block on a pool of threads.
+
+    `submit` cuts a pair into parts and queues them; `finish` waits for them and
+    gives the entry. Several tensors are queued at once, so the threads never wait
+    for each other at the end of a tensor.
+    """
 
     def __init__(self, tolerance: _Tolerance, threads: int) -> None:
         self.tolerance = tolerance
         self.threads = threads
-        # The calling thread takes a part of each tensor itself: the pool has one thread fewer.
-        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="safeckpt-diff") if threads > 1 else None
-        # Giving pages back (madvise) costs a tenth of a diff: done beside the comparing threads.
-        self.releaser = ThreadPoolExecutor(1, thread_name_prefix="safeckpt-diff-release")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="safeckpt-diff") if threads > 1 else None
         self.local = threading.local()
 
     def __enter__(self) -> "_Comparer":
@@ -483,32 +516,32 @@ class _Comparer:
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
-        self.releaser.shutdown()
+            self.pool.shutdown(cancel_futures=True)
 
-    def release(self, work: Callable[[], None]) -> None:
-        """Run `work` (giving back a tensor's pages) on the release thread; a failure there is not
-        a difference, so its errors are dropped (the sources are closed, and unmapped, in the end)."""
-        self.releaser.submit(work)
-
-    def compare(self, name: str, a: np.ndarray, b: np.ndarray, info_a: TensorInfo,
-                info_b: TensorInfo) -> DiffEntry:
+    def submit(self, name: str, a: np.ndarray, b: np.ndarray, info_a: TensorInfo,
+               info_b: TensorInfo) -> "_Pending":
         same_dtype = info_a.dtype == info_b.dtype
         entry = _entry(name, "changed" if same_dtype else "dtype", info_a, info_b)
         x, y = _flat(a), _flat(b)
         numeric = DTYPES[info_a.dtype].numpy is not None and DTYPES[info_b.dtype].numpy is not None
         parts = self._parts(x.size)
-        if same_dtype:
-            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=True, numeric=numeric), parts)
+        bytes_first = same_dtype
+        if not same_dtype and not numeric:
+            parts = []  # nothing to compare: bytes differ in meaning, no numbers to compute
+        found = [self._run(self._part, x[r], y[r], bytes_first=bytes_first, numeric=numeric) for r in parts]
+        return _Pending(entry, x, y, parts, found, numeric, info_a.nbytes + info_b.nbytes)
+
+    def finish(self, pending: "_Pending") -> DiffEntry:
+        entry, x, y = pending.entry, pending.x, pending.y
+        found = [f.result() if isinstance(f, Future) else f for f in pending.found]
+        if entry.status == "changed":
             if all(equal for equal, _ in found):
                 return self._equal(entry)
-            if numeric:  # parts found equal have no sums yet
-                redo = [r for r, (_, sums) in zip(parts, found) if sums is None]
-                more = iter(self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), redo))
-                found = [(equal, sums if sums is not None else next(more)[1]) for equal, sums in found]
-        elif numeric:
-            found = self._map(lambda r: self._part(x[r], y[r], bytes_first=False, numeric=True), parts)
-        if not numeric:
+            if pending.numeric:  # parts found equal have no sums yet
+                found = [(equal, sums) if sums is not None else
+                         self._part(x[r], y[r], bytes_first=False, numeric=True)
+                         for r, (equal, sums) in zip(pending.parts, found)]
+        if not pending.numeric:
             entry.note = "no numpy type for this dtype: compared as bytes only"
             if self.tolerance.given:
                 entry.within_tolerance = False
@@ -517,6 +550,11 @@ class _Comparer:
         for _, sums in found:
             total.add(sums)
         return self._stats(entry, total)
+
+    def _run(self, work: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self.pool is None:
+            return work(*args, **kwargs)
+        return self.pool.submit(work, *args, **kwargs)
 
     def _equal(self, entry: DiffEntry) -> DiffEntry:
         entry.status = "equal"
@@ -544,22 +582,12 @@ class _Comparer:
 
     # -- splitting the work
     def _parts(self, n: int) -> list[slice]:
-        """One contiguous range per thread (none shorter than `PART_MIN_ELEMENTS`)."""
-        count = max(1, min(self.threads, n // PART_MIN_ELEMENTS))
-        per = -(-n // count)
-        per = max(1, -(-per // DOT_PIECE) * DOT_PIECE)  # whole rows for the dot products
+        """Contiguous ranges of at most `PART_ELEMENTS` (whole rows for the dot products): small
+        tensors are one part, large ones are shared by the threads."""
+        per = max(PART_ELEMENTS // DOT_PIECE * DOT_PIECE, DOT_PIECE)
+        if self.threads > 1 and n > PART_ELEMENTS:  # large: at least a part per thread
+            per = min(per, max(-(-n // self.threads // DOT_PIECE) * DOT_PIECE, DOT_PIECE))
         return [slice(start, min(start + per, n)) for start in range(0, max(n, 1), per)]
-
-    def _map(self, work: Callable[[slice], Any], parts: Sequence[slice]) -> list:
-        """`work` over the parts: the first on this thread, the others on the pool."""
-        others = [self.pool.submit(work, part) for part in parts[1:]] if self.pool is not None else []
-        if self.pool is None or not parts:
-            return [work(part) for part in parts]
-        try:
-            first = work(parts[0])
-        finally:
-            results = [future.result() for future in others]  # never leave a part running
-        return [first, *results]
 
     def _buffers(self) -> "_Buffers":
         buffers = getattr(self.local, "buffers", None)
