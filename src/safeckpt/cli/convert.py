@@ -18,7 +18,7 @@ from ..errors import SafeckptError, UnsafeFileError
 from ..ops.convert import ConvertReport, convert
 from ..sources import open_source
 from . import output
-from .output import Column, grouped, human_bytes, printable
+from .output import grouped, human_bytes, printable
 
 # Rows of the overflow table and names of skipped tensors shown (all of them with --json).
 SHOWN_ROWS = 20
@@ -65,9 +65,7 @@ def _summary(report: ConvertReport, verb: str = "converted") -> None:
         if counts:
             console.print(f"warning: values {what} in {len(counts)} tensors cast to {report.cast}:",
                           markup=False)
-            rows = sorted(counts.items(), key=lambda item: -item[1])[:SHOWN_ROWS]
-            output.print_table(console, (Column("tensor"), Column("values", right=True)),
-                               [(printable(name), grouped(count)) for name, count in rows])
+            output.print_counts(console, counts, SHOWN_ROWS)
 
 
 @click.command("convert", short_help="Convert any checkpoint to safetensors; nothing in it is executed.",

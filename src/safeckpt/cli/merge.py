@@ -18,7 +18,7 @@ import click
 from ..errors import SafeckptError, UnsafeFileError
 from ..ops.merge import DEFAULT_DENSITY, METHODS, IncompatibleInputsError, MergeReport, merge
 from . import output
-from .output import Column, grouped, human_bytes, printable
+from .output import grouped, human_bytes, printable
 
 # Rows of the overflow table and names listed in a line (all of them with --json).
 SHOWN_ROWS = 20
@@ -74,9 +74,7 @@ def _summary(report: MergeReport) -> None:
     if report.overflow:
         console.print(f"warning: values overflowed their dtype in {len(report.overflow)} tensors "
                       "(now ±inf, or ±max for F8_E4M3):", markup=False)
-        rows = sorted(report.overflow.items(), key=lambda item: -item[1])[:SHOWN_ROWS]
-        output.print_table(console, (Column("tensor"), Column("values", right=True)),
-                           [(printable(name), grouped(count)) for name, count in rows])
+        output.print_counts(console, report.overflow, SHOWN_ROWS)
 
 
 def _fail(code: int, exc: BaseException, message: str, as_json: bool) -> None:

@@ -140,6 +140,13 @@ def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequ
         console.file.flush()
 
 
+def print_counts(console: Console, counts: dict[str, int], shown: int) -> None:
+    """A table of tensor -> count (values that overflowed, ...), largest first, `shown` rows at most."""
+    rows = sorted(counts.items(), key=lambda item: -item[1])[:shown]
+    print_table(console, (Column("tensor"), Column("values", right=True)),
+                [(printable(name), grouped(count)) for name, count in rows])
+
+
 def _rich_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:

@@ -57,7 +57,7 @@ from ..format.dtypes import DTYPES
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
 from .guard import check_safety, files_read, open_checked
-from .selection import Choice, choose_tensors, first_items, matches, tied_names
+from .selection import Choice, choose_tensors, first_items, matches, name_globs, tied_names
 from .sink import OutputTensor, parse_size, write_safetensors
 
 # --- limits and names --------------------------------------------------------------
@@ -129,8 +129,8 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     target = casting.target_dtype(dtype) if dtype is not None else None
     if shard_size is not None:
         parse_size(shard_size)  # a bad size is refused before anything is read
-    select, exclude = _globs(select, "select"), _globs(exclude, "exclude")
-    cast_select, cast_exclude = _globs(cast_select, "cast_select"), _globs(cast_exclude, "cast_exclude")
+    select, exclude = name_globs(select, "select"), name_globs(exclude, "exclude")
+    cast_select, cast_exclude = name_globs(cast_select, "cast_select"), name_globs(cast_exclude, "cast_exclude")
     if ema not in (None, "drop", "only"):
         raise errors.SafeckptError(f"ema must be None, 'drop' or 'only', not {ema!r}")
     user_metadata = writer.check_metadata(metadata, dst)
@@ -408,15 +408,6 @@ def _digest(hasher: "_SourceHash", path: str) -> str:
 
 # --- helpers -----------------------------------------------------------------------
 
-def _globs(value: "Sequence[str] | str | None", what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    globs = tuple(value)
-    if not all(isinstance(g, str) for g in globs):
-        raise errors.SafeckptError(f"{what} must be a list of name globs (strings), got {value!r}")
-    return globs
 
 
 __all__ = ["convert", "ConvertReport", "Choice", "choose_tensors", "parse_size", "MAX_TREE_JSON_BYTES"]

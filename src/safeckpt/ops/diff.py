@@ -94,7 +94,7 @@ from .. import errors
 from ..format.dtypes import DTYPES
 from ..sources.base import TensorInfo, TensorSource
 from .integrity import hash_bytes
-from .selection import choose_tensors, matches, tied_names
+from .selection import choose_tensors, matches, name_globs, tied_names
 
 __all__ = ["DiffEntry", "DiffReport", "diff", "STATUSES"]
 
@@ -242,7 +242,7 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
     started = time.perf_counter()
     tolerance = _Tolerance.of(atol, rtol)
     threads = _thread_count(threads)
-    globs = (_globs(select), _globs(exclude))
+    globs = (name_globs(select, "select"), name_globs(exclude, "exclude"))
     with _Side.open(a, extract, "A", globs) as side_a, _Side.open(b, extract, "B", globs) as side_b:
         plan = _Plan.make(side_a, side_b)
         renames = _Renames(side_a, side_b, plan)
@@ -680,10 +680,6 @@ class _Buffers:
 def _release(source_a: TensorSource, name_a: str, source_b: TensorSource, name_b: str) -> None:
     source_a.release(name_a)
     source_b.release(name_b)
-
-
-def _globs(value: "Sequence[str] | str | None") -> tuple[str, ...]:
-    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
 def _flat(array: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from .. import errors
 from ..sources.base import TensorSource
 
-__all__ = ["Choice", "choose_tensors", "tied_names", "first_items", "matches"]
+__all__ = ["Choice", "choose_tensors", "tied_names", "first_items", "matches", "name_globs"]
 
 EMA_PREFIX = "model_ema."
 MODEL_PREFIX = "model."
@@ -71,6 +71,22 @@ def choose_tensors(source: TensorSource, *, extract: Optional[str] = "auto", ema
     used = set(names.values())
     skipped = [name for name in source.infos if name not in used]
     return Choice(names, skipped, prefix, notes)
+
+
+def name_globs(value: "Sequence[str] | str | None", what: str) -> tuple[str, ...]:
+    """`select` / `exclude` as given by a caller (None, one glob, or a list) as a tuple of globs.
+
+    >>> name_globs("model.*", "select"), name_globs(None, "exclude")
+    (('model.*',), ())
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    globs = tuple(value)
+    if not all(isinstance(g, str) for g in globs):
+        raise errors.SafeckptError(f"{what} must be a list of name globs (strings), got {value!r}")
+    return globs
 
 
 def matches(name: str, select: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
