@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -11,12 +12,28 @@ import pytest
 
 import safeckpt
 from safeckpt.ops import diff as diff_module
+from safeckpt.ops import diff_sums
 from safeckpt.ops.diff import DiffReport, diff
 from safeckpt.ops.plot import LayerName, layer_of, plot_diff
 from safeckpt.sources import open_source
 
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def sums_by(request, monkeypatch):
+    """Every test runs twice: with the compiled fused loop and with the numpy path."""
+    if request.param == "compiled" and diff_sums.kernel is None:
+        pytest.skip("the _diffstats extension is not built (no C compiler at install)")
+    if request.param == "numpy":
+        monkeypatch.setattr(diff_sums, "kernel", None)
+    return request.param
+
+
+def test_the_compiled_loop_is_built_in_ci():
+    if os.environ.get("CI") and diff_sums.kernel is None:
+        pytest.fail("CI installs with a C compiler: safeckpt.ops._diffstats should be built")
 
 
 def reference(a: np.ndarray, b: np.ndarray) -> dict:
@@ -106,8 +123,9 @@ def test_stats_match_a_float64_reference(tmp_path):
 @pytest.mark.parametrize("threads, vecdot", [(1, True), (3, True), (2, False)])
 def test_many_blocks_and_parts_give_the_same_stats(tmp_path, monkeypatch, threads, vecdot):
     if not vecdot:  # numpy < 2.0
-        monkeypatch.setattr(diff_module, "_vecdot", None)
-    monkeypatch.setattr(diff_module, "BLOCK_ELEMENTS", 64)
+        monkeypatch.setattr(diff_sums, "_vecdot", None)
+    monkeypatch.setattr(diff_sums, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(diff_sums, "DOT_PIECE", 16)
     monkeypatch.setattr(diff_module, "DOT_PIECE", 16)
     monkeypatch.setattr(diff_module, "PART_ELEMENTS", 100)
     rng = np.random.default_rng(1)

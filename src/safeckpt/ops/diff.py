@@ -56,33 +56,23 @@ Tolerance (`atol` / `rtol`, like ``numpy.allclose`` with A as reference)
 JSON (`DiffReport.to_dict`): non-finite floats are written as the strings
 ``"inf"``, ``"-inf"`` and ``"nan"``; a stat that does not apply is ``null``.
 
-How it is fast: tensors are read as zero-copy views and compared in blocks of
-`BLOCK_ELEMENTS` (they stay in cache). Bytes are compared first, and float
-math runs only once a block differs. A tensor is split into one contiguous part
-per thread (numpy releases the GIL), and each block is converted to float64
-once per side (fp16 and 8-bit floats through a table of every bit pattern);
-dot products go through BLAS in rows of `DOT_PIECE` elements, short enough
-that BLAS does not start threads of its own (its threads fight ours for the
-cores) and many enough that numpy lets go of the GIL. Three of them per block:
-||a||^2 and ||b||^2 (one call for both) and ||a-b||^2; a.b is then
-(||a||^2 + ||b||^2 - ||a-b||^2) / 2, whose error is a few ulps of
-||a||^2 + ||b||^2: about 1e-16 * (||a||/||b|| + ||b||/||a||) absolute on the
-cosine, negligible unless one norm is orders of magnitude below the other.
-Tensors are cut into parts of at most `PART_ELEMENTS` and queued a few tensors
-ahead, so the threads share large tensors, take small ones in turn and never wait
-for each other; the calling thread collects results in order and gives back each
-finished tensor's pages while the threads work on. Partial sums are added in part order,
-so results do not depend on timing. Memory stays near one tensor's views plus
-a few blocks per thread.
+How it is fast: tensors are read as zero-copy views and compared in parts.
+Bytes are compared first, and float math runs only once a part differs; the
+sums of a part come from `diff_sums.part_sums` (a fused compiled loop, one pass
+over both tensors, or numpy where the extension is not built), which releases
+the GIL. Tensors are cut into parts of at most `PART_ELEMENTS` and queued a few
+tensors ahead on a thread per core, so the threads share large tensors, take
+small ones in turn and never wait for each other; the calling thread collects
+results in order and gives back each finished tensor's pages while the threads
+work on. Partial sums are added in part order, so results do not depend on
+timing. Memory stays near one tensor's views plus a few blocks per thread.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import numbers
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,6 +83,7 @@ import numpy as np
 from .. import errors
 from ..format.dtypes import DTYPES
 from ..sources.base import TensorInfo, TensorSource
+from .diff_sums import DOT_PIECE, Sums, Tolerance, bits_equal, part_sums
 from .integrity import hash_bytes
 from .selection import choose_tensors, matches, name_globs, tied_names
 
@@ -102,25 +93,13 @@ STATUSES = ("equal", "changed", "dtype", "shape", "renamed", "only_a", "only_b")
 # Statuses that make two checkpoints differ structurally (whatever the tolerance).
 STRUCTURAL = frozenset({"dtype", "shape", "renamed", "only_a", "only_b"})
 
-# Elements compared at a time by one thread: its two float64 buffers stay in the caches, and
-# the dozen numpy calls per block cost little next to the work (measured: 64K to 1M elements
-# are within 20%, 256K the fastest).
-BLOCK_ELEMENTS = 256 * 1024
 # Elements of one piece of work handed to a thread: tensors are cut into parts this long (a
 # smaller tensor is one part), so the threads share large tensors and take small ones in turn.
 PART_ELEMENTS = 4 * 1024 * 1024
 # Tensors queued ahead of the one being finished: the threads never wait for each other.
 TENSORS_IN_FLIGHT = 4
-# Length of the rows handed to BLAS for dot products (np.vecdot over a block cut into rows).
-# Short rows for two reasons: OpenBLAS starts threads of its own for a dot of more than
-# 10,000 elements, and with ours already on every core the two pools fighting made a diff
-# 10-30x slower; and numpy releases the GIL around a vecdot only for more than 500 rows
-# (with 8192-element rows the threads took turns). 256 costs 5% more than 8192 on one thread.
-DOT_PIECE = 256
 # Threads used when `threads` is not given.
 MAX_THREADS = 8
-
-_vecdot = getattr(np, "vecdot", None)  # numpy >= 2.0
 
 
 # --- the report ---------------------------------------------------------------------
@@ -240,7 +219,7 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
     0.0021
     """
     started = time.perf_counter()
-    tolerance = _Tolerance.of(atol, rtol)
+    tolerance = Tolerance.of(atol, rtol)
     threads = _thread_count(threads)
     globs = (name_globs(select, "select"), name_globs(exclude, "exclude"))
     with _Side.open(a, extract, "A", globs) as side_a, _Side.open(b, extract, "B", globs) as side_b:
@@ -446,44 +425,6 @@ def _canonical_bytes(array: np.ndarray) -> np.ndarray:
 
 # --- comparing values ----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Tolerance:
-    given: bool
-    atol: float
-    rtol: float
-
-    @classmethod
-    def of(cls, atol: Optional[float], rtol: Optional[float]) -> "_Tolerance":
-        for label, value in (("atol", atol), ("rtol", rtol)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 \
-                    or math.isinf(value):
-                raise errors.SafeckptError(f"{label} must be a finite number >= 0, not {value!r}")
-        return cls(atol is not None or rtol is not None, float(atol or 0.0), float(rtol or 0.0))
-
-
-@dataclass
-class _Sums:
-    """Partial results over some blocks; `add` merges another part in order."""
-
-    finite: int = 0  # pairs where both values are finite
-    aa: float = 0.0
-    bb: float = 0.0
-    ab: float = 0.0
-    dd: float = 0.0
-    abs_sum: float = 0.0
-    abs_max: float = 0.0
-    changed: int = 0  # finite pairs that differ
-    nonfinite: int = 0  # non-finite pairs that do not match
-    beyond: int = 0
-
-    def add(self, other: "_Sums") -> None:
-        for key in ("finite", "aa", "bb", "ab", "dd", "abs_sum", "changed", "nonfinite", "beyond"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
-        self.abs_max = max(self.abs_max, other.abs_max)
-
-
 @dataclass
 class _Pending:
     """A tensor pair whose parts are queued: each part's (bytes equal, sums) or its future."""
@@ -505,11 +446,10 @@ class _Comparer:
     for each other at the end of a tensor.
     """
 
-    def __init__(self, tolerance: _Tolerance, threads: int) -> None:
+    def __init__(self, tolerance: Tolerance, threads: int) -> None:
         self.tolerance = tolerance
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="safeckpt-diff") if threads > 1 else None
-        self.local = threading.local()
 
     def __enter__(self) -> "_Comparer":
         return self
@@ -546,7 +486,7 @@ class _Comparer:
             if self.tolerance.given:
                 entry.within_tolerance = False
             return entry
-        total = _Sums()
+        total = Sums()
         for _, sums in found:
             total.add(sums)
         return self._stats(entry, total)
@@ -565,7 +505,7 @@ class _Comparer:
             entry.within_tolerance, entry.beyond_tolerance = True, 0
         return entry
 
-    def _stats(self, entry: DiffEntry, s: _Sums) -> DiffEntry:
+    def _stats(self, entry: DiffEntry, s: Sums) -> DiffEntry:
         if s.finite:
             entry.max_abs = s.abs_max
             entry.mean_abs = s.abs_sum / s.finite
@@ -582,99 +522,22 @@ class _Comparer:
 
     # -- splitting the work
     def _parts(self, n: int) -> list[slice]:
-        """Contiguous ranges of at most `PART_ELEMENTS` (whole rows for the dot products): small
+        """Contiguous ranges of at most `PART_ELEMENTS` (whole rows for numpy's dot products): small
         tensors are one part, large ones are shared by the threads."""
         per = max(PART_ELEMENTS // DOT_PIECE * DOT_PIECE, DOT_PIECE)
         if self.threads > 1 and n > PART_ELEMENTS:  # large: at least a part per thread
             per = min(per, max(-(-n // self.threads // DOT_PIECE) * DOT_PIECE, DOT_PIECE))
         return [slice(start, min(start + per, n)) for start in range(0, max(n, 1), per)]
 
-    def _buffers(self) -> "_Buffers":
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None or buffers.size != BLOCK_ELEMENTS:
-            buffers = self.local.buffers = _Buffers(BLOCK_ELEMENTS)
-        return buffers
-
-    # -- one part: bytes first, floats once a block differs
+    # -- one part: bytes first, floats once they differ
     def _part(self, x: np.ndarray, y: np.ndarray, *, bytes_first: bool,
-              numeric: bool) -> tuple[bool, Optional[_Sums]]:
-        step = BLOCK_ELEMENTS
+              numeric: bool) -> tuple[bool, Optional[Sums]]:
         if bytes_first:
-            flags = self._buffers().flags
-            if all(_bits_equal(x[s:s + step], y[s:s + step], flags) for s in range(0, x.size, step)):
+            if bits_equal(x, y):
                 return True, None
             if not numeric:
                 return False, None
-        sums = _Sums()
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the careful path handles it
-            for start in range(0, x.size, step):
-                self._block(x[start:start + step], y[start:start + step], sums)
-        return False, sums
-
-    def _block(self, x: np.ndarray, y: np.ndarray, sums: _Sums) -> None:
-        pairs = x.dtype.kind == "c" or y.dtype.kind == "c"
-        xr, yr = _real_view(x, pairs), _real_view(y, pairs)
-        buffers = self._buffers()
-        rows = buffers.rows[:, :xr.size]  # A in row 0, B (then A-B) in row 1
-        a, d = rows[0], rows[1]
-        _to_float64(xr, a)
-        _to_float64(yr, d)
-        aa, bb = _squares(rows)
-        np.subtract(a, d, out=d)
-        dd = _dot(d, d)
-        ab = (aa + bb - dd) / 2  # one pass fewer (see the module docstring on its accuracy)
-        if not math.isfinite(aa + bb + dd):  # a NaN or inf somewhere: the careful path
-            _to_float64(yr, d)
-            self._nonfinite_block(a, d, pairs, sums)
-            return
-        sums.add(self._finite_sums(a, d, pairs, aa, bb, ab, dd, x.size))
-
-    def _finite_sums(self, a: np.ndarray, d: np.ndarray, pairs: bool, aa: float, bb: float, ab: float,
-                     dd: float, n: int) -> _Sums:
-        """Sums over finite pairs; `d` holds a - b (both are overwritten)."""
-        buffers = self._buffers()
-        if pairs:
-            magnitude = np.hypot(d[0::2], d[1::2], out=buffers.m[:n])
-        else:
-            magnitude = np.abs(d, out=d)
-        top = float(magnitude.max()) if n else 0.0
-        sums = _Sums(n, aa, bb, ab, dd, float(magnitude.sum()), top,
-                     _count_nonzero(magnitude, buffers.flags[:magnitude.size]))
-        tol = self.tolerance
-        if tol.given and top > tol.atol:
-            flags = buffers.flags[:n]
-            if tol.rtol == 0:
-                np.greater(magnitude, tol.atol, out=flags)
-            else:
-                limit = np.hypot(a[0::2], a[1::2]) if pairs else np.abs(a, out=a)
-                limit *= tol.rtol
-                limit += tol.atol
-                np.greater(magnitude, limit, out=flags)
-            sums.beyond = int(np.count_nonzero(flags))
-        return sums
-
-    def _nonfinite_block(self, a: np.ndarray, b: np.ndarray, pairs: bool, sums: _Sums) -> None:
-        """A block with NaN or inf (rare): stats over the finite pairs, the rest counted."""
-        a2, b2 = (a.reshape(-1, 2), b.reshape(-1, 2)) if pairs else (a.reshape(-1, 1), b.reshape(-1, 1))
-        both = np.isfinite(a2).all(axis=1) & np.isfinite(b2).all(axis=1)
-        same = ((np.isnan(a2) & np.isnan(b2)) | (a2 == b2)).all(axis=1)
-        mismatched = int(np.count_nonzero(~both & ~same))
-        fa, fb = a2[both].reshape(-1), b2[both].reshape(-1)
-        aa, bb, ab = _dot(fa, fa), _dot(fb, fb), _dot(fa, fb)
-        fd = np.subtract(fa, fb)
-        part = self._finite_sums(fa, fd, pairs, aa, bb, ab, _dot(fd, fd), int(np.count_nonzero(both)))
-        part.nonfinite = mismatched
-        sums.add(part)
-
-
-class _Buffers:
-    """One thread's scratch space: float64 copies of A and of B (then A-B), flags, moduli."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.rows = np.empty((2, 2 * size))  # A and B: two floats per complex value
-        self.m = np.empty(size)
-        self.flags = np.empty(2 * size, dtype=bool)
+        return False, part_sums(x, y, self.tolerance)
 
 
 def _release(source_a: TensorSource, name_a: str, source_b: TensorSource, name_b: str) -> None:
@@ -685,87 +548,6 @@ def _release(source_a: TensorSource, name_a: str, source_b: TensorSource, name_b
 def _flat(array: np.ndarray) -> np.ndarray:
     """The values in C order as a 1-D array (a view unless the source array is strided)."""
     return np.ascontiguousarray(array).reshape(-1)
-
-
-def _real_view(x: np.ndarray, pairs: bool) -> np.ndarray:
-    """Complex values as their (real, imag) floats; a real side of a complex pair gets imag 0."""
-    if not pairs:
-        return x
-    if x.dtype.kind != "c":
-        x = x.astype(np.complex128)
-    return x.view(np.dtype(f"{x.dtype.byteorder}f{x.dtype.itemsize // 2}"))
-
-
-def _to_float64(values: np.ndarray, out: np.ndarray) -> None:
-    """`values` as float64 into `out`; fp16 and 8-bit floats through a table of every bit pattern
-    (numpy and ml_dtypes convert those one value at a time: 4x slower for fp8, 1.6x for fp16)."""
-    table = _float64_table(values.dtype)
-    if table is None:
-        np.copyto(out, values, casting="unsafe")
-    else:  # "wrap": no bounds checks, and every bit pattern is in the table
-        np.take(table, _bits(values), out=out, mode="wrap")
-
-
-_TABLES: dict[np.dtype, Optional[np.ndarray]] = {}
-
-
-def _float64_table(dtype: np.dtype) -> Optional[np.ndarray]:
-    if dtype not in _TABLES:
-        table = None
-        if dtype.itemsize <= 2 and dtype.kind not in "biuc" and dtype.name != "bfloat16":  # bf16 casts fast
-            patterns = np.arange(1 << (8 * dtype.itemsize), dtype=np.uint32)
-            table = patterns.astype(_bits(np.empty(0, dtype)).dtype).view(dtype).astype(np.float64)
-        _TABLES[dtype] = table
-    return _TABLES[dtype]
-
-
-def _bits_equal(x: np.ndarray, y: np.ndarray, flags: np.ndarray) -> bool:
-    """Bit-identical values (byte order aside)."""
-    if x.dtype == y.dtype and (x.nbytes % 8 == 0):  # widest compare, same byte order
-        bx, by = x.view(np.uint8).view(np.uint64), y.view(np.uint8).view(np.uint64)
-    else:
-        bx, by = _bits(x), _bits(y)
-    return bool(np.equal(bx, by, out=flags[:bx.size]).all())
-
-
-def _bits(x: np.ndarray) -> np.ndarray:
-    """The values as unsigned integers of their (component) width, in their own byte order."""
-    width = x.dtype.itemsize // 2 if x.dtype.kind == "c" else x.dtype.itemsize
-    order = x.dtype.byteorder if x.dtype.byteorder in "<>" else "="
-    return x.view(np.uint8).view(np.dtype(f"{order}u{width}"))
-
-
-def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    """x . y in float64, through BLAS in rows of `DOT_PIECE` (see the module docstring)."""
-    n = x.size
-    if n <= DOT_PIECE:
-        return float(np.dot(x, y))
-    whole = n - n % DOT_PIECE
-    if _vecdot is not None:
-        total = float(_vecdot(x[:whole].reshape(-1, DOT_PIECE), y[:whole].reshape(-1, DOT_PIECE)).sum())
-    else:
-        total = math.fsum(float(np.dot(x[i:i + DOT_PIECE], y[i:i + DOT_PIECE]))
-                          for i in range(0, whole, DOT_PIECE))
-    return total + float(np.dot(x[whole:], y[whole:])) if whole < n else total
-
-
-def _squares(rows: np.ndarray) -> tuple[float, float]:
-    """The squared norms of both rows of a (2, n) array, in one BLAS call (see `_dot`)."""
-    n = rows.shape[1]
-    whole = n - n % DOT_PIECE
-    if _vecdot is None or whole == 0:
-        return _dot(rows[0], rows[0]), _dot(rows[1], rows[1])
-    pieces = rows[:, :whole].reshape(2, -1, DOT_PIECE)
-    totals = _vecdot(pieces, pieces).sum(axis=1)
-    if whole < n:
-        totals += np.einsum("ij,ij->i", rows[:, whole:], rows[:, whole:])
-    return float(totals[0]), float(totals[1])
-
-
-def _count_nonzero(values: np.ndarray, flags: np.ndarray) -> int:
-    """Non-zero entries of `values`, through a bool buffer: comparing, then counting bools, is
-    twice as fast as counting the floats (or their bits) directly."""
-    return int(np.count_nonzero(np.not_equal(values, 0, out=flags)))
 
 
 def _thread_count(threads: Optional[int]) -> int:
