@@ -26,6 +26,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define CHUNK 512 /* a multiple of LANES */
 
@@ -54,15 +57,16 @@ static inline double from_bf16(const void *p, Py_ssize_t i) {
 
 static inline double from_f16(const void *p, Py_ssize_t i) {
     uint16_t h = ((const uint16_t *)p)[i];
-    uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    double magnitude;
-    if (exponent == 0)
-        magnitude = ldexp((double)mantissa, -24); /* zero and subnormals */
-    else if (exponent == 31)
-        magnitude = mantissa ? NAN : INFINITY;
-    else
-        magnitude = ldexp((double)(mantissa | 0x400), (int)exponent - 25);
-    return (h & 0x8000) ? -magnitude : magnitude;
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2**-24, exact in float */
+        float magnitude = (float)mantissa * 0x1p-24f;
+        return sign ? -(double)magnitude : (double)magnitude;
+    }
+    /* normal: rebias the exponent (15 -> 127); inf and NaN: the all-ones exponent */
+    uint32_t bits = sign | (exponent == 0x1f ? 0x7f800000u : (exponent + 112) << 23) | mantissa << 13;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return (double)f;
 }
 
 /* --- the careful path: one pair at a time, non-finite values set aside -------------- */
@@ -107,38 +111,56 @@ static void add_chunk(sums_t *total, const sums_t *chunk) {
 typedef double v2d __attribute__((vector_size(16)));
 typedef int64_t v2l __attribute__((vector_size(16)));
 
-static inline v2d load2_f64(const void *p, Py_ssize_t i) {
-    v2d v;
-    memcpy(&v, (const double *)p + i, sizeof v);
-    return v;
+/* Eight values from index i, widened to float64, as four pairs: out[k] holds i+2k, i+2k+1.
+   SSE2 (every x86-64) widens four at a time; elsewhere one at a time. */
+static inline void load8_f64(const void *p, Py_ssize_t i, v2d out[4]) {
+    memcpy(out, (const double *)p + i, 4 * sizeof(v2d));
 }
 
-static inline v2d load2_f32(const void *p, Py_ssize_t i) {
+#if defined(__SSE2__)
+static inline void widen_f32x4(__m128 f, v2d *out) {
+    out[0] = (v2d)_mm_cvtps_pd(f);
+    out[1] = (v2d)_mm_cvtps_pd(_mm_movehl_ps(f, f));
+}
+
+static inline void load8_f32(const void *p, Py_ssize_t i, v2d out[4]) {
     const float *f = (const float *)p + i;
-    return (v2d){f[0], f[1]};
+    widen_f32x4(_mm_loadu_ps(f), out);
+    widen_f32x4(_mm_loadu_ps(f + 4), out + 2);
 }
 
-static inline v2d load2_bf16(const void *p, Py_ssize_t i) {
-    uint32_t word, low, high; /* both values in one load: bf16 is the top half of an f32 */
-    memcpy(&word, (const uint16_t *)p + i, sizeof word);
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    low = word << 16, high = word & 0xffff0000u;
+static inline void load8_bf16(const void *p, Py_ssize_t i, v2d out[4]) {
+    /* bf16 is the top half of an f32: interleaving zeros below each value makes the f32s */
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)), zero = _mm_setzero_si128();
+    widen_f32x4(_mm_castsi128_ps(_mm_unpacklo_epi16(zero, h)), out);
+    widen_f32x4(_mm_castsi128_ps(_mm_unpackhi_epi16(zero, h)), out + 2);
+}
 #else
-    low = word & 0xffff0000u, high = word << 16;
-#endif
-    float f[2];
-    memcpy(&f[0], &low, sizeof low);
-    memcpy(&f[1], &high, sizeof high);
-    return (v2d){f[0], f[1]};
+static inline void load8_f32(const void *p, Py_ssize_t i, v2d out[4]) {
+    for (int k = 0; k < 4; k++)
+        out[k] = (v2d){from_f32(p, i + 2 * k), from_f32(p, i + 2 * k + 1)};
 }
 
-static inline v2d load2_f16(const void *p, Py_ssize_t i) { return (v2d){from_f16(p, i), from_f16(p, i + 1)}; }
+static inline void load8_bf16(const void *p, Py_ssize_t i, v2d out[4]) {
+    for (int k = 0; k < 4; k++)
+        out[k] = (v2d){from_bf16(p, i + 2 * k), from_bf16(p, i + 2 * k + 1)};
+}
+#endif
+
+static inline void load8_f16(const void *p, Py_ssize_t i, v2d out[4]) {
+    for (int k = 0; k < 4; k++)
+        out[k] = (v2d){from_f16(p, i + 2 * k), from_f16(p, i + 2 * k + 1)};
+}
 
 static inline v2d vabs(v2d x) { return (v2d)((v2l)x & INT64_MAX); }
 
-static inline v2d vmax(v2d x, v2d y) {
+static inline v2d vmax(v2d x, v2d y) { /* only ever given numbers: NaN chunks are redone */
+#if defined(__SSE2__)
+    return (v2d)_mm_max_pd((__m128d)x, (__m128d)y);
+#else
     v2l bigger = x > y;
     return (v2d)(((v2l)x & bigger) | ((v2l)y & ~bigger));
+#endif
 }
 
 static inline double hsum(v2d v) { return v[0] + v[1]; }
@@ -148,10 +170,9 @@ static inline double hmax(v2d v) { return v[0] > v[1] ? v[0] : v[1]; }
 static inline int64_t hcount(v2l v) { return -(v[0] + v[1]); } /* a true comparison is -1 */
 
 /* One set of lanes: two pairs a step. */
-#define STEP(SET, KA, KB)                                                                              \
+#define STEP(SET)                                                                                \
     do {                                                                                         \
-        v2d a = load2_##KA(pa, i + 2 * SET), b = load2_##KB(pb, i + 2 * SET);                    \
-        v2d d = a - b, m = vabs(d);                                                              \
+        v2d a = va[SET], b = vb[SET], d = a - b, m = vabs(d);                                    \
         aa[SET] += a * a;                                                                        \
         bb[SET] += b * b;                                                                        \
         ab[SET] += a * b;                                                                        \
@@ -174,10 +195,13 @@ static inline int64_t hcount(v2l v) { return -(v[0] + v[1]); } /* a true compari
         v2d abs_sum[4] = {{0}}, abs_max[4] = {{0}};                                              \
         v2l changed[4] = {{0}}, beyond[4] = {{0}};                                               \
         for (Py_ssize_t i = start; i < start + whole; i += 8) {                                  \
-            STEP(0, KA, KB);                                                                             \
-            STEP(1, KA, KB);                                                                             \
-            STEP(2, KA, KB);                                                                             \
-            STEP(3, KA, KB);                                                                             \
+            v2d va[4], vb[4];                                                                    \
+            load8_##KA(pa, i, va);                                                               \
+            load8_##KB(pb, i, vb);                                                               \
+            STEP(0);                                                                             \
+            STEP(1);                                                                             \
+            STEP(2);                                                                             \
+            STEP(3);                                                                             \
         }                                                                                        \
         *chunk = (sums_t){0};                                                                    \
         chunk->finite = whole;                                                                   \
