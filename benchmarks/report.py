@@ -101,6 +101,8 @@ COMPARISONS = [
                floor=0.3, floor_text="≤ 0.30× theirs"),
     Comparison("diff of two checkpoints (float64 stats)", "diff.ours", "diff.read",
                "reading both files", kind="bandwidth", floor=0.7, floor_text="≥ 0.70× read bandwidth"),
+    Comparison("diff, numpy only (no C compiler at install)", "diff.numpy_only", "diff.read",
+               "reading both files", kind="bandwidth"),
     Comparison("merge --method linear of three checkpoints", "merge.ours", "merge.io",
                "reading 3 + writing 1", kind="bandwidth", floor=0.7, floor_text="≥ 0.70× that bandwidth"),
     Comparison("merge --method linear: extra peak RSS", "merge.ours", "merge.io", "reading 3 + writing 1",

@@ -35,7 +35,7 @@ ORDER = [
     "list.ours", "list.torch", "scan.ours", "convert.ours", "convert.ours_nohash", "convert.torch_safetensors",
     "ckpt.save.ours", "ckpt.save.plain_write", "ckpt.save.torch_save", "ckpt.async.ours",
     "ckpt.restore.ours", "ckpt.restore_verify.ours", "ckpt.restore.torch_load",
-    "diff.ours", "diff.read", "merge.ours", "merge.io", "verify.ours", "verify.sha256",
+    "diff.ours", "diff.numpy_only", "diff.read", "merge.ours", "merge.io", "verify.ours", "verify.sha256",
 ]
 assert set(ORDER) == set(CASES) - {"setup"}, "every case is run"
 
