@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -29,11 +28,6 @@ def sums_by(request, monkeypatch):
     if request.param == "numpy":
         monkeypatch.setattr(diff_sums, "kernel", None)
     return request.param
-
-
-def test_the_compiled_loop_is_built_in_ci():
-    if os.environ.get("CI") and diff_sums.kernel is None:
-        pytest.fail("CI installs with a C compiler: safeckpt.ops._diffstats should be built")
 
 
 def reference(a: np.ndarray, b: np.ndarray) -> dict:
