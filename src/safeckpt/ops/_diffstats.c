@@ -15,7 +15,7 @@
 
    This is the numpy path of safeckpt/ops/diff_sums.py fused into one loop: numpy needs about
    nine passes over float64 copies of the data, which made diff CPU-bound. Results agree with
-   numpy's to rounding of the sums: values are summed in LANES independent accumulators over
+   numpy's to rounding of the sums: values are summed in eight independent accumulators over
    chunks of CHUNK pairs (the chunk totals then added in order), so the error is a few ulps
    per chunk rather than per element. A chunk with a NaN, an infinity or a square that
    overflows is summed again pair by pair on the careful path. The GIL is released throughout,
@@ -30,7 +30,7 @@
 #include <emmintrin.h>
 #endif
 
-#define CHUNK 512 /* a multiple of LANES */
+#define CHUNK 512 /* pairs; a multiple of the eight lanes */
 
 typedef struct {
     int64_t finite, changed, nonfinite, beyond;
@@ -187,8 +187,8 @@ static inline int64_t hcount(v2l v) { return -(v[0] + v[1]); } /* a true compari
 /* A chunk's sums in four sets of two lanes (eight pairs a step), so that consecutive
    additions do not wait on each other; `with_tolerance` is a constant where it is inlined. */
 #define DEFINE_CHUNK(NAME, KA, KB)                                                               \
-    static inline Py_ssize_t NAME(const void *pa, const void *pb, Py_ssize_t start,             \
-                                  Py_ssize_t len, const int with_tolerance, double atol,        \
+    static inline Py_ssize_t NAME(const void *pa, const void *pb, Py_ssize_t start,              \
+                                  Py_ssize_t len, const int with_tolerance, double atol,         \
                                   double rtol, sums_t *chunk) {                                  \
         Py_ssize_t whole = len - len % 8;                                                        \
         v2d aa[4] = {{0}}, bb[4] = {{0}}, ab[4] = {{0}}, dd[4] = {{0}};                          \
@@ -220,7 +220,7 @@ static inline int64_t hcount(v2l v) { return -(v[0] + v[1]); } /* a true compari
 
 #define DEFINE_SUMS(NAME, KA, KB)                                                                \
     DEFINE_CHUNK(NAME##_chunk, KA, KB)                                                           \
-    static void NAME(const void *pa, const void *pb, Py_ssize_t n, const tolerance_t *tol,      \
+    static void NAME(const void *pa, const void *pb, Py_ssize_t n, const tolerance_t *tol,       \
                      sums_t *total) {                                                            \
         for (Py_ssize_t start = 0; start < n; start += CHUNK) {                                  \
             Py_ssize_t len = n - start < CHUNK ? n - start : CHUNK;                              \
@@ -240,9 +240,9 @@ static inline int64_t hcount(v2l v) { return -(v[0] + v[1]); } /* a true compari
     }
 
 #define DEFINE_ROW(A)                                                                            \
-    DEFINE_SUMS(sums_##A##_f64, A, f64)                                              \
-    DEFINE_SUMS(sums_##A##_f32, A, f32)                                              \
-    DEFINE_SUMS(sums_##A##_f16, A, f16)                                              \
+    DEFINE_SUMS(sums_##A##_f64, A, f64)                                                          \
+    DEFINE_SUMS(sums_##A##_f32, A, f32)                                                          \
+    DEFINE_SUMS(sums_##A##_f16, A, f16)                                                          \
     DEFINE_SUMS(sums_##A##_bf16, A, bf16)
 
 DEFINE_ROW(f64)
