@@ -1,7 +1,7 @@
 """The one compiled part: safeckpt.ops._diffstats, the fused loop behind `safeckpt diff`.
 
 Optional: where it cannot be compiled, the install goes on and diff uses numpy instead
-(same results, a few times slower). Everything else is in pyproject.toml.
+(same results, at about half the speed). Everything else is in pyproject.toml.
 """
 
 from setuptools import Extension, setup
