@@ -3,7 +3,7 @@
 Each file is recognised by its content and every pickle in it (zip members,
 legacy torch pickles, npy object arrays, payloads nested in pickles, a pickle
 hiding in front of a zip) is read by the restricted pickle machine; see
-`safeckpt.ops.scan` for what is graded how.
+`safeckpt.ops.scan` (package) for what is graded how.
 """
 
 from __future__ import annotations

@@ -45,28 +45,19 @@ import io
 import os
 import pickletools
 import re
-import stat
 import struct
 import tarfile
 import zlib
-from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
-from .. import errors
-from ..format.reader import parse_bytes_header
-from ..sources import npz, pickle_vm, torch_legacy, zip_archive
-from ..sources.base import mapped
-from ..sources.detect import sniff
-from ..sources.pickle_vm import GlobalUse, PickleError, Placeholder, PlaceholderCall
-from .scan_rules import (DENYLIST, INFO, MALICIOUS, NESTED_LOADERS, SAFE, SUSPICIOUS,  # noqa: F401
-                         grade_global)
+from ... import errors
+from ...format.reader import parse_bytes_header
+from ...sources import npz, pickle_vm, torch_legacy, zip_archive
+from ...sources.detect import sniff
+from ...sources.pickle_vm import GlobalUse, PickleError, Placeholder, PlaceholderCall
+from .report import SEVERITIES, Finding, ScanReport
+from .rules import INFO, MALICIOUS, NESTED_LOADERS, SAFE, SUSPICIOUS, grade_global
 
-__all__ = ["Finding", "ScanReport", "scan", "scan_bytes", "grade_global", "DENYLIST",
-           "NESTED_LOADERS", "SEVERITIES"]
-
-# Severity order; "info" findings never change a verdict.
-SEVERITIES = {INFO: 0, SUSPICIOUS: 1, MALICIOUS: 2}
-_VERDICT_RANK = {SAFE: 0, SUSPICIOUS: 1, MALICIOUS: 2}
 
 # --- limits: each bounds work a hostile file could otherwise make unbounded -------------
 
@@ -89,8 +80,6 @@ MAX_SWEEP_OPCODES = 2_000_000
 MAX_CRC_CHECK_BYTES = 1 << 20
 # Compressed members are inflated (for a pickle test) only up to this size.
 MAX_INFLATED_MEMBER = 64 << 20
-# Files scanned under one directory.
-MAX_DIRECTORY_FILES = 100_000
 # Set to see the traceback of an unexpected error instead of an error in the report.
 TRACEBACK_ENV = "SAFECKPT_TRACEBACK"
 # Bounds of the trial parse that decides whether bytes are a pickle at all.
@@ -103,83 +92,6 @@ _TRIAL_BYTES = 64 << 10
 # Pickle streams up to this size are copied out of the mmap before they are read: the
 # machine searches newline-terminated arguments much faster in bytes than in a view.
 MAX_COPIED_PICKLE = 64 << 20
-
-# --- reports ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing a scan found.
-
-    `member` is the archive member, or the nesting path of an embedded payload
-    (``archive/data.pkl > [pickle.loads call at 57]``); None for the file itself.
-    `offset` is the byte offset of the opcode within `member` when it is set, else in
-    the file; for ``zip-*`` findings it is the offset in the archive; -1 for none.
-    """
-
-    severity: str          # "malicious" | "suspicious" | "info"
-    kind: str              # stable id: "dangerous-global", "unknown-global", "zip-duplicate-name", ...
-    what: str              # the global (os.system) or the trick
-    why: str               # one sentence: what it would do if loaded
-    member: Optional[str]  # archive member or nesting path; None for the file itself
-    offset: int
-
-
-@dataclass
-class ScanReport:
-    """The verdict on one file (or a directory: `files` holds one report per checkpoint)."""
-
-    path: str
-    format: str
-    verdict: str
-    findings: list[Finding] = field(default_factory=list)
-    globals: list[str] = field(default_factory=list)
-    error: Optional[str] = None
-    files: list["ScanReport"] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-able form, nested reports included."""
-        return {"path": self.path, "format": self.format, "verdict": self.verdict,
-                "error": self.error, "findings": [asdict(f) for f in self.findings],
-                "globals": list(self.globals), "files": [r.to_dict() for r in self.files]}
-
-    def exit_code(self, strict: bool = False) -> int:
-        """0 safe, 1 malicious (or suspicious with `strict`), 2 could not be (fully) read.
-
-        A malicious finding wins over an error: it is the one thing a script must not miss.
-        """
-        reports = list(self.walk())
-        if any(r.verdict == MALICIOUS for r in reports):
-            return 1
-        if any(r.error is not None for r in reports):
-            return 2
-        if strict and any(r.verdict == SUSPICIOUS for r in reports):
-            return 1
-        return 0
-
-    def walk(self) -> Iterator["ScanReport"]:
-        """This report and every nested one."""
-        yield self
-        for child in self.files:
-            yield from child.walk()
-
-
-def scan(path: "os.PathLike | str") -> ScanReport:
-    """Scan a file or, recursively, a directory; the file is read, never executed.
-
-    >>> scan("model.pt").verdict
-    'safe'
-    >>> [(r.path, r.verdict) for r in scan("downloads/").files]
-    [('downloads/model.ckpt', 'malicious'), ('downloads/w.npz', 'safe')]
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _scan_directory(path)
-    try:
-        with mapped(path) as data:
-            return scan_bytes(data, path=path)
-    except OSError as exc:
-        return ScanReport(path, "unknown", SUSPICIOUS, error=f"cannot read: {exc.strerror or exc}")
-
 
 def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None) -> ScanReport:
     """Scan a file held in memory (bytes, bytearray, mmap or memoryview).
@@ -207,48 +119,6 @@ def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None
     return scanner.report(fmt)
 
 
-# --- directories ----------------------------------------------------------------------
-
-def _scan_directory(top: str) -> ScanReport:
-    report = ScanReport(top, "directory", SAFE)
-    skipped: list[str] = []
-    count = 0
-    for root, dirs, files in os.walk(top, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if count >= MAX_DIRECTORY_FILES:
-                report.findings.append(Finding(INFO, "too-many-files", f"{MAX_DIRECTORY_FILES} files",
-                                               "the rest of the directory was not scanned", None, -1))
-                report.error = f"more than {MAX_DIRECTORY_FILES} files; the rest were not scanned"
-                return _finish_directory(report, skipped)
-            count += 1
-            try:
-                special = not stat.S_ISREG(os.stat(path).st_mode)
-            except OSError:
-                special = False  # a broken link: its report says it cannot be read
-            if special:  # fifos, sockets, devices: reading them could block forever
-                skipped.append(os.path.relpath(path, top))
-                continue
-            child = scan(path)
-            if child.format == "unknown" and not child.findings \
-                    and (child.error or "").startswith(_NOT_A_CHECKPOINT):
-                skipped.append(os.path.relpath(path, top))
-                continue
-            report.files.append(child)
-    return _finish_directory(report, skipped)
-
-
-def _finish_directory(report: ScanReport, skipped: list[str]) -> ScanReport:
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        report.findings.append(Finding(INFO, "skipped-files", f"{len(skipped)} files",
-                                       f"not checkpoints by their content: {shown}", None, -1))
-    report.verdict = max((r.verdict for r in report.files), key=_VERDICT_RANK.__getitem__,
-                         default=SAFE)
-    return report
-
-
 # --- the scanner ---------------------------------------------------------------------
 
 def _join(outer: Optional[str], inner: Optional[str]) -> Optional[str]:
@@ -260,7 +130,7 @@ def _join(outer: Optional[str], inner: Optional[str]) -> Optional[str]:
 
 
 _PICKLE_VM_OFFSET = re.compile(r" at offset (\d+)")
-_NOT_A_CHECKPOINT = "not a checkpoint format the scan reads"
+NOT_A_CHECKPOINT = "not a checkpoint format the scan reads"
 
 
 class _Scanner:
@@ -329,7 +199,7 @@ class _Scanner:
             return "pickle"
         if head[257:262] == b"ustar":
             return self.tar(view, member, depth)
-        self.fail(f"{_NOT_A_CHECKPOINT} (it starts with {head[:16]!r})", member)
+        self.fail(f"{NOT_A_CHECKPOINT} (it starts with {head[:16]!r})", member)
         return "unknown"
 
     def safetensors(self, view: memoryview, member: Optional[str]) -> str:
