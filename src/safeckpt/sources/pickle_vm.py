@@ -23,15 +23,19 @@ hook and ``EXT1/2/4`` look names up in the process-wide ``copyreg`` registry.
 What this module does
 ---------------------
 `load` runs the program with every opcode dispatched from `OPCODE_TABLE` (one
-handler per opcode of protocols 0-5, names from `pickletools`), but:
+handler per opcode of protocols 0-5, names from `pickletools`), following
+CPython's ``_pickle`` unpickler wherever it accepts a pickle (a scanner that
+refuses what the loader accepts would stop reading where the loader goes on), but:
 
 * Nothing is ever imported and nothing named by the file is ever called. A
-  global name is looked up in `ALLOWLIST`, a table from ``"module.qualname"``
-  to our own side-effect-free rebuild functions and records (torch tensor and
-  storage rebuilds, numpy arrays/dtypes/scalars, ``OrderedDict``, a few
-  builtins, plain-data classes such as ``argparse.Namespace`` which become
-  plain dicts/strings). Every other name becomes an inert `Placeholder`;
-  calling it or building it makes a `PlaceholderCall` recording the arguments.
+  global name (after Python 2 names are mapped as ``_compat_pickle`` maps them)
+  is looked up in `ALLOWLIST`, a table from ``"module.qualname"`` to our own
+  side-effect-free rebuild functions and records (torch tensor and storage
+  rebuilds, numpy arrays/dtypes/scalars, ``OrderedDict``, a few builtins,
+  plain-data classes such as ``argparse.Namespace``, ``datetime`` or
+  ``uuid.UUID`` which become plain data). Every other name becomes an inert
+  `Placeholder`; calling it or building it makes a `PlaceholderCall` recording
+  the arguments.
 * ``EXT1/2/4`` resolve only against `EXTENSION_TABLE`, which is empty:
   ``copyreg`` is never consulted. An EXT code becomes a placeholder and a finding.
 * Torch tensors become `TensorRef` records over `StorageRef` records (the
@@ -40,19 +44,35 @@ handler per opcode of protocols 0-5, names from `pickletools`), but:
 * numpy arrays and scalars are rebuilt from their raw bytes (checked against
   shape x itemsize); object, structured and void dtypes are never built: such an
   array stays an inert `PlaceholderCall` and is reported in `findings`.
-* Out-of-band buffers (``NEXT_BUFFER``/``READONLY_BUFFER``) are refused.
+* Out-of-band buffers (``NEXT_BUFFER``) fail, as they do in every loader that
+  passes no ``buffers``.
+* Where an allowlisted rebuild declines its arguments, `load(strict=True)`
+  (reading a checkpoint) raises; `load(strict=False)` (scanning) records the
+  refusal in `PickleResult.refusals`, keeps an inert placeholder and reads on,
+  as CPython would run on with the real function's result.
+* Values CPython builds but no reader needs are kept inert instead of refused:
+  an integer longer than ``max_long_bytes`` becomes a `HugeInt`, a container
+  nested deeper than ``max_nesting`` is wrapped in a placeholder (so that no
+  later recursive walk, hash or repr can overflow the C stack).
+* Frames are read the two ways CPython reads them (`READERS`): ``"bytes"`` is
+  ``pickle.loads`` (a frame changes nothing), ``"file"`` is ``pickle.load`` of a
+  file without ``peek()`` (``io.BytesIO``, an unbuffered file; a buffered file
+  does the same for frames of 128 KiB or more): the whole frame is read at once,
+  so an argument that runs past the frame's end is read from after it, and the
+  next pickle starts after the frame, not after STOP. Any place where the two
+  readings differ is an anomaly (`PickleResult.anomalies`; `strict` raises):
+  no pickler writes one.
 * Everything an attacker controls is bounded by a `Limits` value (defaults
   are the ``MAX_*`` constants below) and every failure is a `PickleError`
   naming the opcode and its byte offset (also as ``.opcode``/``.offset``, with the
   ``.globals`` seen before the failure, so a scan still reports them); no other
-  exception escapes.
+  exception escapes. ``PickleError.bounded`` tells a failure at one of our own
+  limits (CPython might have read on) from a pickle CPython refuses too.
 
 The machine is iterative (no recursion on the data). ``DUP``/``GET`` make
 shared references, not copies, so a small pickle can describe a DAG whose
 *tree* walk is exponential: a later consumer that walks the result must
-de-duplicate by identity (or bound its work). Object nesting depth is
-bounded by `MAX_NESTING` as containers are built; a container mutated after
-it was placed in a parent (via the memo) is tracked on a best-effort basis.
+de-duplicate by identity (or bound its work).
 
 Example::
 
@@ -66,11 +86,17 @@ from __future__ import annotations
 import codecs
 import collections
 import dataclasses
+import datetime
+import decimal
+import fractions
 import ntpath
 import pickletools
 import posixpath
+import re
 import reprlib
 import struct
+import uuid
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -80,7 +106,8 @@ from safeckpt.errors import SafeckptError
 
 __all__ = [
     "PickleError", "Limits", "PickleResult", "GlobalUse", "Placeholder", "PlaceholderCall",
-    "TensorRef", "StorageRef", "TorchDType", "TorchStorageType", "load", "load_all",
+    "TensorRef", "StorageRef", "TorchDType", "TorchStorageType", "HugeInt", "load", "load_all",
+    "READERS",
     "ALLOWLIST", "EXTENSION_TABLE", "OPCODE_TABLE",
     "MAX_OPCODES", "MAX_STACK", "MAX_MEMO", "MAX_NESTING", "MAX_TOTAL_BYTES",
     "MAX_LINE", "MAX_LONG_BYTES",
@@ -91,10 +118,13 @@ class PickleError(SafeckptError, ValueError):
     """A pickle that is malformed, truncated, refused, or past one of our limits.
 
     Raised by `load` with `opcode`, `offset` and the `globals`/`findings` seen so far.
+    `bounded` is True when the machine stopped at one of its own limits (or met an
+    operation it cannot model): CPython might have read on from there.
     """
 
     opcode: str = "?"
     offset: int = -1
+    bounded: bool = False
     globals: list = []  # noqa: RUF012 - replaced per instance by load
     findings: list = []  # noqa: RUF012
 
@@ -109,17 +139,21 @@ MAX_OPCODES = 20_000_000
 MAX_STACK = 5_000_000
 # Memo entries: each costs a dict slot; real pickles have about one per object.
 MAX_MEMO = 5_000_000
-# Mark nesting and container nesting depth: a later recursive walk (repr, ==, JSON)
-# fails near Python's recursion limit of 1000, and pickle.dumps itself cannot
-# write deeper structures.
+# Container nesting depth kept as real containers: a later recursive walk (repr, ==,
+# JSON) fails near Python's recursion limit of 1000 and hash() of nested tuples recurses
+# in C without a limit. Deeper values are wrapped in an inert placeholder (CPython builds
+# them, so the machine reads on). MARKs may nest as deep as the stack allows.
 MAX_NESTING = 900
 # Total bytes of all strings/bytes arguments (each one is also never more than the
 # bytes left in the data, so no claimed length allocates memory it cannot fill).
 MAX_TOTAL_BYTES = 1 << 34
-# One newline-terminated argument (protocol 0 ints, floats, names, strings).
-MAX_LINE = 1 << 20
-# One LONG1/LONG4 integer, in bytes: int.from_bytes is linear, but arithmetic on
-# huge ints later is not.
+# One newline-terminated argument (protocol 0 ints, floats, names, strings): CPython
+# reads a line of any length, so this is only the total bound (each line also counts
+# toward it, and is searched without copying).
+MAX_LINE = MAX_TOTAL_BYTES
+# Bytes of one integer (LONG1/LONG4, or digits of INT/LONG text) that is kept as a
+# number: int.from_bytes is linear, but str() and arithmetic on huge ints later are
+# not. A longer one becomes an inert `HugeInt`.
 MAX_LONG_BYTES = 1 << 16
 
 
@@ -200,6 +234,16 @@ class PlaceholderCall:
 
 
 @dataclass(frozen=True)
+class HugeInt:
+    """An integer longer than ``Limits.max_long_bytes``: its size is kept, not its value."""
+
+    nbytes: int
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.nbytes} bytes>"
+
+
+@dataclass(frozen=True)
 class TorchDType:
     """A torch dtype named in a pickle (``torch.float32``), with its item size in bytes."""
 
@@ -245,10 +289,15 @@ class TensorRef:
 
 @dataclass
 class PickleResult:
-    """The value of one pickle, every global it named, and the offset after its STOP.
+    """The value of one pickle, every global it named, and where its reader stops.
 
-    `storages` lists the torch storages its persistent ids named (default loader only),
-    so that their records can be checked against the sizes the pickle claims.
+    `end` is the offset after STOP for the ``"bytes"`` reader; for the ``"file"``
+    reader it is where the file is left, the end of the frame around STOP when there
+    is one. `storages` lists the torch storages its persistent ids named (default
+    loader only), so that their records can be checked against the sizes the pickle
+    claims. `refusals` are the allowlisted rebuilds that declined their arguments
+    (``strict=False`` only) and `anomalies` the places where the two readers of
+    frames disagree; each text starts with the opcode and its offset.
     """
 
     value: Any
@@ -256,6 +305,8 @@ class PickleResult:
     end: int
     findings: list = field(default_factory=list)
     storages: list = field(default_factory=list)
+    refusals: list = field(default_factory=list)
+    anomalies: list = field(default_factory=list)
 
 
 # --- the allowlist -----------------------------------------------------------
@@ -588,6 +639,108 @@ def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return PlaceholderCall(cls, (base, state), {}, "REDUCE", -1)
 
 
+# Plain-data classes of the standard library, rebuilt by their own (pure) constructors
+# from plain arguments only, and kept as plain data: ISO text for dates, str for
+# numbers and ids. timedelta and timezone stay objects (datetime takes a tzinfo).
+_DATE_CLASSES = {"datetime": datetime.datetime, "date": datetime.date, "time": datetime.time}
+_DATE_ARGUMENT = (int, bytes, str, datetime.tzinfo, type(None))
+
+
+def _date(kind: str) -> Callable:
+    def make(*args: Any) -> str:
+        if not 1 <= len(args) <= 8 or not all(isinstance(a, _DATE_ARGUMENT) for a in args):
+            raise PickleError(f"datetime.{kind}() only from its packed state or its fields")
+        try:
+            return _DATE_CLASSES[kind](*args).isoformat()
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PickleError(f"datetime.{kind}{brief(args)}: {exc}") from None
+    return make
+
+
+def _numbers(*args: Any) -> bool:
+    return all(type(a) in (int, float, bool) for a in args)
+
+
+def _timedelta(*args: Any) -> datetime.timedelta:
+    if len(args) > 3 or not _numbers(*args):
+        raise PickleError("datetime.timedelta() only from days, seconds, microseconds")
+    try:
+        return datetime.timedelta(*args)
+    except (ValueError, OverflowError) as exc:
+        raise PickleError(f"datetime.timedelta{brief(args)}: {exc}") from None
+
+
+def _timezone(offset: Any, name: Any = None) -> datetime.timezone:
+    if not isinstance(offset, datetime.timedelta) or not (name is None or isinstance(name, str)):
+        raise PickleError("datetime.timezone() only from a timedelta and a name")
+    try:
+        return datetime.timezone(offset) if name is None else datetime.timezone(offset, name)
+    except ValueError as exc:
+        raise PickleError(f"datetime.timezone: {exc}") from None
+
+
+def _decimal(value: Any = "0", context: Any = None) -> str:
+    if type(value) not in (str, int) or context is not None:
+        raise PickleError("decimal.Decimal() only from a string or an int")
+    try:
+        return str(decimal.Decimal(value))
+    except (decimal.InvalidOperation, ValueError) as exc:
+        raise PickleError(f"decimal.Decimal({brief(value)}): {type(exc).__name__}") from None
+
+
+def _fraction(numerator: Any = 0, denominator: Any = None) -> str:
+    if type(numerator) not in (str, int) or not (denominator is None or type(denominator) is int):
+        raise PickleError("fractions.Fraction() only from a string or two ints")
+    try:
+        return str(fractions.Fraction(numerator, denominator))
+    except (ValueError, ZeroDivisionError, TypeError) as exc:
+        raise PickleError(f"fractions.Fraction: {exc}") from None
+
+
+class _PendingUUID(_Pending):
+    """uuid.UUID: NEWOBJ makes an empty one, BUILD gives ``{'int': ..., 'is_safe': ...}``."""
+
+    def finish(self, state: Any) -> str:
+        if not (isinstance(state, dict) and type(state.get("int")) is int and 0 <= state["int"] < 1 << 128):
+            raise PickleError("uuid.UUID state is not {'int': a 128-bit integer}")
+        return str(uuid.UUID(int=state["int"]))
+
+
+def _uuid(*args: Any, **kwargs: Any) -> _PendingUUID:
+    if args or kwargs:
+        raise PickleError("uuid.UUID is rebuilt from its state (BUILD), not from arguments")
+    return _PendingUUID()
+
+
+def _regex(pattern: Any, flags: Any = 0) -> dict:
+    # the pattern is kept as data, never compiled
+    if not isinstance(pattern, (str, bytes)) or type(flags) is not int:
+        raise PickleError("re._compile() only from a pattern and integer flags")
+    return {"__regex__": pattern, "flags": flags}
+
+
+def _counter(items: Any = ()) -> dict:
+    if isinstance(items, dict):
+        return dict(items)
+    return dict(collections.Counter(_plain_iterable(items)))
+
+
+def _deque(items: Any = (), maxlen: Any = None) -> list:
+    if not (maxlen is None or (type(maxlen) is int and maxlen >= 0)):
+        raise PickleError("collections.deque() maxlen must be None or a non-negative int")
+    out = list(_plain_iterable(items))
+    return out if maxlen is None else out[len(out) - min(maxlen, len(out)):]
+
+
+def _range(*args: Any) -> range:
+    if not 1 <= len(args) <= 3 or any(type(a) is not int for a in args):
+        raise PickleError("range() takes 1 to 3 ints")
+    try:
+        return range(*args)
+    except ValueError as exc:
+        raise PickleError(f"range: {exc}") from None
+
+
 def _build_allowlist() -> dict:
     table: dict = {}
 
@@ -638,7 +791,18 @@ def _build_allowlist() -> dict:
             name = prefix + cls.replace("Storage", "Tensor")
             add(name, _type_only(name))
     add("copyreg._reconstructor", _copyreg_reconstructor)
-    add("argparse.Namespace", _plain_dict)
+    add(["argparse.Namespace", "types.SimpleNamespace"], _plain_dict)
+    for kind in _DATE_CLASSES:
+        add(f"datetime.{kind}", _date(kind))
+    add("datetime.timedelta", _timedelta)
+    add("datetime.timezone", _timezone)
+    add("decimal.Decimal", _decimal)
+    add("fractions.Fraction", _fraction)
+    add("uuid.UUID", _uuid)
+    add("re._compile", _regex)
+    add("collections.Counter", _counter)
+    add("collections.deque", _deque)
+    add("builtins.range", _range)
     add(["pytorch_lightning.utilities.parsing.AttributeDict",
          "lightning.pytorch.utilities.parsing.AttributeDict",
          "lightning.fabric.utilities.data.AttributeDict",
@@ -658,27 +822,48 @@ def _build_allowlist() -> dict:
 # "module.qualname" -> our rebuild function (wrapped in _Rebuild) or a record.
 ALLOWLIST: dict = _build_allowlist()
 
-# Python 2 names that protocol 0-2 pickles use for the same objects (fix_imports).
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-_PY2_NAMES = {("builtins", "long"): ("builtins", "int"), ("builtins", "unicode"): ("builtins", "str")}
+# Modules torch.load renames before it imports them (torch/serialization.py, _load).
+_TORCH_MODULES = {"torch.tensor": "torch._tensor"}
 
 # EXT1/2/4 codes we resolve: deliberately empty; copyreg's registry is never read.
 EXTENSION_TABLE: dict = {}
+
+# How the bytes of a pickle reach the unpickler (see the module docstring).
+READERS = ("bytes", "file")
 
 
 # --- the machine ---------------------------------------------------------------
 
 _HIGHEST_PROTOCOL = 5
 _CONTAINERS = (list, dict, tuple, set, frozenset, PlaceholderCall)
+# Values CPython could never call (REDUCE/NEWOBJ/OBJ on them fails there too); anything
+# else the machine holds may stand for a callable object, so calling it reads on.
+_NOT_CALLABLE = (type(None), bool, int, float, complex, str, bytes, bytearray, tuple, list, dict,
+                 set, frozenset, slice, range, TensorRef, StorageRef, TorchDType, HugeInt,
+                 np.ndarray, np.dtype, np.generic)
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 class _Machine:
-    def __init__(self, data: Any, start: int, persistent_load: Optional[Callable], limits: Limits):
+    def __init__(self, data: Any, start: int, persistent_load: Optional[Callable], limits: Limits,
+                 reader: str, strict: bool, persistent_ids: bool) -> None:
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, not {reader!r}")
         self.data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         self.n = len(self.data)
         self.start = start
         self.persistent_load = persistent_load
+        self.persistent_ids = persistent_ids
         self.limits = limits
+        self.file_reader = reader == "file"
+        self.strict = strict
         self.stack: list = []
         self.metastack: list = []
         self.saved = 0  # items in the stacks saved by MARK
@@ -689,54 +874,87 @@ class _Machine:
         self.globals: list = []
         self.findings: list = []
         self.storages: list = []
+        self.refusals: list = []
+        self.anomalies: list = []
+        self.frame_end = -1  # where the current frame (the file reader's buffer) ends; -1: none
         self.op_special: Optional[str] = None  # a name for errors that are not at an opcode
         self.op_pos = start
         self.value: Any = None
 
-    # errors and reading
-    def fail(self, detail: str) -> PickleError:
-        return PickleError(f"{self.op_name} at offset {self.op_pos}: {detail}")
+    # errors
+    def fail(self, detail: str, bounded: bool = False) -> PickleError:
+        error = PickleError(f"{self.op_name} at offset {self.op_pos}: {detail}")
+        error.bounded = bounded
+        return error
 
-    def take(self, pos: int, size: int) -> bytes:
-        if size < 0 or pos + size > self.n:
+    def limit(self, detail: str) -> PickleError:
+        """One of our own bounds: CPython might have read on."""
+        return self.fail(detail, bounded=True)
+
+    def anomaly(self, detail: str) -> None:
+        text = f"{self.op_name} at offset {self.op_pos}: {detail}"
+        if self.strict:
+            raise PickleError(f"{text}: the readers of pickle frames disagree on this file (no "
+                              "pickler writes such frames; the file was crafted)")
+        if len(self.anomalies) < 100:
+            self.anomalies.append(text)
+
+    # reading: where the bytes asked for really come from
+    def straddle(self, pos: int, size: int, linear: bool = False) -> int:
+        """`size` bytes at `pos` run past the end of the current frame. pickle.loads reads
+        on; a file reader had read the whole frame, so it drops the frame's last bytes and
+        reads from the frame's end (but copies counted bytes on: `linear`)."""
+        end = self.frame_end
+        self.anomaly(f"{size} bytes read at offset {pos} run past the end of the frame at {end}")
+        self.frame_end = -1
+        return end if self.file_reader and not linear else pos
+
+    def take(self, pos: int, size: int, linear: bool = False) -> tuple:
+        """`size` bytes from `pos` (counted toward the total): (bytes, position after)."""
+        if pos < self.frame_end < pos + size:
+            pos = self.straddle(pos, size, linear)
+        if size < 0 or size > self.n - pos:  # checked first: a claimed length allocates nothing
             raise self.fail(f"needs {size} bytes but only {self.n - pos} are left (truncated data)")
-        return bytes(self.data[pos:pos + size])
-
-    def take_counted(self, pos: int, size: int) -> bytes:
-        if size > self.n - pos:  # checked first: a claimed length never allocates anything
-            return self.take(pos, size)
-        self.total_bytes += max(size, 0)
+        self.total_bytes += size
         if self.total_bytes > self.limits.max_total_bytes:
-            raise self.fail(f"strings and bytes exceed {self.limits.max_total_bytes} bytes in total "
-                            "(raise Limits.max_total_bytes)")
-        return self.take(pos, size)
+            raise self.limit(f"strings and bytes exceed {self.limits.max_total_bytes} bytes in total "
+                             "(raise Limits.max_total_bytes)")
+        return bytes(self.data[pos:pos + size]), pos + size
 
     def line(self, pos: int) -> tuple:
-        end_search = min(self.n, pos + self.limits.max_line + 1)
-        if isinstance(self.data, bytes):
-            nl = self.data.find(b"\n", pos, end_search)
-        else:
-            nl = self.find_newline(pos, end_search)
+        """A newline-terminated argument: (its bytes without the newline, position after)."""
+        nl = self.find_newline(pos)
+        if pos < self.frame_end and not 0 <= nl < self.frame_end:
+            moved = self.straddle(pos, (nl if nl >= 0 else self.n) + 1 - pos)
+            if moved != pos:
+                pos, nl = moved, self.find_newline(moved)
         if nl < 0:
-            if end_search < self.n:
-                raise self.fail(f"line argument longer than {self.limits.max_line} bytes "
-                                "(raise Limits.max_line)")
             raise self.fail("line argument has no newline (truncated data)")
+        if nl - pos > self.limits.max_line:
+            raise self.limit(f"line argument longer than {self.limits.max_line} bytes "
+                             "(raise Limits.max_line)")
         self.total_bytes += nl - pos
-        return self.take(pos, nl - pos), nl + 1
+        if self.total_bytes > self.limits.max_total_bytes:
+            raise self.limit(f"strings and bytes exceed {self.limits.max_total_bytes} bytes in total "
+                             "(raise Limits.max_total_bytes)")
+        return bytes(self.data[pos:nl]), nl + 1
 
-    def find_newline(self, pos: int, end: int) -> int:
+    def find_newline(self, pos: int) -> int:
+        if isinstance(self.data, bytes):
+            return self.data.find(b"\n", pos)
         # in growing chunks: a view is copied to search it, and lines are usually short
         chunk = 256
-        while pos < end:
-            stop = min(end, pos + chunk)
+        while pos < self.n:
+            stop = min(self.n, pos + chunk)
             found = bytes(self.data[pos:stop]).find(b"\n")
             if found >= 0:
                 return pos + found
-            pos, chunk = stop, chunk * 4
+            pos, chunk = stop, min(chunk * 4, 1 << 24)
         return -1
 
     def uint(self, pos: int, size: int, signed: bool = False) -> tuple:
+        if pos < self.frame_end < pos + size:
+            pos = self.straddle(pos, size)
         if pos + size > self.n:
             raise self.fail(f"needs {size} bytes but only {self.n - pos} are left (truncated data)")
         return _FIXED[size, signed].unpack_from(self.data, pos)[0], pos + size
@@ -769,34 +987,54 @@ class _Machine:
         return e[0] if e is not None and e[1] is x else 0
 
     def made(self, container: Any, children: Any) -> Any:
+        """`container`, built from `children`; wrapped inert when it would nest too deep."""
         d = 0
         for c in children:
             if isinstance(c, _CONTAINERS):
                 d = max(d, self.depth(c) or 1)  # containers of depth 1 are not recorded
+        if d + 1 > self.limits.max_nesting:
+            return self.too_deep(container)
         self.set_depth(container, d + 1)
         return container
 
-    def grew(self, container: Any, children: Any) -> None:
+    def fit(self, container: Any, children: list) -> list:
+        """`children` about to go into `container` in place; any that would make it nest
+        too deep is wrapped inert instead (its parents keep their recorded depth)."""
         d = self.depth(container) - 1
-        for c in children:
+        out = children
+        for i, c in enumerate(children):
             if isinstance(c, _CONTAINERS):
-                d = max(d, self.depth(c) or 1)
+                cd = self.depth(c) or 1
+                if cd + 1 > self.limits.max_nesting:
+                    if out is children:
+                        out = list(children)
+                    out[i] = self.too_deep(c)
+                    cd = 1
+                d = max(d, cd)
         self.set_depth(container, d + 1)
+        return out
+
+    def too_deep(self, value: Any) -> PlaceholderCall:
+        if len(self.findings) < 100:
+            self.findings.append(f"{self.op_name} at offset {self.op_pos}: containers nest deeper "
+                                 f"than {self.limits.max_nesting}; the deeper part is kept inert")
+        return PlaceholderCall(Placeholder("<safeckpt>", "nested-too-deep", self.op_pos), (value,), {},
+                               self.op_name, self.op_pos)
 
     def set_depth(self, container: Any, d: int) -> None:
-        if d <= 1:  # a leaf; depth() answers 0 for it and callers count it as 1
-            return
-        if d > self.limits.max_nesting:
-            raise self.fail(f"containers nest deeper than {self.limits.max_nesting} "
-                            "(raise Limits.max_nesting)")
-        self.depths[id(container)] = (d, container)
+        if d > 1:  # a leaf; depth() answers 0 for it and callers count it as 1
+            self.depths[id(container)] = (d, container)
 
     # globals and calls
     def find_global(self, module: Any, name: Any, pos: int) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
-            raise self.fail("global module and name must be strings")
-        module = _PY2_MODULES.get(module, module)
-        module, name = _PY2_NAMES.get((module, name), (module, name))
+            raise self.fail("STACK_GLOBAL requires str")
+        # as CPython's find_class maps Python 2 names (for every protocol: a superset)
+        if (module, name) in NAME_MAPPING:
+            module, name = NAME_MAPPING[module, name]
+        elif module in IMPORT_MAPPING:
+            module = IMPORT_MAPPING[module]
+        module = _TORCH_MODULES.get(module, module)
         qual = f"{module}.{name}"
         allowed = qual in ALLOWLIST
         self.globals.append(GlobalUse(module, name, pos, allowed))
@@ -808,14 +1046,30 @@ class _Machine:
         if not isinstance(kwargs, dict):
             raise self.fail("keyword arguments must be a dict")
         if isinstance(func, _Rebuild):
-            out = func.fn(*args, **kwargs)
+            try:
+                out = func.fn(*args, **kwargs)
+            except (PickleError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+                out = self.refuse(func.name, args, exc)
             if isinstance(out, PlaceholderCall) and out.offset == -1:
                 self.refused(out)
             return out
-        if isinstance(func, (Placeholder, PlaceholderCall)):
-            return self.made(PlaceholderCall(func, args, dict(kwargs), kind, self.op_pos),
-                             list(args) + list(kwargs.values()))
-        raise self.fail(f"{type(func).__name__} is not callable here")
+        if isinstance(func, _NOT_CALLABLE):
+            raise self.fail(f"{type(func).__name__} is not callable")
+        return self.made(PlaceholderCall(func, args, dict(kwargs), kind, self.op_pos),
+                         list(args) + list(kwargs.values()))
+
+    def refuse(self, name: str, args: tuple, exc: BaseException) -> PlaceholderCall:
+        """An allowlisted rebuild declined its arguments: an error when reading strictly,
+        else an inert placeholder (CPython would have run on with the real result)."""
+        detail = exc.detail if isinstance(exc, PickleError) else f"{type(exc).__name__}: {str(exc)[:200]}"
+        if detail.startswith(f"{self.op_name} at offset {self.op_pos}: "):
+            detail = detail.split(": ", 1)[1]
+        if self.strict:
+            raise self.fail(detail)
+        self.refusals.append(f"{self.op_name} at offset {self.op_pos}: {name}: {detail}")
+        module, _, qualname = name.rpartition(".")
+        return PlaceholderCall(Placeholder(module, qualname, self.op_pos), args, {}, self.op_name,
+                               self.op_pos)
 
     def refused(self, out: PlaceholderCall) -> None:
         """An allowlisted function declined to build something: keep it inert and say so."""
@@ -827,7 +1081,7 @@ class _Machine:
 
     def memo_put(self, key: Any, value: Any) -> None:
         if key not in self.memo and len(self.memo) >= self.limits.max_memo:
-            raise self.fail(f"memo exceeds {self.limits.max_memo} entries (raise Limits.max_memo)")
+            raise self.limit(f"memo exceeds {self.limits.max_memo} entries (raise Limits.max_memo)")
         self.memo[key] = value
         if isinstance(value, _Pending):
             self.memo_of_pending.setdefault(id(value), (value, []))[1].append(key)
@@ -861,27 +1115,27 @@ class _Machine:
                 raise self.fail("not a pickle opcode")
             count += 1
             if count > max_opcodes:
-                raise self.fail(f"more than {max_opcodes} opcodes (raise Limits.max_opcodes)")
+                raise self.limit(f"more than {max_opcodes} opcodes (raise Limits.max_opcodes)")
             try:
                 pos = handler(self, pos + 1)
             except PickleError as e:
                 if e.detail.startswith(self.op_name + " at offset"):
                     raise
-                raise self.fail(e.detail) from None
+                raise self.fail(e.detail, e.bounded) from None
             except (Exception, RecursionError) as e:  # noqa: BLE001 - nothing else may escape
                 msg = f"missing {brief(e.args[0])}" if isinstance(e, KeyError) and e.args else str(e)[:200]
-                raise self.fail(f"{type(e).__name__}: {msg}") from None
+                # not a failure we know CPython shares: the machine could not follow
+                raise self.limit(f"{type(e).__name__}: {msg}") from None
             if pos < 0:
                 return -pos
-            if len(self.stack) + self.saved > max_stack:
-                raise self.fail(f"stack exceeds {max_stack} items (raise Limits.max_stack)")
+            if len(self.stack) + self.saved + len(self.metastack) > max_stack:
+                raise self.limit(f"stack exceeds {max_stack} items (raise Limits.max_stack)")
 
 
 # --- opcode handlers: (machine, position after the opcode byte) -> next position ---
+# Each follows the load_* function of CPython's Modules/_pickle.c of the same name.
 
 def op_mark(m: _Machine, pos: int) -> int:
-    if len(m.metastack) >= m.limits.max_nesting:
-        raise m.fail(f"MARKs nest deeper than {m.limits.max_nesting} (raise Limits.max_nesting)")
     m.metastack.append(m.stack)
     m.saved += len(m.stack)
     m.stack = []
@@ -889,9 +1143,16 @@ def op_mark(m: _Machine, pos: int) -> int:
 
 
 def op_stop(m: _Machine, pos: int) -> int:
-    m.value = m.pop()
-    if isinstance(m.value, _Pending):
-        raise m.fail("the result is an object that was never given its state (BUILD)")
+    value = m.pop()
+    if isinstance(value, _Pending):
+        if m.strict:
+            raise m.fail("the result is an object that was never given its state (BUILD)")
+        value = m.refuse(type(value).__name__, (), PickleError("never given its state (BUILD)"))
+    m.value = value
+    if pos < m.frame_end:
+        m.anomaly(f"STOP leaves {m.frame_end - pos} bytes of its frame unread")
+        if m.file_reader:
+            pos = m.frame_end  # the file reader had read them: the next pickle starts after
     return -pos
 
 
@@ -913,33 +1174,81 @@ def op_dup(m: _Machine, pos: int) -> int:
     return pos
 
 
-def op_float(m: _Machine, pos: int) -> int:
-    text, pos = m.line(pos)
-    m.push(float(text))
-    return pos
+# Numbers in text, as CPython parses them: INT with C's strtol(s, &end, 0) (then, if that
+# fails, Python's int(s, 0)), LONG with int(s, 0), FLOAT with a C strtod; C reads a
+# string up to its first NUL, so a line may hide anything after one.
+_STRTOL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
+_LONG_MAX = (1 << 63) - 1
 
 
-def op_binfloat(m: _Machine, pos: int) -> int:
-    m.push(struct.unpack(">d", m.take(pos, 8))[0])
-    return pos + 8
+def _c_string(text: bytes) -> bytes:
+    nul = text.find(b"\0")
+    return text if nul < 0 else text[:nul]
+
+
+def _py_int(m: _Machine, text: bytes, base: int) -> Any:
+    """int(text, base) as PyLong_FromString reads it; a huge literal stays inert."""
+    text = _c_string(text)
+    if len(text) > 2 * m.limits.max_long_bytes:
+        return HugeInt(len(text) // 2)
+    try:
+        return int(text.decode("ascii"), base)
+    except UnicodeDecodeError:
+        raise m.fail(f"invalid literal for an integer: {brief(text)}") from None
+    except ValueError as exc:
+        if "Exceeds the limit" in str(exc):  # Python 3.11+ refuses, 3.10 reads it: read on
+            return HugeInt(len(text) // 2)
+        raise m.fail(f"invalid literal for an integer: {brief(text)}") from None
 
 
 def op_int(m: _Machine, pos: int) -> int:
     text, pos = m.line(pos)
-    if text == b"00":
-        m.push(False)
-    elif text == b"01":
-        m.push(True)
-    else:
-        m.push(int(text, 10))
+    if not text:
+        raise m.fail("empty INT argument")
+    if text[:1] == b"\0":  # strtol converts nothing and stops at the NUL: that is accepted, as 0
+        m.push(False if len(text) == 2 else 0)
+        return pos
+    match = _STRTOL.match(_c_string(text))
+    if match is not None:
+        sign, digits = match.groups()
+        if digits[:2] in (b"0x", b"0X"):
+            value = int(digits[2:], 16)
+        elif digits[:1] == b"0":
+            value = int(digits, 8)
+        else:
+            value = int(digits, 10) if len(digits) <= 2 * m.limits.max_long_bytes else None
+        if value is not None and value <= _LONG_MAX + (sign == b"-"):
+            value = -value if sign == b"-" else value
+            m.push(bool(value) if len(text) == 2 and value in (0, 1) else value)
+            return pos
+    m.push(_py_int(m, text, 0))  # strtol overflowed or stopped early: Python's parser
     return pos
 
 
 def op_long(m: _Machine, pos: int) -> int:
     text, pos = m.line(pos)
+    if not text:
+        raise m.fail("empty LONG argument")
     if text.endswith(b"L"):
         text = text[:-1]
-    m.push(int(text, 10))
+    m.push(_py_int(m, text, 0))
+    return pos
+
+
+def op_float(m: _Machine, pos: int) -> int:
+    text, pos = m.line(pos)
+    if not text:
+        raise m.fail("empty FLOAT argument")
+    try:
+        m.push(float(_c_string(text).decode("ascii")))
+    except (UnicodeDecodeError, ValueError):
+        raise m.fail(f"could not convert {brief(text)} to a float") from None
+    return pos
+
+
+def op_binfloat(m: _Machine, pos: int) -> int:
+    raw, pos = m.take(pos, 8)
+    m.push(struct.unpack(">d", raw)[0])
     return pos
 
 
@@ -966,22 +1275,30 @@ def _binint(size: int, signed: bool) -> Callable:
 
 def _long_n(width: int) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
-        size, pos = m.uint(pos, width)
+        size, pos = m.uint(pos, width, signed=width == 4)
+        if size < 0:
+            raise m.fail("LONG pickle has negative byte count")
         if size > m.limits.max_long_bytes:
-            raise m.fail(f"integer of {size} bytes exceeds {m.limits.max_long_bytes} "
-                         "(raise Limits.max_long_bytes)")
-        m.push(int.from_bytes(m.take_counted(pos, size), "little", signed=True))
-        return pos + size
+            _, pos = m.take(pos, size)
+            m.push(HugeInt(size))
+            return pos
+        raw, pos = m.take(pos, size)
+        m.push(int.from_bytes(raw, "little", signed=True))
+        return pos
     return handler
 
 
-def _counted(width: int, make: Callable) -> Callable:
+def _counted(width: int, make: Callable, linear: bool = False) -> Callable:
+    # bytes and bytearray payloads are copied on past a frame's end (_Unpickler_ReadInto);
+    # strings are read like every other argument
     def handler(m: _Machine, pos: int) -> int:
         size, pos = m.uint(pos, width)
-        if width == 4 and make is _py2_string and size >= 1 << 31:
-            raise m.fail("BINSTRING length is negative")
-        m.stack.append(make(m.take_counted(pos, size)))
-        return pos + size
+        raw, pos = m.take(pos, size, linear)
+        try:
+            m.stack.append(make(raw))
+        except UnicodeDecodeError as exc:
+            raise m.fail(f"invalid UTF-8 in a string ({exc.reason})") from None
+        return pos
     return handler
 
 
@@ -1003,19 +1320,30 @@ def op_string(m: _Machine, pos: int) -> int:
         text = text[1:-1]
     else:
         raise m.fail("STRING argument is not quoted")
-    m.push(_py2_string(codecs.escape_decode(text)[0]))
+    try:
+        m.push(_py2_string(codecs.escape_decode(text)[0]))
+    except ValueError as exc:
+        raise m.fail(f"STRING argument: {exc}") from None
     return pos
 
 
 def op_unicode(m: _Machine, pos: int) -> int:
     text, pos = m.line(pos)
-    m.push(str(text, "raw-unicode-escape"))
+    try:
+        m.push(str(text, "raw-unicode-escape"))
+    except UnicodeDecodeError as exc:
+        raise m.fail(f"UNICODE argument: {exc.reason}") from None
     return pos
 
 
-def op_buffer(m: _Machine, pos: int) -> int:
-    raise m.fail("out-of-band buffers (pickle protocol 5 buffer_callback) are not supported; "
-                 "save the pickle with in-band buffers")
+def op_next_buffer(m: _Machine, pos: int) -> int:
+    raise m.fail("out-of-band buffers (pickle protocol 5 buffer_callback) need a buffers= "
+                 "argument no checkpoint loader passes")
+
+
+def op_readonly_buffer(m: _Machine, pos: int) -> int:
+    m.top()  # makes a read-only view of a bytearray; bytes and views are already read-only
+    return pos
 
 
 def _push_const(value: Any) -> Callable:
@@ -1027,23 +1355,22 @@ def _push_const(value: Any) -> Callable:
 
 def _push_new(factory: Callable) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
-        obj = factory()
-        m.set_depth(obj, 1)
-        m.push(obj)
+        m.push(factory())
         return pos
     return handler
 
 
 def _extend(m: _Machine, target: Any, items: list) -> None:
+    """APPEND(S): CPython calls target.extend (or .append); no items is a no-op on anything."""
+    if not items:
+        return
     if isinstance(target, list):
-        target.extend(items)
+        target.extend(m.fit(target, items))
     elif isinstance(target, PlaceholderCall):
-        target.items.extend(items)
+        target.items.extend(m.fit(target, items))
     elif isinstance(target, set):
-        target.update(items)
-    else:
-        raise m.fail(f"cannot append to {type(target).__name__}")
-    m.grew(target, items)
+        target.update(x for x in m.fit(target, items) if _hashable(x))
+    # anything else: CPython calls its extend/append, or fails; nothing we keep
 
 
 def op_append(m: _Machine, pos: int) -> int:
@@ -1061,24 +1388,35 @@ def op_appends(m: _Machine, pos: int) -> int:
 def op_additems(m: _Machine, pos: int) -> int:
     items = m.pop_mark()
     target = m.top()
-    if not isinstance(target, (set, PlaceholderCall)):
-        raise m.fail(f"ADDITEMS on {type(target).__name__}, not a set")
-    _extend(m, target, items)
+    if not items:
+        return pos
+    if isinstance(target, set):
+        target.update(x for x in m.fit(target, items) if _hashable(x))
+    elif isinstance(target, PlaceholderCall):
+        target.items.extend(m.fit(target, items))
+    # anything else: CPython calls its add(), or fails; nothing we keep
     return pos
 
 
 def _setitems(m: _Machine, target: Any, flat: list) -> None:
+    """SETITEM(S): CPython calls target[key] = value on whatever target is."""
+    if not flat:
+        return
     if len(flat) % 2:
-        raise m.fail("odd number of items for key/value pairs")
-    pairs = list(zip(flat[::2], flat[1::2]))
+        raise m.fail("odd number of items for SETITEMS")
+    flat = m.fit(target, flat)
+    pairs = zip(flat[::2], flat[1::2])
     if isinstance(target, dict):
         for k, v in pairs:
-            target[k] = v
+            if _hashable(k):  # an unhashable stand-in may be a hashable object in CPython
+                target[k] = v
     elif isinstance(target, PlaceholderCall):
         target.setitems.extend(pairs)
-    else:
-        raise m.fail(f"cannot set items on {type(target).__name__}")
-    m.grew(target, flat)
+    elif isinstance(target, list):
+        for k, v in pairs:
+            if type(k) is int and -len(target) <= k < len(target):
+                target[k] = v
+    # anything else: CPython calls its __setitem__, or fails; nothing we keep
 
 
 def op_setitem(m: _Machine, pos: int) -> int:
@@ -1119,8 +1457,9 @@ def _tuple_n(k: int) -> Callable:
 
 def op_dict(m: _Machine, pos: int) -> int:
     flat = m.pop_mark()
+    if len(flat) % 2:
+        raise m.fail("odd number of items for DICT")
     out: dict = {}
-    m.set_depth(out, 1)
     _setitems(m, out, flat)
     m.push(out)
     return pos
@@ -1128,15 +1467,26 @@ def op_dict(m: _Machine, pos: int) -> int:
 
 def op_frozenset(m: _Machine, pos: int) -> int:
     items = m.pop_mark()
-    m.push(m.made(frozenset(items), items))
+    m.push(m.made(frozenset(x for x in items if _hashable(x)), items))
     return pos
+
+
+def _names(m: _Machine, pos: int, encoding: str) -> tuple:
+    """The module and name lines of GLOBAL (UTF-8) and INST (ASCII)."""
+    module, pos = m.line(pos)
+    name, pos = m.line(pos)
+    if not module or not name:
+        raise m.fail("empty module or name line")
+    try:
+        return module.decode(encoding), name.decode(encoding), pos
+    except UnicodeDecodeError:
+        raise m.fail(f"module or name is not {encoding}") from None
 
 
 def op_global(m: _Machine, pos: int) -> int:
     start = m.op_pos
-    module, pos = m.line(pos)
-    name, pos = m.line(pos)
-    m.push(m.find_global(module.decode("utf-8"), name.decode("utf-8"), start))
+    module, name, pos = _names(m, pos, "utf-8")
+    m.push(m.find_global(module, name, start))
     return pos
 
 
@@ -1149,9 +1499,10 @@ def op_stack_global(m: _Machine, pos: int) -> int:
 
 def op_inst(m: _Machine, pos: int) -> int:
     start = m.op_pos
-    module, pos = m.line(pos)
-    name, pos = m.line(pos)
-    cls = m.find_global(module.decode("utf-8"), name.decode("utf-8"), start)
+    if not m.metastack:
+        raise m.fail("no MARK to pop to (mark stack underflow)")
+    module, name, pos = _names(m, pos, "ascii")
+    cls = m.find_global(module, name, start)
     args = m.pop_mark()
     m.push(m.call(cls, tuple(args), {}, "INST"))
     return pos
@@ -1160,7 +1511,7 @@ def op_inst(m: _Machine, pos: int) -> int:
 def op_obj(m: _Machine, pos: int) -> int:
     items = m.pop_mark()
     if not items:
-        raise m.fail("OBJ needs a class after the MARK")
+        raise m.fail("OBJ needs a class after the MARK (stack underflow)")
     m.push(m.call(items[0], tuple(items[1:]), {}, "OBJ"))
     return pos
 
@@ -1188,10 +1539,15 @@ def op_reduce(m: _Machine, pos: int) -> int:
 
 
 def op_build(m: _Machine, pos: int) -> int:
-    state = m.pop()
-    obj = m.top()
+    if len(m.stack) < 2:
+        raise m.fail("stack underflow")
+    state = m.stack.pop()
+    obj = m.stack[-1]
     if isinstance(obj, _Pending):
-        new = obj.finish(state)
+        try:
+            new = obj.finish(state)
+        except (PickleError, TypeError, ValueError, OverflowError) as exc:
+            new = m.refuse(type(obj).__name__, (state,), exc)
         if isinstance(new, PlaceholderCall) and new.offset == -1:
             m.refused(new)
         m.stack[-1] = new
@@ -1200,27 +1556,21 @@ def op_build(m: _Machine, pos: int) -> int:
             for key in entry[1]:
                 m.memo[key] = new
     elif isinstance(obj, PlaceholderCall):
-        obj.state.append(state)
-        m.grew(obj, [state])
-    elif isinstance(obj, collections.OrderedDict):
-        pass  # attributes of an OrderedDict (torch's state_dict._metadata) are not items
-    elif isinstance(obj, dict):
-        # plain-data classes (Namespace, AttributeDict) keep their __dict__ as items
+        obj.state.extend(m.fit(obj, [state]))
+    elif isinstance(obj, dict) and not isinstance(obj, collections.OrderedDict):
+        # plain-data classes (Namespace, AttributeDict) keep their __dict__ as items;
+        # attributes of an OrderedDict (torch's state_dict._metadata) are not items
         inst, slots = (state if isinstance(state, tuple) and len(state) == 2 else (state, None))
         for part in (inst, slots):
             if isinstance(part, dict):
-                obj.update(part)
-            elif part is not None:
-                raise m.fail("BUILD state for a plain-data object is not a dict")
-        m.grew(obj, [state])
-    elif isinstance(obj, TensorRef) or obj is None:
-        pass  # tensors carry no state we keep
-    else:
-        raise m.fail(f"BUILD on {type(obj).__name__} is refused")
+                _setitems(m, obj, [x for pair in part.items() for x in pair])
+    # anything else: CPython calls its __setstate__ or sets attributes; nothing we keep
     return pos
 
 
 def _persistent(m: _Machine, pid: Any) -> Any:
+    if not m.persistent_ids:
+        raise m.fail("a persistent id, but this loader has no persistent_load")
     if m.persistent_load is not None:
         return m.persistent_load(pid)
     if (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
@@ -1233,8 +1583,14 @@ def _persistent(m: _Machine, pid: Any) -> Any:
 
 
 def op_persid(m: _Machine, pos: int) -> int:
+    if not m.persistent_ids:
+        raise m.fail("a persistent id, but this loader has no persistent_load")
     text, pos = m.line(pos)
-    m.push(_persistent(m, text.decode("ascii")))
+    try:
+        pid = text.decode("ascii")
+    except UnicodeDecodeError:
+        raise m.fail("persistent IDs in protocol 0 must be ASCII strings") from None
+    m.push(_persistent(m, pid))
     return pos
 
 
@@ -1245,7 +1601,9 @@ def op_binpersid(m: _Machine, pos: int) -> int:
 
 def _ext(width: int) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
-        code, pos = m.uint(pos, width)
+        code, pos = m.uint(pos, width, signed=width == 4)
+        if code <= 0:
+            raise m.fail("EXT specifies code <= 0")
         if code in EXTENSION_TABLE:
             module, name = EXTENSION_TABLE[code]
             m.push(m.find_global(module, name, m.op_pos))
@@ -1276,6 +1634,8 @@ _U32 = struct.Struct("<I").unpack_from
 
 
 def op_long_binget(m: _Machine, pos: int) -> int:
+    if pos < m.frame_end < pos + 4:
+        pos = m.straddle(pos, 4)
     if pos + 4 > m.n:
         raise m.fail(f"needs 4 bytes but only {m.n - pos} are left (truncated data)")
     m.memo_get(_U32(m.data, pos)[0])
@@ -1284,34 +1644,34 @@ def op_long_binget(m: _Machine, pos: int) -> int:
 
 def op_long_binput(m: _Machine, pos: int) -> int:
     # torch's data.pkl memoizes every object with LONG_BINPUT once past 256 of them
+    if pos < m.frame_end < pos + 4:
+        pos = m.straddle(pos, 4)
     if pos + 4 > m.n:
         raise m.fail(f"needs 4 bytes but only {m.n - pos} are left (truncated data)")
     m.memo_put(_U32(m.data, pos)[0], m.top())
     return pos + 4
 
 
-def _get(width: Optional[int]) -> Callable:
-    def handler(m: _Machine, pos: int) -> int:
-        if width is None:
-            text, pos = m.line(pos)
-            key = int(text, 10)
-        else:
-            key, pos = m.uint(pos, width)
-        m.memo_get(key)
-        return pos
-    return handler
+def _memo_key(m: _Machine, text: bytes) -> int:
+    key = _py_int(m, text, 10)
+    if type(key) is not int:
+        raise m.fail(f"memo key {brief(text)} is not an integer")
+    return key
 
 
-def _put(width: Optional[int]) -> Callable:
-    def handler(m: _Machine, pos: int) -> int:
-        if width is None:
-            text, pos = m.line(pos)
-            key = int(text, 10)
-        else:
-            key, pos = m.uint(pos, width)
-        m.memo_put(key, m.top())
-        return pos
-    return handler
+def op_get(m: _Machine, pos: int) -> int:
+    text, pos = m.line(pos)
+    m.memo_get(_memo_key(m, text))
+    return pos
+
+
+def op_put(m: _Machine, pos: int) -> int:
+    text, pos = m.line(pos)
+    key = _memo_key(m, text)
+    if key < 0:
+        raise m.fail("negative PUT argument")
+    m.memo_put(key, m.top())
+    return pos
 
 
 def op_memoize(m: _Machine, pos: int) -> int:
@@ -1328,8 +1688,15 @@ def op_proto(m: _Machine, pos: int) -> int:
 
 def op_frame(m: _Machine, pos: int) -> int:
     size, pos = m.uint(pos, 8)
+    end = m.frame_end
+    if pos < end:  # a frame inside a frame: pickle.py refuses it, the C readers do not
+        if pos + size <= end:
+            m.anomaly(f"a frame of {size} bytes inside the frame that ends at {end}")
+            return pos
+        pos = m.straddle(pos, size)
     if size > m.n - pos:
         raise m.fail(f"frame of {size} bytes runs past the end of the data (truncated data)")
+    m.frame_end = pos + size
     return pos
 
 
@@ -1340,19 +1707,19 @@ _HANDLERS: dict = {
     "LONG1": _long_n(1), "LONG4": _long_n(4),
     "STRING": op_string, "BINSTRING": _counted(4, _py2_string),
     "SHORT_BINSTRING": _counted(1, _py2_string),
-    "BINBYTES": _counted(4, bytes), "SHORT_BINBYTES": _counted(1, bytes),
-    "BINBYTES8": _counted(8, bytes), "BYTEARRAY8": _counted(8, bytearray),
+    "BINBYTES": _counted(4, bytes, True), "SHORT_BINBYTES": _counted(1, bytes, True),
+    "BINBYTES8": _counted(8, bytes, True), "BYTEARRAY8": _counted(8, bytearray, True),
     "UNICODE": op_unicode, "SHORT_BINUNICODE": _counted(1, _utf8),
     "BINUNICODE": _counted(4, _utf8), "BINUNICODE8": _counted(8, _utf8),
-    "NEXT_BUFFER": op_buffer, "READONLY_BUFFER": op_buffer,
+    "NEXT_BUFFER": op_next_buffer, "READONLY_BUFFER": op_readonly_buffer,
     "NONE": _push_const(None), "NEWTRUE": _push_const(True), "NEWFALSE": _push_const(False),
     "APPEND": op_append, "APPENDS": op_appends, "BUILD": op_build,
     "GLOBAL": op_global, "STACK_GLOBAL": op_stack_global,
     "DICT": op_dict, "EMPTY_DICT": _push_new(dict), "EMPTY_LIST": _push_new(list),
     "EMPTY_TUPLE": _push_const(()), "EMPTY_SET": _push_new(set), "ADDITEMS": op_additems,
     "FROZENSET": op_frozenset, "TUPLE": op_tuple, "TUPLE1": _tuple_n(1), "TUPLE2": _tuple_n(2),
-    "TUPLE3": _tuple_n(3), "GET": _get(None), "BINGET": op_binget, "LONG_BINGET": op_long_binget,
-    "PUT": _put(None), "BINPUT": op_binput, "LONG_BINPUT": op_long_binput, "MEMOIZE": op_memoize,
+    "TUPLE3": _tuple_n(3), "GET": op_get, "BINGET": op_binget, "LONG_BINGET": op_long_binget,
+    "PUT": op_put, "BINPUT": op_binput, "LONG_BINPUT": op_long_binput, "MEMOIZE": op_memoize,
     "SETITEM": op_setitem, "SETITEMS": op_setitems, "LIST": op_list, "INST": op_inst,
     "OBJ": op_obj, "NEWOBJ": op_newobj, "NEWOBJ_EX": op_newobj_ex, "REDUCE": op_reduce,
     "PERSID": op_persid, "BINPERSID": op_binpersid,
@@ -1367,25 +1734,29 @@ _BY_BYTE: list = [OPCODE_TABLE[b][1] if b in OPCODE_TABLE else None for b in ran
 
 
 def load(data: Any, *, start: int = 0, persistent_load: Optional[Callable] = None,
-         limits: Limits = Limits()) -> PickleResult:
+         limits: Limits = Limits(), reader: str = "bytes", strict: bool = True,
+         persistent_ids: bool = True) -> PickleResult:
     """Run one pickle from `data[start:]` as data; nothing is imported or called.
 
     `persistent_load(pid)` maps persistent ids (torch: ``('storage', storage_type,
-    key, location, numel)``); by default they become `StorageRef` records.
+    key, location, numel)``); by default they become `StorageRef` records, and with
+    ``persistent_ids=False`` they fail, as in a loader that has no persistent_load.
+    `reader` is how the bytes reach the unpickler (`READERS`); `strict` decides
+    whether a refusal or a frame anomaly raises (reading) or is recorded (scanning).
 
     >>> import pickle
     >>> r = load(pickle.dumps([1, "a"]) + b"trailing")
     >>> r.value, r.end
     ([1, 'a'], 22)
     """
-    m = _Machine(data, start, persistent_load, limits)
+    m = _Machine(data, start, persistent_load, limits, reader, strict, persistent_ids)
     try:
         end = m.run()
     except PickleError as e:
         # a scan still reports what the pickle named before it went wrong
         e.opcode, e.offset, e.globals, e.findings = m.op_name, m.op_pos, m.globals, m.findings
         raise
-    return PickleResult(m.value, m.globals, end, m.findings, m.storages)
+    return PickleResult(m.value, m.globals, end, m.findings, m.storages, m.refusals, m.anomalies)
 
 
 def load_all(data: Any, *, persistent_load: Optional[Callable] = None,
