@@ -741,6 +741,55 @@ def _range(*args: Any) -> range:
         raise PickleError(f"range: {exc}") from None
 
 
+# Type references, as configs pickle them (OmegaConf keeps typing.Optional[int] and the
+# like in its metadata): typing forms are named, subscripted with _operator.getitem, and
+# type(None) is builtins.type(None). Anything else those functions would do stays inert.
+_TYPING_FORMS = ("Any", "Union", "Optional", "List", "Dict", "Tuple", "Set", "FrozenSet", "Type",
+                 "Sequence", "Mapping", "MutableMapping", "Iterable", "Callable", "Literal")
+
+
+def _type_name(x: Any) -> Optional[str]:
+    if isinstance(x, _Rebuild) and (x.name.startswith("typing.") or x.name.startswith("builtins.")):
+        return x.name
+    if isinstance(x, str) and x.startswith(("typing.", "builtins.", "NoneType")):
+        return x  # a type reference built before (typing.Optional[int], NoneType)
+    if x is Ellipsis or x is None:
+        return repr(x)
+    if isinstance(x, tuple):
+        names = [_type_name(v) for v in x]
+        return None if None in names else ", ".join(names)
+    return None
+
+
+def _inert(name: str, args: tuple) -> PlaceholderCall:
+    module, _, qualname = name.rpartition(".")
+    return PlaceholderCall(Placeholder(module, qualname, -1), args, {}, "REDUCE", -1)
+
+
+def _subscript(form: Any, key: Any) -> Any:
+    """operator.getitem(typing.Optional, (int, NoneType)) -> 'typing.Optional[...]'."""
+    if isinstance(form, _Rebuild) and form.name.startswith("typing.") and _type_name(key) is not None:
+        return f"{form.name}[{_type_name(key)}]"
+    return _inert("operator.getitem", (form, key))
+
+
+def _generic_alias(origin: Any, args: Any) -> Any:
+    """types.GenericAlias(list, int) -> 'builtins.list[builtins.int]'."""
+    if isinstance(origin, _Rebuild) and origin.name.startswith("builtins.") and _type_name(args):
+        return f"{origin.name}[{_type_name(args)}]"
+    return _inert("types.GenericAlias", (origin, args))
+
+
+def _type_of(*args: Any) -> Any:
+    """builtins.type(None) is how NoneType pickles; type() of anything else is kept inert."""
+    return "NoneType" if args == (None,) else _inert("builtins.type", args)
+
+
+def _logger(name: Any = None) -> Any:
+    """logging.getLogger(name), how a logger pickles: kept as its name."""
+    return {"__logger__": name} if name is None or isinstance(name, str) else _inert("logging.getLogger", (name,))
+
+
 def _build_allowlist() -> dict:
     table: dict = {}
 
@@ -783,8 +832,13 @@ def _build_allowlist() -> dict:
     add("collections.defaultdict", _defaultdict)
     add("torch.Size", _torch_size)  # shapes kept in checkpoints' metadata
     add("torch.device", _torch_device)
-    for name in ("builtins.object", "typing.Any"):  # type references in omegaconf metadata
-        add(name, _type_only(name))
+    for name in ["builtins.object"] + [f"typing.{form}" for form in _TYPING_FORMS]:
+        add(name, _type_only(name))  # type references in config metadata
+    add(["_operator.getitem", "operator.getitem"], _subscript)
+    add("types.GenericAlias", _generic_alias)
+    add("builtins.type", _type_of)
+    table["builtins.Ellipsis"] = Ellipsis
+    add("logging.getLogger", _logger)
     # tensor classes, named (never called) by the legacy tar format's tensor records
     for cls in _TORCH_STORAGES:
         for prefix in ("torch.", "torch.cuda."):

@@ -54,7 +54,7 @@ def _scan_directory(top: str) -> ScanReport:
                 skipped.append(os.path.relpath(path, top))
                 continue
             child = scan(path)
-            if child.format == "unknown" and not child.findings \
+            if child.format == "unknown" and all(f.severity == INFO for f in child.findings) \
                     and (child.error or "").startswith(NOT_A_CHECKPOINT):
                 skipped.append(os.path.relpath(path, top))
                 continue

@@ -10,6 +10,9 @@ from .rules import INFO, MALICIOUS, SAFE, SUSPICIOUS
 # Severity order; "info" findings never change a verdict.
 SEVERITIES = {INFO: 0, SUSPICIOUS: 1, MALICIOUS: 2}
 VERDICT_RANK = {SAFE: 0, SUSPICIOUS: 1, MALICIOUS: 2}
+# Suspicious findings that fail a scan (exit 1) without --strict: the scan could not
+# follow what a loader would do there, so the file is not known to be safe.
+BLOCKING_KINDS = frozenset(["unfollowed"])
 
 @dataclass(frozen=True)
 class Finding:
@@ -48,12 +51,15 @@ class ScanReport:
                 "globals": list(self.globals), "files": [r.to_dict() for r in self.files]}
 
     def exit_code(self, strict: bool = False) -> int:
-        """0 safe, 1 malicious (or suspicious with `strict`), 2 could not be (fully) read.
+        """0 safe, 1 malicious (or suspicious with `strict`, or not followed), 2 could not be
+        (fully) read.
 
-        A malicious finding wins over an error: it is the one thing a script must not miss.
+        A malicious finding, or a part a loader reads that the scan could not follow, wins
+        over an error: it is the one thing a script must not miss.
         """
         reports = list(self.walk())
-        if any(r.verdict == MALICIOUS for r in reports):
+        if any(r.verdict == MALICIOUS or any(f.kind in BLOCKING_KINDS for f in r.findings)
+               for r in reports):
             return 1
         if any(r.error is not None for r in reports):
             return 2

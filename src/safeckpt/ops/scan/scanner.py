@@ -1,63 +1,56 @@
-"""Scan a checkpoint for what loading it would do; nothing in it is ever executed.
+"""Read a file the way every loader would, and grade what each reading would run.
 
-What a scan reads
------------------
-A file is recognised by its content, never its name, and every place a loader
-could find a pickle is read through the restricted machine (`pickle_vm`):
+A verdict is a promise about what ``torch.load(f, weights_only=False)``,
+``pickle.load`` and ``numpy.load(f, allow_pickle=True)`` do with the file, so the
+file is read as *every* format a loader would accept it as, never by its first
+bytes alone, and the verdict is the worst of all readings (`scan_bytes`):
 
-* a plain pickle file, and every pickle after the first STOP while the bytes
-  keep parsing as pickles (``pickle.load`` on the same file object reads them);
-* a PyTorch zip: every ``.pkl`` member (``data.pkl``, TorchScript's
-  ``constants.pkl``) and every other member that parses as a pickle; CRCs of
-  pickles and small members (never of multi-GB data records, so a 1 GiB
-  checkpoint scans in milliseconds); nested archives, recursively; bytes in
-  front of the archive (a pickle there is what ``torch.load`` reads: a polyglot);
-  every trick `zip_archive` reports (duplicate names, local/central name
-  mismatch, encryption, overlaps, ...), and members outside the torch prefix;
-* a legacy torch file (all five pickles) and a legacy torch tar (every member);
-* npy object arrays (the data after the header is a pickle) and npz members;
-* bytes embedded in a pickle that a nested loader would deserialize
-  (``torch.storage._load_from_bytes``, ``pickle.loads``, ``marshal``, ...):
-  they are scanned in turn, to `MAX_DEPTH` levels, and their findings carry the
-  path of nesting in `Finding.member` (``archive/data.pkl > [pickle.loads call at 57]``).
+* a pickle stream from the first byte: ``pickle.load`` (again and again, as apps
+  that store a stream do), ``numpy.load``'s fallback, and torch's legacy format
+  (five pickles, then storages), which ``torch.load`` reads from any file that
+  does not start with ``PK\\x03\\x04`` and that tarfile refuses. Each pickle is read
+  the two ways CPython reads frames (`pickle_vm.READERS`); where they differ, both
+  readings and both places where the next pickle starts are scanned;
+* a zip archive: as torch.load's miniz sees it (``<prefix>/data.pkl`` looked up
+  case-insensitively, end record and offsets as miniz finds them), as numpy.load's
+  zipfile sees it (npy members with object arrays), and as our own reader sees it
+  (every member, any name or first byte, read as stored whatever its flags or
+  CRC; tricks such as duplicate names or a pickle in front of the archive);
+* a tar archive whenever tarfile accepts the bytes (no ``ustar`` magic needed):
+  ``storages``, ``tensors`` and ``pickle`` as torch's legacy_load reads them,
+  links followed, then every other member;
+* an npy array: its header read by numpy itself; an object array's pickle;
+* safetensors and GGUF files hold no code: they are checked structurally.
 
-safetensors and GGUF files hold no code: they are checked structurally.
-
-Verdicts
---------
-The allowlist decides safety: a global is safe only if `pickle_vm.ALLOWLIST`
-has it. Every other global is at least ``suspicious`` (a user's own class);
-`DENYLIST` (and the dotted-name, dunder and EXT rules in `grade_global`) only
-raises the severity to ``malicious``: code execution, imports, file and
-network access, nested deserialization, function/code object construction.
-A file that could not be fully read is never ``safe``.
-
-Example::
-
-    >>> report = scan("pytorch_model.bin")
-    >>> report.verdict, [f.what for f in report.findings if f.severity == "malicious"]
-    ('safe', [])
+Bytes that a loader would unpickle are scanned in full (a failure there is an
+error). Bytes that some loader *might* unpickle (a file that is not a pickle by its
+first bytes, archive members, pickles after the stream) count when they read to
+a STOP, or when they name a dangerous global before they break (a loader would
+have run it by then); otherwise they are not a pickle. Where the restricted
+machine cannot follow what CPython would do (one of its limits), the file is
+``suspicious`` and the scan fails (`rules.BLOCKING_KINDS`), never silent.
+Every byte range is scanned once, however many directory entries point at it.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickletools
 import re
 import struct
-import tarfile
-import zlib
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from ... import errors
 from ...format.reader import parse_bytes_header
-from ...sources import npz, pickle_vm, torch_legacy, zip_archive
+from ...sources import pickle_vm, torch_legacy, zip_archive
 from ...sources.detect import sniff
-from ...sources.pickle_vm import GlobalUse, PickleError, Placeholder, PlaceholderCall
+from ...sources.pickle_vm import GlobalUse, PickleError, PickleResult
+from . import loaders, zip_readers
+from .payloads import loader_calls, sweep
 from .report import SEVERITIES, Finding, ScanReport
 from .rules import INFO, MALICIOUS, NESTED_LOADERS, SAFE, SUSPICIOUS, grade_global
 
+__all__ = ["scan_bytes", "MAX_DEPTH", "NOT_A_CHECKPOINT"]
 
 # --- limits: each bounds work a hostile file could otherwise make unbounded -------------
 
@@ -70,28 +63,52 @@ MAX_PICKLES_PER_STREAM = 256
 MAX_NESTED_SCANS = 256
 # Findings listed per report; past this one finding says how many were left out.
 MAX_FINDINGS = 1000
-# Objects visited when walking a pickle's value for nested loader calls (a pickle
-# can describe a DAG whose tree is exponential; the walk de-duplicates by identity too).
-MAX_WALK_NODES = 1_000_000
-# Opcodes disassembled when sweeping a suspicious pickle for embedded payloads.
-MAX_SWEEP_OPCODES = 2_000_000
 # Members at most this big get their CRC checked; data records of a torch file are
 # not (a 1 GiB file must scan in well under a second), pickles always are.
 MAX_CRC_CHECK_BYTES = 1 << 20
-# Compressed members are inflated (for a pickle test) only up to this size.
+# CRC-32 work per archive beyond the pickles (small members only, smallest first).
+MAX_CRC_BYTES = 16 << 20
+# Bytes of a member that are decompressed to be scanned; a pickle a loader would read
+# that is longer is reported as not followed.
 MAX_INFLATED_MEMBER = 64 << 20
+# Records torch's legacy tar format lists in its 'storages' and 'tensors' members.
+MAX_TAR_RECORDS = 1 << 20
 # Set to see the traceback of an unexpected error instead of an error in the report.
 TRACEBACK_ENV = "SAFECKPT_TRACEBACK"
-# Bounds of the trial parse that decides whether bytes are a pickle at all.
-_SNIFF_LIMITS = pickle_vm.Limits(max_opcodes=4096, max_stack=4096, max_memo=4096)
-_TRIAL_BOUNDS = ("max_opcodes", "max_stack", "max_memo")  # what running past them means: "long"
 # Bytes read to recognise a format (a tar header ends at 512) or an archive member.
 _HEAD_BYTES = 4096
-# Bytes of a whole file a trial parse reads to decide whether it is a pickle.
-_TRIAL_BYTES = 64 << 10
 # Pickle streams up to this size are copied out of the mmap before they are read: the
 # machine searches newline-terminated arguments much faster in bytes than in a view.
 MAX_COPIED_PICKLE = 64 << 20
+
+NOT_A_CHECKPOINT = "not a checkpoint format the scan reads"
+_LEGACY_ROLES = ("magic number", "protocol version", "sys_info", "main", "storage keys")
+
+# Severity of each zip_archive finding kind, and why (see zip_archive.FINDING_KINDS for what).
+_ZIP_SEVERITY = {
+    "duplicate-name": SUSPICIOUS,       # malicious when the name is a pickle (see zip_finding)
+    "name-mismatch": MALICIOUS,         # streaming and central-directory readers see other files
+    "header-mismatch": SUSPICIOUS,
+    "encrypted": SUSPICIOUS,            # read as stored: what it holds is graded too
+    "unsupported-method": SUSPICIOUS,
+    "prepended-data": SUSPICIOUS,       # a pickle there is graded "polyglot" (malicious) too
+    "trailing-data": INFO,              # scanned for pickles too
+    "hidden-data": SUSPICIOUS,
+    "overlapping-members": SUSPICIOUS,
+    "size-mismatch": SUSPICIOUS,
+    "nested-archive": INFO,             # its content is scanned and graded
+    "unsafe-name": SUSPICIOUS,          # extraction would write outside the target directory
+    "bad-crc": SUSPICIOUS,              # read anyway (torch does): what it holds is graded
+    "unreadable": SUSPICIOUS,
+}
+
+_IDENTIFIER_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+# How sure the scan is that a loader unpickles some bytes:
+LOADED = "loaded"      # a loader does, and they must be a pickle (data.pkl, an object array's data)
+READ = "read"          # pickle.load reads them (a whole file's first bytes) but they may be data
+POSSIBLE = "possible"  # some program might (archive members, pickles after a stream's end)
+
 
 def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None) -> ScanReport:
     """Scan a file held in memory (bytes, bytearray, mmap or memoryview).
@@ -119,8 +136,6 @@ def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None
     return scanner.report(fmt)
 
 
-# --- the scanner ---------------------------------------------------------------------
-
 def _join(outer: Optional[str], inner: Optional[str]) -> Optional[str]:
     if outer is None:
         return inner
@@ -129,12 +144,24 @@ def _join(outer: Optional[str], inner: Optional[str]) -> Optional[str]:
     return f"{outer} > {inner}"
 
 
-_PICKLE_VM_OFFSET = re.compile(r" at offset (\d+)")
-NOT_A_CHECKPOINT = "not a checkpoint format the scan reads"
+@dataclass
+class _Pickle:
+    """One pickle as the scan read it: its value, where each reader leaves the file, and
+    whether it read to its STOP."""
+
+    value: Any = None
+    ends: list[int] = field(default_factory=list)     # "bytes" reader first, then "file"
+    storages: list = field(default_factory=list)
+    complete: bool = False
+    flagged: bool = False                             # named a global that is not allowlisted
+
+    @property
+    def file_end(self) -> Optional[int]:
+        return self.ends[-1] if self.ends else None
 
 
 class _Scanner:
-    """Collects the findings of one file, through every format and nesting level."""
+    """Collects the findings of one file, through every reading and nesting level."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -142,6 +169,7 @@ class _Scanner:
         self.globals: dict[str, None] = {}
         self.errors: list[str] = []
         self.nested_scans = 0
+        self.scanned: set[tuple] = set()    # (member, start) of every pickle already read
 
     # -- recording
     def add(self, severity: str, kind: str, what: str, why: str, member: Optional[str],
@@ -150,11 +178,18 @@ class _Scanner:
         entry = self.found.get(key)
         if entry is not None:
             entry[1] += 1
+            if SEVERITIES[severity] > SEVERITIES[entry[0].severity]:
+                entry[0] = Finding(severity, kind, what, why, member, offset)
             return
         self.found[key] = [Finding(severity, kind, what, why, member, offset), 1]
 
     def fail(self, detail: str, member: Optional[str] = None) -> None:
         self.errors.append(f"{member}: {detail}" if member else detail)
+
+    def unfollowed(self, what: str, why: str, member: Optional[str], offset: int = -1) -> None:
+        """Something a loader would read that the scan could not follow: never silent."""
+        self.add(SUSPICIOUS, "unfollowed", what, why + ": the scan could not see what loading it "
+                 "would do, so the file is not known to be safe", member, offset)
 
     def report(self, fmt: str) -> ScanReport:
         findings = []
@@ -175,33 +210,47 @@ class _Scanner:
             verdict = SUSPICIOUS  # what could not be read may hold anything
         return ScanReport(self.path, fmt, verdict, findings, list(self.globals), error)
 
-    # -- formats
+    # -- every reading of some bytes
     def data(self, view: memoryview, member: Optional[str], depth: int) -> str:
-        """Recognise `view` by content and scan it; returns the format name."""
+        """Scan `view` as every format a loader would read it as; returns the main format."""
         head = bytes(view[:_HEAD_BYTES])
+        formats: list[str] = []
         if sniff(head) == "safetensors":
-            return self.safetensors(view, member)
-        if npz.is_npy(head):
-            return self.npy(view, member, depth)
+            formats.append(self.safetensors(view, member))
         if head[:4] == b"GGUF":
-            return self.gguf(head, member)
-        if zip_archive.is_zip(head):
-            return self.zip(view, member, depth)
-        if torch_legacy.is_legacy(head):
-            return self.legacy(view, member, depth)
-        if torch_legacy.is_legacy_tar(head):
-            return self.legacy_tar(view, member, depth)
-        archive = _try_zip(view, self.path)
-        if archive is not None:  # something in front of an archive
-            return self.zip(view, member, depth, archive)
-        if _looks_like_pickle(view):
-            self.pickles(view, member, depth, required=True)
-            return "pickle"
-        if head[257:262] == b"ustar":
-            return self.tar(view, member, depth)
+            formats.append(self.gguf(head, member))
+        if head[:6] == b"\x93NUMPY":
+            formats.append(self.npy(view, member, depth))
+        archive = _our_zip(view, self.path) if zip_archive.is_zip(head) or _ends_like_zip(view) else None
+        if zip_archive.is_zip(head) or archive is not None:
+            formats.append(self.zip(view, member, depth, archive))
+        tar_format = self.tar(view, member, depth)
+        if tar_format is not None:
+            formats.append(tar_format)
+        stream, first = self.stream(view, member, depth,
+                                    trust=LOADED if not formats and sniff(head) == "pickle" else READ,
+                                    first_persistent=False)
+        if stream is not None and formats and first.complete and first.flagged:
+            self.add(MALICIOUS, "polyglot", f"{formats[0]} and {stream}",
+                     f"the file is a {formats[0]} file and also a {stream} that pickle.load and "
+                     "torch.load run: scanners and loaders see different files", member, 0)
+        if formats:
+            return formats[0]
+        if stream is not None:
+            return stream
         self.fail(f"{NOT_A_CHECKPOINT} (it starts with {head[:16]!r})", member)
         return "unknown"
 
+    def nested(self, view: memoryview, member: Optional[str], depth: int) -> None:
+        """Scan bytes found inside the file (a member, an embedded payload) as a file of their own."""
+        if depth + 1 > MAX_DEPTH or self.nested_scans >= MAX_NESTED_SCANS:
+            self.unfollowed(member or "nested data", f"nested more than {MAX_DEPTH} levels (or more "
+                            f"than {MAX_NESTED_SCANS} nested parts)", member)
+            return
+        self.nested_scans += 1
+        self.data(view, member, depth + 1)
+
+    # -- formats without code
     def safetensors(self, view: memoryview, member: Optional[str]) -> str:
         try:
             parse_bytes_header(view, self.path if member is None else f"{self.path} > {member}")
@@ -215,44 +264,130 @@ class _Scanner:
             self.fail(f"GGUF version {version} is not one of 1, 2, 3 (or the file is truncated)", member)
         return "gguf"
 
+    # -- npy: numpy.load reads the header, then unpickles an object array's data
     def npy(self, view: memoryview, member: Optional[str], depth: int) -> str:
         try:
-            header = npz.read_npy_header(view, 0, self.path, member or "")
-        except errors.SafeckptError as exc:
-            self.fail(f"invalid npy header: {exc.detail}", member)
+            dtype, data_offset = loaders.npy_header(view)
+        except loaders.NpyHeaderTooLong as exc:
+            self.unfollowed("npy header", str(exc), member, 8)
             return "npy"
-        if header.dtype.hasobject:
+        except ValueError as exc:
+            self.fail(f"invalid npy header: {exc}", member)
+            return "npy"
+        if dtype.hasobject:
             self.add(INFO, "object-array", "npy object array",
                      "an object array: numpy.load(allow_pickle=True) unpickles its data (scanned "
-                     "here as a pickle)", member, header.data_offset)
-            self.pickles(view, member, depth, start=header.data_offset, required=True)
+                     "here as a pickle)", member, data_offset)
+            self.stream(view, member, depth, trust=LOADED, start=data_offset, first_persistent=False,
+                        key=None if member is None else ("npy", member))
         return "npy"
 
+    # -- zip: torch's miniz, numpy's zipfile, and every member as our reader finds it
     def zip(self, view: memoryview, member: Optional[str], depth: int,
-            archive: Optional[zip_archive.ZipArchive] = None) -> str:
+            archive: Optional[zip_archive.ZipArchive]) -> str:
+        torch = self.zip_for_torch(view, member, depth) if view[:4] == b"PK\x03\x04" else False
+        self.zip_for_numpy(view, member, depth)
         if archive is None:
-            try:
-                archive = zip_archive.ZipArchive(view, self.path)
-            except errors.SafeckptError as exc:
-                self.fail(exc.detail, member)
-                return "zip"
+            if not torch:
+                self.fail("unreadable zip archive: no reader opens it", member)
+            return "torch-zip" if torch else "zip"
         names = archive.names()
         files = [n for n in names if not n.endswith("/")]
-        torch = any(n == "data.pkl" or n.endswith("/data.pkl") for n in names)
-        fmt = "torch-zip" if torch else "npz" if files and all(n.endswith(".npy") for n in files) \
-            else "zip"
+        has_data_pkl = any(n.lower() == "data.pkl" or n.lower().endswith("/data.pkl") for n in names)
+        fmt = "torch-zip" if torch or has_data_pkl else \
+            "npz" if files and all(n.endswith(".npy") for n in files) else "zip"
         if archive.start > 0:
             self.prefix(view[:archive.start], member, depth)
-        if torch and names:
+        if has_data_pkl and names:
             self.torch_layout(names, member)
         archive.check_crcs(_crc_members(archive.members))
-        unreadable = {f.member for f in archive.findings if f.kind in _UNREADABLE_KINDS}
         for f in archive.findings:
             self.zip_finding(f, member, view, depth)
+        seen: set[tuple] = set()
         for record in archive.members:
-            if not record.name.endswith("/") and record.name not in unreadable:
-                self.zip_member(archive, view, record, member, depth)
+            span = (record.data_offset, record.compressed_size, record.method)
+            if record.name.endswith("/") or span in seen:
+                continue  # a byte range many entries point at is read once
+            seen.add(span)
+            self.zip_member(view, record, member, depth, archive)
         return fmt
+
+    def zip_for_torch(self, view: memoryview, member: Optional[str], depth: int) -> bool:
+        """What torch.load unpickles: ``<prefix>/data.pkl`` (and TorchScript's constants.pkl)."""
+        try:
+            miniz = zip_readers.MinizArchive(view)
+        except (ValueError, struct.error):
+            return False  # torch.load refuses the archive: it runs nothing
+        if miniz.prefix is None:
+            return False
+        for record_name in (b"data.pkl", b"constants.pkl"):
+            for index in miniz.matching(miniz.prefix + b"/" + record_name):
+                entry = miniz.entries[index]
+                start = zip_readers.data_offset(view, entry)
+                content = None if start is None else zip_readers.member_bytes(
+                    view, start, entry.compressed_size, entry.size, entry.method, MAX_INFLATED_MEMBER + 1)
+                name = _join(member, entry.name)
+                if content is None:
+                    continue  # torch cannot read it either
+                if len(content) > MAX_INFLATED_MEMBER:
+                    self.unfollowed(entry.name, f"a compressed pickle of more than {MAX_INFLATED_MEMBER} "
+                                    "bytes torch would unpickle", name)
+                    continue
+                records = _miniz_records(miniz, entry) if record_name == b"data.pkl" else None
+                self.stream(content, name, depth, trust=LOADED, records=records,
+                            key=("zip", start, entry.compressed_size, entry.method))
+        return True
+
+    def zip_for_numpy(self, view: memoryview, member: Optional[str], depth: int) -> None:
+        """What numpy.load unpickles: the object arrays among an npz's members."""
+        if bytes(view[:4]) not in (b"PK\x03\x04", b"PK\x05\x06"):
+            return
+        try:
+            infos = zip_readers.zipfile_members(view)
+        except OverflowError as exc:
+            self.unfollowed("zip directory", f"{exc}: numpy.load would list it", member)
+            return
+        for info in infos or ():
+            content = zip_readers.zipfile_read(view, info, MAX_INFLATED_MEMBER + 1)
+            if not content or content[:6] != b"\x93NUMPY":
+                continue
+            name = _join(member, info.filename)
+            if len(content) > MAX_INFLATED_MEMBER:
+                self.unfollowed(info.filename, f"an npy member of more than {MAX_INFLATED_MEMBER} bytes",
+                                name)
+                continue
+            self.npy(memoryview(content), name, depth)
+
+    def zip_member(self, view: memoryview, record: zip_archive.ZipMember, member: Optional[str],
+                   depth: int, archive: zip_archive.ZipArchive) -> None:
+        """Any member, read as stored (flags and CRC ignored): a pickle by name (any case) is
+        read in full; any other member may be an archive, an array or a pickle."""
+        name = _join(member, record.name)
+        content = zip_readers.member_bytes(view, record.data_offset, record.compressed_size,
+                                           record.size, record.method, MAX_INFLATED_MEMBER + 1)
+        if content is None:
+            return  # undecodable: zip_archive reported how (method, corrupt data, bounds)
+        if len(content) > MAX_INFLATED_MEMBER:
+            head = bytes(content[:_HEAD_BYTES])
+            if record.name.lower().endswith(".pkl") or sniff(head) in ("pickle", "zip", "npy", "tar"):
+                self.unfollowed(record.name, f"a compressed member of more than {MAX_INFLATED_MEMBER} "
+                                "bytes that starts like a pickle or an archive", name)
+            return
+        if record.name.lower().endswith(".pkl"):
+            records = _storage_records(archive, record) if record.name.lower().endswith("data.pkl") else None
+            self.stream(content, name, depth, trust=LOADED, records=records,
+                        key=("zip", record.data_offset, record.compressed_size, record.method))
+            return
+        self.nested_member(content, name, depth)
+
+    def nested_member(self, content: memoryview, name: Optional[str], depth: int) -> None:
+        """An archive member or tar member no loader reads by name: whatever it is."""
+        head = bytes(content[:_HEAD_BYTES])
+        if zip_archive.is_zip(head) or head[:6] == b"\x93NUMPY" or loaders.is_tar(head) \
+                or torch_legacy.is_legacy(head):
+            self.nested(content, name, depth)
+        else:
+            self.stream(content, name, depth, trust=POSSIBLE, max_count=1)
 
     def torch_layout(self, names: list[str], member: Optional[str]) -> None:
         prefix = names[0].split("/", 1)[0] + "/" if "/" in names[0] else ""
@@ -269,181 +404,246 @@ class _Scanner:
     def zip_finding(self, f: zip_archive.ZipFinding, member: Optional[str], view: memoryview,
                     depth: int) -> None:
         severity = _ZIP_SEVERITY.get(f.kind, SUSPICIOUS)
-        if f.kind == "duplicate-name" and f.member and f.member.endswith(".pkl"):
+        if f.kind == "duplicate-name" and f.member and f.member.lower().endswith(".pkl"):
             severity = MALICIOUS  # two readers would load two different pickles
         self.add(severity, f"zip-{f.kind}", f.member or f.kind, f.detail,
                  _join(member, f.member) if f.member else member, f.offset)
         if f.kind == "trailing-data" and 0 <= f.offset < len(view):
-            self.pickles(view[f.offset:], _join(member, f"<after the archive, offset {f.offset}>"),
-                         depth, required=False)
-
-    def zip_member(self, archive: zip_archive.ZipArchive, view: memoryview,
-                   record: zip_archive.ZipMember, member: Optional[str], depth: int) -> None:
-        """A member is scanned when it is a .pkl, or its first bytes may start a pickle, an
-        archive or an object array; numeric data records are recognised from their head alone."""
-        name = _join(member, record.name)
-        is_pickle = record.name.endswith(".pkl")
-        if not is_pickle:
-            head = _member_head(view, record)
-            if head is None or not _worth_reading(head):
-                return
-            if record.method != zip_archive.STORED and record.size > MAX_INFLATED_MEMBER:
-                self.add(INFO, "unscanned-member", record.name,
-                         f"a compressed member of {record.size} bytes starting like a pickle or an "
-                         "archive was not inflated", name, -1)
-                return
-        try:
-            content = archive.read(record, max_size=max(record.size, 1))
-        except errors.SafeckptError as exc:
-            self.fail(exc.detail, name)
-            return
-        try:
-            if is_pickle:
-                records = _storage_records(archive, record) if record.name.endswith("data.pkl") else None
-                self.pickles(content, name, depth, required=True, records=records)
-            else:
-                self.nested_member(content, name, depth)
-        finally:
-            content.release()
-
-    def nested_member(self, content: memoryview, name: Optional[str], depth: int) -> None:
-        head = bytes(content[:_HEAD_BYTES])
-        if zip_archive.is_zip(head) or npz.is_npy(head) or head[257:262] == b"ustar" \
-                or torch_legacy.is_legacy(head):
-            self.nested(content, name, depth)
-        elif _looks_like_pickle(content, strict=True):
-            # a member no loader reads as a pickle: its first pickle is what a crafted one holds
-            self.pickles(content, name, depth, required=False, max_count=1)
+            self.stream(view[f.offset:], _join(member, f"<after the archive, offset {f.offset}>"),
+                        depth, trust=POSSIBLE)
 
     def prefix(self, view: memoryview, member: Optional[str], depth: int) -> None:
         """Bytes in front of an archive: a pickle there is what torch.load reads first."""
-        if _looks_like_pickle(view):
+        if sniff(bytes(view[:_HEAD_BYTES])) == "pickle":
             self.add(MALICIOUS, "polyglot", "pickle before zip",
                      "a pickle hides in front of the zip archive: torch.load and pickle readers run "
                      "it, zip readers (and scanners) see only the archive", member, 0)
-            self.pickles(view, member, depth, required=False)
 
-    def legacy(self, view: memoryview, member: Optional[str], depth: int) -> str:
+    # -- tar: torch's legacy_load, then every member
+    def tar(self, view: memoryview, member: Optional[str], depth: int) -> Optional[str]:
         try:
-            layout = torch_legacy.read_legacy(view, self.path)
-        except errors.SafeckptError as exc:
-            self.fail(exc.detail, member)
-            self.pickles(view, member, depth, required=True, max_count=5, roles=_LEGACY_ROLES)
-            return "torch-legacy"
-        compact = _compact(view)
-        for role, span in zip(_LEGACY_ROLES, layout.pickles):
-            self.pickle_at(compact, span.start, member, depth, role)
-        end = max([s.end for s in layout.pickles] + [o + n for o, n in layout.storages.values()])
-        if end < len(view):
-            self.pickles(view[end:], _join(member, f"<after the storages, offset {end}>"), depth,
-                         required=False)
-        return "torch-legacy"
+            tar = loaders.open_tar(view)
+        except OverflowError as exc:
+            self.unfollowed("tar archive", f"{exc}: torch.load would read them all", member)
+            return "tar"
+        if tar is None:
+            return None
+        members = tar.getmembers()
+        torch_names = [n for n in loaders.TORCH_TAR_MEMBERS if any(m.name == n for m in members)]
+        read_by_torch: set[int] = set()
+        for name in torch_names:
+            target, hops = loaders.torch_tar_member(tar, name)
+            label = _join(member, name)
+            if hops:
+                self.add(SUSPICIOUS if target is not None else MALICIOUS, "tar-link", name,
+                         f"tar member {name!r} is a link ({'; '.join(hops)[:200]}): "
+                         + ("torch.load reads the member it names" if target is not None else
+                            "it leads outside the archive, to a file of the loading machine"),
+                         label, -1)
+            if target is None:
+                continue
+            if target.issparse():
+                self.unfollowed(name, "a sparse tar member torch would read", label)
+                continue
+            content = view[target.offset_data:target.offset_data + target.size]
+            read_by_torch.add(target.offset_data)
+            if name == "pickle":
+                self.stream(content, label, depth, trust=LOADED, max_count=1,
+                            key=("tar", target.offset_data))
+            else:
+                self.torch_tar_records(content, label, depth, name)
+        for info in members:
+            if info.isfile() and not info.issparse() and info.offset_data not in read_by_torch \
+                    and info.offset_data + info.size <= len(view):
+                read_by_torch.add(info.offset_data)
+                self.nested_member(view[info.offset_data:info.offset_data + info.size],
+                                   _join(member, info.name), depth)
+        return "torch-tar" if torch_names else "tar"
 
-    def legacy_tar(self, view: memoryview, member: Optional[str], depth: int) -> str:
-        try:
-            layout = torch_legacy.read_legacy_tar(view, self.path)
-        except errors.SafeckptError as exc:
-            self.fail(exc.detail, member)
-            self.tar(view, member, depth)
-            return "torch-tar"
-        bases: dict[str, int] = {}
-        for span in layout.pickles:  # each member starts with a pickle
-            bases[span.member] = min(bases.get(span.member, span.start), span.start)
-        for span in layout.pickles:
-            base = bases[span.member]
-            self.pickle_at(view[base:], span.start - base, _join(member, span.member), depth, None)
-        return "torch-tar"
-
-    def tar(self, view: memoryview, member: Optional[str], depth: int) -> str:
-        """A tar archive that torch_legacy could not read: every member, scanned as it comes."""
-        try:
-            with tarfile.open(fileobj=io.BytesIO(view), mode="r:") as tar:
-                for count, info in enumerate(iter(tar.next, None)):
-                    if count >= torch_legacy.MAX_TAR_MEMBERS:
-                        self.fail(f"more than {torch_legacy.MAX_TAR_MEMBERS} tar members", member)
-                        break
-                    if not info.isfile() or info.offset_data + info.size > len(view):
-                        continue
-                    content = view[info.offset_data:info.offset_data + info.size]
-                    name = _join(member, info.name)
-                    if info.name in torch_legacy.TAR_MEMBERS:
-                        self.pickles(content, name, depth, required=False)
-                    else:
-                        self.nested_member(content, name, depth)
-        except Exception as exc:  # noqa: BLE001 - tarfile on untrusted bytes
-            self.fail(f"unreadable tar archive ({type(exc).__name__}: {str(exc)[:200]})", member)
-        return "tar"
-
-    def nested(self, view: memoryview, member: Optional[str], depth: int) -> None:
-        """Scan bytes found inside the file (a member, an embedded payload) as a file of their own."""
-        if depth + 1 > MAX_DEPTH or self.nested_scans >= MAX_NESTED_SCANS:
-            self.add(SUSPICIOUS, "too-deep", member or "nested data",
-                     f"nested more than {MAX_DEPTH} levels (or more than {MAX_NESTED_SCANS} nested "
-                     "parts): not scanned", member, -1)
-            self.fail("nested data was not scanned (too deep or too many parts)", member)
-            return
-        self.nested_scans += 1
-        self.data(view, member, depth + 1)
+    def torch_tar_records(self, content: memoryview, label: Optional[str], depth: int, name: str) -> None:
+        """'storages' and 'tensors' as torch reads them from an unbuffered file: a count pickle,
+        then per record a pickle and raw bytes whose length the record decides, then (storages)
+        a pickle of views."""
+        view = _compact(content)
+        first = self.pickle_at(view, 0, label, depth, trust=LOADED)
+        count = first.value if first is not None else None
+        pos = first.file_end if first is not None else None
+        if type(count) not in (int, bool) or pos is None:
+            return  # torch's range(count) fails: nothing more is unpickled
+        for _ in range(min(int(count), MAX_TAR_RECORDS)):
+            record = self.pickle_at(view, pos, label, depth, trust=LOADED)
+            if record is None or record.file_end is None:
+                return
+            pos = record.file_end
+            if name == "storages":
+                storage_type = record.value[2] if isinstance(record.value, tuple) and len(record.value) == 3 \
+                    else None
+                if not isinstance(storage_type, pickle_vm.TorchStorageType):
+                    if record.flagged:
+                        self.unfollowed(name, "a storage record whose type decides how many bytes torch "
+                                        "reads next, and the scan cannot tell", label, pos)
+                    return
+                if pos + 8 > len(view):
+                    return
+                numel = int.from_bytes(view[pos:pos + 8], "little", signed=True)
+                pos += 8 + numel * storage_type.dtype.itemsize
+            else:
+                if pos + 8 > len(view):
+                    return
+                ndim = int.from_bytes(view[pos:pos + 4], "little", signed=True)
+                if ndim < 0:
+                    return
+                pos += 8 + 16 * ndim + 8
+            if not 0 <= pos <= len(view):
+                return
+        if name == "storages":
+            self.pickle_at(view, pos, label, depth, trust=LOADED)
 
     # -- pickles
-    def pickles(self, view: memoryview, member: Optional[str], depth: int, *, start: int = 0,
-                required: bool, max_count: int = MAX_PICKLES_PER_STREAM,
-                roles: tuple = (), records: Optional[dict[str, int]] = None) -> None:
-        """Every pickle from `start`, back to back, while the bytes parse as pickles."""
-        view = _compact(view)
-        pos, count = start, 0
-        while pos < len(view):
+    def stream(self, view: memoryview, member: Optional[str], depth: int, *, trust: str,
+               start: int = 0, max_count: int = MAX_PICKLES_PER_STREAM, first_persistent: bool = True,
+               records: Optional[dict[str, int]] = None,
+               key: Optional[tuple] = None) -> tuple[Optional[str], _Pickle]:
+        """Pickles back to back from `start`, each followed from every place a reader leaves
+        the file: (kind of stream, or None when not even the first pickle reads; the first).
+
+        The first pickle is read with `trust`; a legacy torch file's next four are loaded
+        too, any later one only possible. `first_persistent` is whether the loader of the
+        first pickle has a persistent_load (torch's data.pkl has; pickle.load has not).
+        """
+        if key is not None:
+            if key in self.scanned:
+                return "pickle", _Pickle()
+            self.scanned.add(key)
+        if trust == LOADED:
+            view = _compact(view)
+        pending, seen, count = [(start, 0)], set(), 0
+        kind: Optional[str] = None
+        first = _Pickle()
+        skip_storages: Optional[int] = None
+        while pending:
+            pos, index = pending.pop(0)
+            if pos in seen or pos >= len(view):
+                continue
+            seen.add(pos)
             if count >= max_count:
                 if max_count == MAX_PICKLES_PER_STREAM:
-                    self.add(SUSPICIOUS, "too-many-pickles", f"{count} pickles",
-                             "the rest of the stream was not scanned", member, pos)
-                return
-            end = self.pickle_at(view, pos, member, depth, roles[count] if count < len(roles) else None,
-                                 required=required and count == 0, records=records)
-            if end is None:
-                return
-            pos, count = end, count + 1
+                    self.unfollowed(f"{count} pickles", "the rest of the stream was not scanned",
+                                    member, pos)
+                break
+            count += 1
+            legacy = kind == "torch-legacy"
+            result = self.pickle_at(
+                view, pos, member, depth,
+                trust=trust if index == 0 else LOADED if legacy and index < 5 else POSSIBLE,
+                role=_LEGACY_ROLES[index] if legacy and index < 5 else None,
+                persistent_ids=index > 0 or first_persistent, records=records if index == 0 else None)
+            if result is None:
+                if index > 0 and trust != POSSIBLE:
+                    self.add(INFO, "trailing-data", "trailing bytes",
+                             f"{len(view) - pos} bytes after the last pickle are not a pickle",
+                             member, pos)
+                continue
+            if index == 0:
+                first = result
+                kind = "torch-legacy" if type(result.value) is int and \
+                    result.value == torch_legacy.MAGIC_NUMBER else "pickle"
+                if kind == "torch-legacy" and start == 0:
+                    skip_storages = _legacy_storage_end(view, self.path)
+            ends = result.ends
+            if legacy and index == 4 and skip_storages is not None:
+                ends = [max(end, skip_storages) for end in ends]
+            pending.extend((end, index + 1) for end in dict.fromkeys(ends))
+        return kind, first
 
-    def pickle_at(self, view: memoryview, start: int, member: Optional[str], depth: int,
-                  role: Optional[str], *, required: bool = True,
-                  records: Optional[dict[str, int]] = None) -> Optional[int]:
-        """Scan one pickle; its end, or None when the bytes there are not (all) a pickle."""
+    def pickle_at(self, view: memoryview, start: int, member: Optional[str], depth: int, *,
+                  trust: str, role: Optional[str] = None, persistent_ids: bool = True,
+                  records: Optional[dict[str, int]] = None) -> Optional[_Pickle]:
+        """One pickle, read both ways CPython reads frames; None when neither reads it.
+
+        The second reading is needed only where the first met a frame anomaly or broke.
+        """
         where = f" ({role} pickle)" if role else ""
-        try:
-            result = pickle_vm.load(view, start=start)
-        except PickleError as exc:
-            exc.with_traceback(None)  # the traceback holds the machine's view of the file
-            self.grade(exc.globals, member, where)
-            if exc.globals and any(not g.allowed for g in exc.globals):
-                self.embedded(view, start, exc.offset, None, exc.globals, member, depth)
-            if required:
-                self.fail(f"unreadable pickle{where}: {exc.detail}", member)
-            elif exc.offset == start:
-                self.add(INFO, "trailing-data", "trailing bytes",
-                         f"{len(view) - start} bytes that are not a pickle", member, start)
-            else:
-                self.add(SUSPICIOUS, "pickle-error", "malformed pickle",
-                         f"bytes that start like a pickle but break at offset {exc.offset}: "
-                         f"{exc.detail}", member, start)
+        out = _Pickle()
+        failures: list[PickleError] = []
+        for reader in pickle_vm.READERS:
+            try:
+                result = pickle_vm.load(view, start=start, reader=reader, strict=False,
+                                        persistent_ids=persistent_ids)
+            except PickleError as exc:
+                exc.with_traceback(None)  # the traceback holds the machine's view of the file
+                failures.append(exc)
+                continue
+            self.graded(result, view, start, member, depth, where, out, records)
+            if not result.anomalies:
+                break  # the other reader reads it the same way
+        if not out.ends:
+            self.broken(max(failures, key=lambda e: len(e.globals)), view, start, member, depth,
+                        trust, where)
             return None
+        for exc in failures:  # a reader that breaks after another read to STOP: what it ran counts
+            self.grade([g for g in exc.globals if _deliberate(g)], member, where)
+        return out
+
+    def graded(self, result: PickleResult, view: memoryview, start: int, member: Optional[str],
+               depth: int, where: str, out: _Pickle, records: Optional[dict[str, int]]) -> None:
+        """A pickle that read to its STOP: everything it names, refuses and hides."""
+        if not out.ends:
+            out.value, out.storages, out.complete = result.value, result.storages, True
+        out.ends.append(result.end)
         self.grade(result.globals, member, where)
+        out.flagged = out.flagged or any(not g.allowed for g in result.globals)
+        for text in result.anomalies[:1]:
+            self.add(MALICIOUS, "frame-desync", "pickle frames",
+                     f"{text}: pickle.loads and a file reader read this pickle differently (no "
+                     "pickler writes such frames); both readings were scanned", member, _offset(text))
         for text in result.findings:
             if "extension code" in text:
                 continue  # EXT opcodes are graded with the globals
-            match = _PICKLE_VM_OFFSET.search(text)
-            offset = int(match.group(1)) if match else -1
-            if "numpy." in text:
+            if "numpy." in text and "was not built" in text:
                 self.add(INFO, "object-array", "numpy object array",
                          "an object array or scalar: its items are pickled objects (scanned with the "
-                         "rest); the reader keeps it inert", member, offset)
+                         "rest); the reader keeps it inert", member, _offset(text))
             else:
                 self.add(INFO, "refused-object", text.split(": ", 1)[-1][:120],
-                         "an object the reader declined to build (kept inert): " + text, member, offset)
-        if any(not g.allowed for g in result.globals):
+                         "an object the reader kept inert: " + text, member, _offset(text))
+        for text in result.refusals[:20]:
+            self.add(SUSPICIOUS, "malformed-object", text.split(": ", 2)[1][:120],
+                     "an allowlisted rebuild is called with arguments no real file holds (" + text
+                     + "); the loader's own function would run with them", member, _offset(text))
+        if out.flagged:
             self.embedded(view, start, result.end, result.value, result.globals, member, depth)
         if records is not None:
             self.storage_sizes(result.storages, records, member)
-        return result.end
+
+    def broken(self, exc: PickleError, view: memoryview, start: int, member: Optional[str],
+               depth: int, trust: str, where: str) -> None:
+        """A pickle that reads to no STOP. What CPython would have run before the break
+        counts (all of it where a loader reads these bytes as a pickle, names spelled out
+        as dangerous where they may be data); a break at one of our own limits is never
+        silent where a loader reads the bytes."""
+        uses = exc.globals
+        if trust != LOADED:
+            deliberate = [g for g in uses if _deliberate(g)]
+            for g in uses:
+                if not g.allowed and g not in deliberate and _plausible(g):
+                    self.add(INFO, "pickle-like-bytes", f"{g.module}.{g.name}"[:120],
+                             f"bytes that could start a pickle name {g.module}.{g.name} and then "
+                             f"break ({exc.detail[:160]}): no loader reads them as a pickle",
+                             member, g.offset)
+            uses = deliberate
+        self.grade(uses, member, where)
+        if any(not g.allowed for g in uses):
+            self.embedded(view, start, exc.offset, None, uses, member, depth)
+        if exc.bounded and (trust != POSSIBLE):
+            self.unfollowed("pickle", f"the reader stopped at one of its limits ({exc.detail}) where "
+                            "CPython may read on", member, exc.offset)
+        elif exc.bounded:
+            self.add(INFO, "pickle-like-bytes", "long pickle-like bytes",
+                     f"bytes no loader reads as a pickle run past a limit of the reader ({exc.detail})",
+                     member, exc.offset)
+        elif trust == LOADED:
+            self.fail(f"unreadable pickle{where}: {exc.detail}", member)
 
     def storage_sizes(self, storages: list, records: dict[str, int], member: Optional[str]) -> None:
         """Each storage the pickle names against its data/<key> record in the archive."""
@@ -473,8 +673,8 @@ class _Scanner:
                  member: Optional[str], depth: int) -> None:
         """Payloads a nested loader would deserialize: found by walking the value (loader calls
         with their arguments) and by sweeping the opcodes (results that were discarded)."""
-        called = _loader_calls(value)
-        loaders = sorted({f"{g.module}.{g.name}" for g in uses} & set(NESTED_LOADERS))
+        called = loader_calls(value)
+        loaders_named = sorted({f"{g.module}.{g.name}" for g in uses} & set(NESTED_LOADERS))
         seen: set[bytes] = set()
         for qual, offset, payload in called:
             if payload in seen:
@@ -487,45 +687,28 @@ class _Scanner:
             if qual.startswith("marshal."):
                 continue  # a code object: nothing to scan, the call is the finding
             self.nested(memoryview(payload), label, depth)
-        for offset, payload in _sweep(view, start, end):
+        for offset, payload in sweep(view, start, end):
             kind = None if payload in seen else _payload_kind(payload)
             if kind is None:
                 continue
             seen.add(payload)
             label = _join(member, f"[bytes at {offset}]")
-            severity = MALICIOUS if loaders else INFO
-            self.add(severity, "nested-pickle", ", ".join(loaders) or "embedded payload",
+            severity = MALICIOUS if loaders_named else INFO
+            self.add(severity, "nested-pickle", ", ".join(loaders_named) or "embedded payload",
                      f"{len(payload)} embedded bytes are a {kind}"
-                     + (f" that {', '.join(loaders)} would deserialize" if loaders else "")
+                     + (f" that {', '.join(loaders_named)} would deserialize" if loaders_named else "")
                      + f"; scanned under member {label!r}", member, offset)
             self.nested(memoryview(payload), label, depth)
 
 
-_LEGACY_ROLES = ("magic number", "protocol version", "sys_info", "main", "storage keys")
+# --- helpers ---------------------------------------------------------------------------
 
-# Severity of each zip_archive finding kind, and why (see zip_archive.FINDING_KINDS for what).
-_ZIP_SEVERITY = {
-    "duplicate-name": SUSPICIOUS,       # malicious when the name is a pickle (see zip_finding)
-    "name-mismatch": MALICIOUS,         # streaming and central-directory readers see other files
-    "header-mismatch": SUSPICIOUS,
-    "encrypted": SUSPICIOUS,            # cannot be scanned (nor loaded by torch)
-    "unsupported-method": SUSPICIOUS,
-    "prepended-data": SUSPICIOUS,       # a pickle there is graded "polyglot" (malicious) too
-    "trailing-data": INFO,              # scanned for pickles too
-    "hidden-data": SUSPICIOUS,
-    "overlapping-members": SUSPICIOUS,
-    "size-mismatch": SUSPICIOUS,
-    "nested-archive": INFO,             # its content is scanned and graded
-    "unsafe-name": SUSPICIOUS,          # extraction would write outside the target directory
-    "bad-crc": SUSPICIOUS,
-    "unreadable": SUSPICIOUS,
-}
+_OFFSET = re.compile(r" at offset (\d+)")
 
 
-# zip_archive findings after which a member cannot be read at all.
-_UNREADABLE_KINDS = frozenset(["encrypted", "unsupported-method"])
-# CRC-32 work per archive beyond the pickles (small members only, smallest first).
-MAX_CRC_BYTES = 16 << 20
+def _offset(text: str) -> int:
+    match = _OFFSET.search(text)
+    return int(match.group(1)) if match else -1
 
 
 def _compact(view: memoryview) -> memoryview:
@@ -535,11 +718,27 @@ def _compact(view: memoryview) -> memoryview:
     return view
 
 
+# Where zip readers look for the end record: the comment's maximum length and the record.
+_ZIP_TAIL = 0xFFFF + 22 + 4096
+
+
+def _ends_like_zip(view: memoryview) -> bool:
+    """An end-of-central-directory signature where zip readers look for one."""
+    return b"PK\x05\x06" in bytes(view[max(0, len(view) - _ZIP_TAIL):])
+
+
+def _our_zip(view: memoryview, path: str) -> Optional[zip_archive.ZipArchive]:
+    try:
+        return zip_archive.ZipArchive(view, path)
+    except errors.SafeckptError:
+        return None
+
+
 def _crc_members(members: list) -> list:
     """Pickles, then small members while the byte budget lasts (never the big data records)."""
-    chosen = [m for m in members if m.name.endswith(".pkl")]
+    chosen = [m for m in members if m.name.lower().endswith(".pkl")]
     budget = MAX_CRC_BYTES
-    for m in sorted((m for m in members if not m.name.endswith(".pkl")), key=lambda m: m.size):
+    for m in sorted((m for m in members if not m.name.lower().endswith(".pkl")), key=lambda m: m.size):
         if m.size > MAX_CRC_CHECK_BYTES or m.size > budget:
             break
         budget -= m.size
@@ -547,88 +746,16 @@ def _crc_members(members: list) -> list:
     return chosen
 
 
-def _member_head(view: memoryview, record: zip_archive.ZipMember) -> Optional[bytes]:
-    """The first bytes of a member's content, without reading (or inflating) the rest."""
-    start = record.data_offset
-    if not 0 <= start <= start + record.compressed_size <= len(view):
-        return None  # zip_archive has refused or reported it
-    raw = view[start:start + min(record.compressed_size, _HEAD_BYTES)]
-    if record.method == zip_archive.STORED:
-        return bytes(raw)
-    try:
-        return zlib.decompressobj(-15).decompress(raw, _HEAD_BYTES)
-    except zlib.error:
-        return None  # corrupt: the CRC check or the read reports it
-
-
-def _worth_reading(head: bytes) -> bool:
-    """Whether a member's head may start something that holds code: a pickle, an archive,
-    a legacy torch file, or an npy array whose header is not plainly numeric."""
-    if not head:
-        return False
-    if zip_archive.is_zip(head) or head[257:262] == b"ustar":
-        return True
-    if npz.is_npy(head):
-        try:
-            return npz.read_npy_header(head, 0, "<head>", "").dtype.hasobject
-        except errors.SafeckptError:
-            return True  # a header cut short by the head (or a bad one): read it all
-    return head[0] in _PICKLE_STARTS
-
-
-def _try_zip(view: memoryview, path: str) -> Optional[zip_archive.ZipArchive]:
-    try:
-        return zip_archive.ZipArchive(view, path)
-    except errors.SafeckptError:
-        return None
-
-
-def _has_proto(view: Any) -> bool:
-    """A PROTO header of protocol 2 to 5: how every pickle written since Python 2.3 starts."""
-    return len(view) >= 2 and view[0] == 0x80 and 2 <= view[1] <= 5
-
-
-# First bytes of a pickle that can name a global: PROTO, or for protocols 0-1 GLOBAL,
-# INST, MARK or an empty container (what Python's pickler starts with).
-_PICKLE_STARTS = frozenset(b"\x80c(i]})")
-
-
-def _looks_like_pickle(view: Any, strict: bool = False) -> bool:
-    """Whether bytes are a pickle, from a trial parse of their head: it ends at STOP, or
-    names a dangerous global before it breaks (a loader would already have run it), or
-    runs past the trial (a long pickle: its header must be PROTO when `strict`).
-
-    Without `strict` (whole files: a broken pickle is an error to report) a PROTO
-    header is enough. `strict` is for bytes no loader reads as a pickle unless they are
-    one (archive members, embedded bytes): random data must not pass for a pickle.
-    """
-    if not len(view) or (strict and view[0] not in _PICKLE_STARTS):
-        return False  # whole files get no such shortcut: "N0" (None, POP) can start any pickle
-    if _has_proto(view) and not strict:
-        return True
-    window = bytes(view[:_HEAD_BYTES if strict else _TRIAL_BYTES])
-    try:
-        pickle_vm.load(window, limits=_SNIFF_LIMITS)
-        return True
-    except PickleError as exc:
-        exc.with_traceback(None)
-        if any(_deliberate(g) for g in exc.globals):
-            return True
-        long = any(f"raise Limits.{name})" in exc.detail for name in _TRIAL_BOUNDS) or (
-            len(window) < len(view) and "truncated data" in exc.detail)
-        return long and (_has_proto(view) or not strict)
-
-
-_IDENTIFIER_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+def _plausible(g: GlobalUse) -> bool:
+    """A global whose module and name could be imported (dotted identifiers)."""
+    return (g.module != "copyreg.extension" and _IDENTIFIER_PATH.fullmatch(g.module) is not None
+            and _IDENTIFIER_PATH.fullmatch(g.name) is not None)
 
 
 def _deliberate(g: GlobalUse) -> bool:
     """A dangerous global spelled out by name: random bytes never do that (an EXT opcode
     is one byte and a code, which random data is full of)."""
-    return (not g.allowed and g.module != "copyreg.extension"
-            and _IDENTIFIER_PATH.fullmatch(g.module) is not None
-            and _IDENTIFIER_PATH.fullmatch(g.name) is not None
-            and grade_global(g.module, g.name)[0] == MALICIOUS)
+    return not g.allowed and _plausible(g) and grade_global(g.module, g.name)[0] == MALICIOUS
 
 
 def _payload_kind(payload: bytes) -> Optional[str]:
@@ -636,24 +763,16 @@ def _payload_kind(payload: bytes) -> Optional[str]:
     head = payload[:_HEAD_BYTES]
     if zip_archive.is_zip(head):
         return "zip archive"
-    if npz.is_npy(head):
+    if head[:6] == b"\x93NUMPY":
         return "npy array"
     if torch_legacy.is_legacy(head):
         return "legacy torch file"
-    if _looks_like_pickle(payload, strict=True):
+    try:
+        pickle_vm.load(payload, strict=False, persistent_ids=False,
+                       limits=pickle_vm.Limits(max_opcodes=1_000_000))
         return "pickle"
-    return None
-
-
-def _as_payload(x: Any) -> Optional[bytes]:
-    if isinstance(x, (bytes, bytearray)):
-        return bytes(x)
-    if isinstance(x, str):  # Python 2 strings, protocol 0 STRING arguments
-        try:
-            return x.encode("latin-1")
-        except UnicodeEncodeError:
-            return None
-    return None
+    except PickleError as exc:
+        return "pickle" if any(_deliberate(g) for g in exc.globals) else None
 
 
 def _storage_records(archive: zip_archive.ZipArchive, pickle: zip_archive.ZipMember) -> dict[str, int]:
@@ -662,53 +781,18 @@ def _storage_records(archive: zip_archive.ZipArchive, pickle: zip_archive.ZipMem
     return {m.name[len(prefix):]: m.size for m in archive.members if m.name.startswith(prefix)}
 
 
-def _loader_calls(value: Any) -> list[tuple[str, int, bytes]]:
-    """(loader, offset, payload) of every nested-loader call reachable from `value`."""
-    out = []
-    stack, seen, visited = [value], set(), 0
-    while stack and visited < MAX_WALK_NODES:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        visited += 1
-        if isinstance(x, PlaceholderCall):
-            qual = x.func.qualname if isinstance(x.func, Placeholder) else None
-            if qual in NESTED_LOADERS:
-                for payload in _payloads(list(x.args) + list(x.kwargs.values())):
-                    out.append((qual, x.offset, payload))
-            stack.extend([x.func, *x.args, *x.kwargs.values(), *x.state, *x.items])
-            stack.extend(v for pair in x.setitems for v in pair)
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            stack.extend(x)
-    return out
+def _miniz_records(miniz: zip_readers.MinizArchive, pickle: zip_readers.LoaderMember) -> dict[str, int]:
+    """The same for torch's reader: ``<prefix>/data/<key>`` as miniz lists them."""
+    prefix = pickle.raw_name[:-len(b"data.pkl")] + b"data/"
+    return {e.raw_name[len(prefix):].decode("utf-8", "replace"): e.size for e in miniz.entries
+            if e.raw_name.startswith(prefix)}
 
 
-def _payloads(args: list, depth: int = 0) -> Iterator[bytes]:
-    """Bytes among call arguments, through wrappers such as io.BytesIO(b"...")."""
-    for a in args:
-        payload = _as_payload(a)
-        if payload is not None:
-            yield payload
-        elif depth < 3 and isinstance(a, PlaceholderCall):
-            yield from _payloads(list(a.args) + list(a.kwargs.values()), depth + 1)
-        elif depth < 3 and isinstance(a, (list, tuple)):
-            yield from _payloads(list(a)[:64], depth + 1)
-
-
-def _sweep(view: memoryview, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) of every string or bytes argument in the opcodes of `view[start:end]`."""
-    ops = pickletools.genops(bytes(view[start:end]))
-    for count in range(MAX_SWEEP_OPCODES):
-        try:
-            op, arg, pos = next(ops)
-        except StopIteration:
-            return
-        except Exception:  # noqa: BLE001 - a malformed stream ends the sweep where it breaks
-            return
-        payload = _as_payload(arg) if isinstance(arg, (bytes, bytearray, str)) else None
-        if payload is not None and len(payload) >= 2:
-            yield start + pos, payload
+def _legacy_storage_end(view: memoryview, path: str) -> Optional[int]:
+    """Where the storages of a well-formed legacy torch file end (None when they cannot be
+    located: the pickles after the fifth are then read from where it ends)."""
+    try:
+        layout = torch_legacy.read_legacy(view, path)
+    except errors.SafeckptError:
+        return None
+    return max([s.end for s in layout.pickles] + [o + n for o, n in layout.storages.values()])
