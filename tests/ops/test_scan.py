@@ -375,11 +375,32 @@ def test_padding_does_not_hide_a_pickle(tmp_path, padding):
     assert [Path(r.path).name for r in report.files] == ["notes.txt"] and report.verdict == "malicious"
 
 
-def test_special_files_in_a_directory_are_skipped(tmp_path):
+def test_special_files_are_reported_never_read(tmp_path):
     os.mkfifo(tmp_path / "pipe")  # reading it would block forever
     (tmp_path / "w.pkl").write_bytes(benign_pickle())
     report = scan(tmp_path)
-    assert [Path(r.path).name for r in report.files] == ["w.pkl"] and report.exit_code() == 0
+    by_name = {Path(r.path).name: r for r in report.files}
+    assert by_name["w.pkl"].verdict == "safe"
+    assert by_name["pipe"].verdict != "safe" and "a FIFO" in by_name["pipe"].error
+    assert report.exit_code() == 2  # a file that was not read is not known to be safe
+    alone = scan(tmp_path / "pipe")
+    assert alone.exit_code() == 2 and "not a regular file" in alone.error
+
+
+def test_directory_links_are_followed_inside_and_reported_outside(tmp_path):
+    inside = tmp_path / "top" / "real"
+    inside.mkdir(parents=True)
+    (inside / "w.pkl").write_bytes(benign_pickle())
+    (tmp_path / "top" / "alias").symlink_to(inside)                 # the same folder again
+    (tmp_path / "top" / "loop").symlink_to(tmp_path / "top")        # a loop
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "evil.pkl").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+    (tmp_path / "top" / "out").symlink_to(tmp_path / "outside")     # out of the tree
+    report = scan(tmp_path / "top")
+    # the folder is scanned once, under the first of its names; the other is reported
+    assert [os.path.relpath(r.path, tmp_path / "top") for r in report.files] == ["alias/w.pkl"]
+    links = next(f for f in report.findings if f.kind == "skipped-links")
+    assert "3 folders" == links.what and "loop" in links.why and "out of the directory" in links.why
 
 
 def test_the_commands_never_run_the_corpus(corpus, tmp_path):

@@ -1,9 +1,8 @@
 """`safeckpt scan PATH...`: what would loading each checkpoint do? Nothing is executed.
 
-Each file is recognised by its content and every pickle in it (zip members,
-legacy torch pickles, npy object arrays, payloads nested in pickles, a pickle
-hiding in front of a zip) is read by the restricted pickle machine; see
-`safeckpt.ops.scan` (package) for what is graded how.
+Each file is read as every format torch.load, pickle.load and numpy.load would
+accept it as, and every pickle those loaders would run is read by the restricted
+pickle machine; see `safeckpt.ops.scan` (package) for what is graded how.
 """
 
 from __future__ import annotations
@@ -84,7 +83,8 @@ def _finding_rows(report: ScanReport) -> list[list[str]]:
 @click.command("scan", short_help="Check checkpoints for code that loading them would run.",
                epilog=output.exit_codes_help(
                    ok="no file is malicious (and, with --strict, none is suspicious)",
-                   invalid="a file is malicious (or, with --strict, suspicious); this wins over errors",
+                   invalid="a file is malicious, or a part a loader reads could not be followed (or, "
+                           "with --strict, a file is suspicious); this wins over errors",
                    error="a file could not be (fully) read, or the command line is wrong"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True,
@@ -95,15 +95,17 @@ def _finding_rows(report: ScanReport) -> list[list[str]]:
 def command(paths: tuple[str, ...], as_json: bool, strict: bool) -> None:
     """Scan each PATH (a file, or a directory scanned recursively) for what loading it would do.
 
-    Pickle-based checkpoints (PyTorch .pt/.pth/.bin zip and legacy files,
-    Lightning/SD .ckpt, pickles, npy/npz object arrays) are read by a restricted
-    machine that never imports or calls anything. The verdict is "safe" when
-    every global a pickle names is on the allowlist, "suspicious" when some are
-    not (your own classes), "malicious" for code execution, imports, file or
-    network access, nested deserialization, and archive tricks (a pickle in
-    front of a zip, duplicate or mismatched member names). safetensors and
+    Each file is read as every format torch.load, pickle.load and numpy.load
+    would accept it as (never by its name or first bytes alone); every pickle
+    they would run is read by a restricted machine that never imports or calls
+    anything. The verdict is "safe" when every global is on the allowlist,
+    "suspicious" when some are not (your own classes), "malicious" for code
+    execution, imports, file or network access, nested deserialization, any
+    other standard-library function, and files made to be read differently by
+    different readers (polyglots, frame and archive tricks). safetensors and
     GGUF files are checked structurally. In a directory, files that are not
-    checkpoints (by content) are skipped.
+    checkpoints (by content) are listed as skipped; links are not followed out
+    of it, and a file that cannot be read fails the scan.
 
     \b
     Examples:

@@ -64,12 +64,21 @@ def npy_header(view: memoryview) -> tuple[np.dtype, int]:
             _, _, dtype = npy_format.read_array_header_1_0(f, max_header_size=MAX_NPY_HEADER)
         elif major_minor == (2, 0):
             _, _, dtype = npy_format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
-        else:  # 3.0 (UTF-8 names) has no public reader; numpy.load uses this one
-            _, _, dtype = npy_format._read_array_header(f, major_minor, max_header_size=MAX_NPY_HEADER)
+        else:  # 3.0 (UTF-8 names) has no public reader: the one numpy.load itself calls
+            _, _, dtype = _private_header_reader()(f, major_minor, max_header_size=MAX_NPY_HEADER)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, struct.error, EOFError,
             UnicodeError) as exc:
         raise ValueError(f"numpy refuses its header: {str(exc)[:200]}") from None
     return dtype, f.tell()
+
+
+def _private_header_reader() -> Any:
+    """numpy's own reader of every npy version (numpy.lib.format before 2.0, _format_impl since)."""
+    reader = getattr(npy_format, "_read_array_header", None)
+    if reader is None:
+        from numpy.lib import _format_impl
+        reader = _format_impl._read_array_header
+    return reader
 
 
 def is_tar(head: bytes) -> bool:

@@ -1,9 +1,18 @@
-"""Scanning a path: one file, or every file under a directory (no link is followed)."""
+"""Scanning a path: one file, or every file under a directory.
+
+A path that is not a regular file (a FIFO, a socket, a device) is never opened:
+reading one could block forever, and no loader reads a checkpoint from it. A
+directory is walked without following a symbolic link out of it or back into a
+folder already walked (a loop); every folder skipped that way, every file that
+could not be read and every file that is not a checkpoint is reported, and a file
+that was not read is never counted as safe.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
+from typing import Optional
 
 from ...sources.base import mapped
 from .report import VERDICT_RANK, Finding, ScanReport
@@ -12,6 +21,9 @@ from .scanner import NOT_A_CHECKPOINT, scan_bytes
 
 # Files scanned under one directory.
 MAX_DIRECTORY_FILES = 100_000
+
+_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device"}
 
 
 def scan(path: "os.PathLike | str") -> ScanReport:
@@ -23,50 +35,104 @@ def scan(path: "os.PathLike | str") -> ScanReport:
     [('downloads/model.ckpt', 'malicious'), ('downloads/w.npz', 'safe')]
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return _unreadable(path, f"cannot read: {exc.strerror or exc}")
+    if stat.S_ISDIR(mode):
         return _scan_directory(path)
+    if not stat.S_ISREG(mode):
+        return _unreadable(path, f"not a regular file ({_SPECIAL.get(stat.S_IFMT(mode), 'a special file')}): "
+                                 "not read, since reading it could block; no loader reads a checkpoint from it")
     try:
         with mapped(path) as data:
             return scan_bytes(data, path=path)
     except OSError as exc:
-        return ScanReport(path, "unknown", SUSPICIOUS, error=f"cannot read: {exc.strerror or exc}")
+        return _unreadable(path, f"cannot read: {exc.strerror or exc}")
+
+
+def _unreadable(path: str, error: str) -> ScanReport:
+    return ScanReport(path, "unknown", SUSPICIOUS, error=error)
 
 
 def _scan_directory(top: str) -> ScanReport:
     report = ScanReport(top, "directory", SAFE)
     skipped: list[str] = []
+    links: list[str] = []
     count = 0
-    for root, dirs, files in os.walk(top, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
+    root_real = os.path.realpath(top)
+    visited = {_identity(top)}
+    folders = [top]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            report.files.append(_unreadable(folder, f"cannot list: {exc.strerror or exc}"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if _is_dir(entry):
+                reason = _not_followed(entry, root_real, visited)
+                if reason is None:
+                    subfolders.append(entry.path)
+                else:
+                    links.append(f"{os.path.relpath(entry.path, top)} ({reason})")
+                continue
             if count >= MAX_DIRECTORY_FILES:
                 report.findings.append(Finding(INFO, "too-many-files", f"{MAX_DIRECTORY_FILES} files",
                                                "the rest of the directory was not scanned", None, -1))
                 report.error = f"more than {MAX_DIRECTORY_FILES} files; the rest were not scanned"
-                return _finish_directory(report, skipped)
+                return _finish_directory(report, skipped, links)
             count += 1
-            try:
-                special = not stat.S_ISREG(os.stat(path).st_mode)
-            except OSError:
-                special = False  # a broken link: its report says it cannot be read
-            if special:  # fifos, sockets, devices: reading them could block forever
-                skipped.append(os.path.relpath(path, top))
-                continue
-            child = scan(path)
+            child = scan(entry.path)
             if child.format == "unknown" and all(f.severity == INFO for f in child.findings) \
                     and (child.error or "").startswith(NOT_A_CHECKPOINT):
-                skipped.append(os.path.relpath(path, top))
+                skipped.append(os.path.relpath(entry.path, top))
                 continue
             report.files.append(child)
-    return _finish_directory(report, skipped)
+        folders.extend(reversed(subfolders))
+    return _finish_directory(report, skipped, links)
 
 
-def _finish_directory(report: ScanReport, skipped: list[str]) -> ScanReport:
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a link to a folder counts: it is followed or reported
+    except OSError:
+        return False
+
+
+def _identity(path: str) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _not_followed(entry: os.DirEntry, root_real: str, visited: set) -> Optional[str]:
+    """Why a folder is not walked (None: walk it): a link out of the tree or into a folder
+    already walked (a loop)."""
+    if entry.is_symlink():
+        real = os.path.realpath(entry.path)
+        if os.path.commonpath([real, root_real]) != root_real:
+            return f"a link out of the directory, to {real}"
+    identity = _identity(entry.path)
+    if identity in visited:
+        return "a link to a folder already scanned (a loop)"
+    visited.add(identity)
+    return None
+
+
+def _finish_directory(report: ScanReport, skipped: list[str], links: list[str]) -> ScanReport:
     if skipped:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         report.findings.append(Finding(INFO, "skipped-files", f"{len(skipped)} files",
                                        f"not checkpoints by their content: {shown}", None, -1))
+    if links:
+        shown = "; ".join(links[:5]) + ("; ..." if len(links) > 5 else "")
+        report.findings.append(Finding(INFO, "skipped-links", f"{len(links)} folders",
+                                       f"symbolic links not followed: {shown}", None, -1))
     report.verdict = max((r.verdict for r in report.files), key=VERDICT_RANK.__getitem__,
                          default=SAFE)
     return report

@@ -302,7 +302,7 @@ class _Scanner:
             self.torch_layout(names, member)
         archive.check_crcs(_crc_members(archive.members))
         for f in archive.findings:
-            self.zip_finding(f, member, view, depth)
+            self.zip_finding(f, member, view, depth, archive)
         seen: set[tuple] = set()
         for record in archive.members:
             span = (record.data_offset, record.compressed_size, record.method)
@@ -320,12 +320,16 @@ class _Scanner:
             return False  # torch.load refuses the archive: it runs nothing
         if miniz.prefix is None:
             return False
+        records: Optional[dict[str, int]] = None
         for record_name in (b"data.pkl", b"constants.pkl"):
             for index in miniz.matching(miniz.prefix + b"/" + record_name):
                 entry = miniz.entries[index]
                 start = zip_readers.data_offset(view, entry)
-                content = None if start is None else zip_readers.member_bytes(
-                    view, start, entry.compressed_size, entry.size, entry.method, MAX_INFLATED_MEMBER + 1)
+                key = ("zip", start, entry.compressed_size, entry.method)
+                if start is None or key in self.scanned:
+                    continue  # torch cannot read it, or many entries point at one byte range
+                content = zip_readers.member_bytes(view, start, entry.compressed_size, entry.size,
+                                                   entry.method, MAX_INFLATED_MEMBER + 1)
                 name = _join(member, entry.name)
                 if content is None:
                     continue  # torch cannot read it either
@@ -333,9 +337,10 @@ class _Scanner:
                     self.unfollowed(entry.name, f"a compressed pickle of more than {MAX_INFLATED_MEMBER} "
                                     "bytes torch would unpickle", name)
                     continue
-                records = _miniz_records(miniz, entry) if record_name == b"data.pkl" else None
-                self.stream(content, name, depth, trust=LOADED, records=records,
-                            key=("zip", start, entry.compressed_size, entry.method))
+                if record_name == b"data.pkl" and records is None:
+                    records = _miniz_records(miniz, entry)
+                self.stream(content, name, depth, trust=LOADED, key=key,
+                            records=records if record_name == b"data.pkl" else None)
         return True
 
     def zip_for_numpy(self, view: memoryview, member: Optional[str], depth: int) -> None:
@@ -402,10 +407,13 @@ class _Scanner:
                          "which compiles and runs this code", _join(member, name), -1)
 
     def zip_finding(self, f: zip_archive.ZipFinding, member: Optional[str], view: memoryview,
-                    depth: int) -> None:
+                    depth: int, archive: zip_archive.ZipArchive) -> None:
         severity = _ZIP_SEVERITY.get(f.kind, SUSPICIOUS)
         if f.kind == "duplicate-name" and f.member and f.member.lower().endswith(".pkl"):
             severity = MALICIOUS  # two readers would load two different pickles
+        if f.kind == "unsupported-method" and f.member and _method_of(archive, f.member) in \
+                zip_readers.ZIPFILE_METHODS:
+            severity = INFO  # bzip2 and LZMA: zipfile (numpy.load) reads them, and so did the scan
         self.add(severity, f"zip-{f.kind}", f.member or f.kind, f.detail,
                  _join(member, f.member) if f.member else member, f.offset)
         if f.kind == "trailing-data" and 0 <= f.offset < len(view):
@@ -734,8 +742,17 @@ def _our_zip(view: memoryview, path: str) -> Optional[zip_archive.ZipArchive]:
         return None
 
 
+def _method_of(archive: zip_archive.ZipArchive, name: str) -> Optional[int]:
+    try:
+        return archive.member(name).method
+    except errors.SafeckptError:
+        return None
+
+
 def _crc_members(members: list) -> list:
-    """Pickles, then small members while the byte budget lasts (never the big data records)."""
+    """Pickles, then small members while the byte budget lasts (never the big data records);
+    a byte range many entries point at is checked once."""
+    members = list({(m.data_offset, m.compressed_size, m.method): m for m in members}.values())
     chosen = [m for m in members if m.name.lower().endswith(".pkl")]
     budget = MAX_CRC_BYTES
     for m in sorted((m for m in members if not m.name.lower().endswith(".pkl")), key=lambda m: m.size):

@@ -54,6 +54,8 @@ _CENTRAL_SIG, _LOCAL_SIG = 0x02014B50, 0x04034B50
 _U32_MAX = 0xFFFFFFFF
 _FLAG_MASKED_HEADERS = 0x2000
 STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
+# Methods zipfile reads (numpy.load's npz members may use them): stored, deflated, bzip2, LZMA.
+ZIPFILE_METHODS = frozenset([STORED, DEFLATED, BZIP2, LZMA])
 
 
 @dataclass(frozen=True)
@@ -382,4 +384,4 @@ def _zipfile_directory_size(view: memoryview) -> int:
     if record >= 0 and _u32(view, tail_start + at - _LOCATOR.size) == _LOCATOR_SIG \
             and _u32(view, record) == _EOCD64_SIG:
         cd_size = max(cd_size, _EOCD64.unpack_from(view, record)[8])
-    return cd_size
+    return min(cd_size, size)  # zipfile reads no more than the file holds
