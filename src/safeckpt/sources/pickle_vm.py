@@ -790,6 +790,25 @@ def _logger(name: Any = None) -> Any:
     return {"__logger__": name} if name is None or isinstance(name, str) else _inert("logging.getLogger", (name,))
 
 
+# torch.distributed.checkpoint's .metadata (a pickle of torch's own dataclasses): what each
+# chunk of each tensor is and where it lies. Plain data, kept as dicts; the memory-format
+# enum as its value and a layout (torch.strided) as its name.
+_DCP_RECORDS = tuple(f"torch.distributed.checkpoint.metadata.{name}" for name in (
+    "Metadata", "MetadataIndex", "TensorProperties", "ChunkStorageMetadata", "TensorStorageMetadata",
+    "BytesStorageMetadata", "StorageMeta")) + ("torch.distributed.checkpoint.filesystem._StorageInfo",)
+
+
+def _enum_value(value: Any) -> Any:
+    if value is None or type(value) in (int, str):
+        return value
+    return _inert("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", (value,))
+
+
+def _torch_layout(name: Any) -> Any:
+    return name if isinstance(name, str) and len(name) <= 64 else _inert("torch.serialization._get_layout",
+                                                                          (name,))
+
+
 def _build_allowlist() -> dict:
     table: dict = {}
 
@@ -846,6 +865,9 @@ def _build_allowlist() -> dict:
             add(name, _type_only(name))
     add("copyreg._reconstructor", _copyreg_reconstructor)
     add(["argparse.Namespace", "types.SimpleNamespace"], _plain_dict)
+    add(_DCP_RECORDS, _plain_dict)
+    add("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", _enum_value)
+    add("torch.serialization._get_layout", _torch_layout)
     for kind in _DATE_CLASSES:
         add(f"datetime.{kind}", _date(kind))
     add("datetime.timedelta", _timedelta)
