@@ -310,6 +310,7 @@ class ZipArchive:
     path: str
     start: int              # offset of the first local header (> 0: bytes were put in front)
     comment: bytes          # the archive comment
+    directory: tuple[int, int, int]  # where the central directory lies: (offset, size, entries)
     findings: list[ZipFinding]
 
     def __init__(self, data: Buffer, path: str) -> None:
@@ -444,6 +445,7 @@ class ZipArchive:
     def _parse(self, view: memoryview) -> None:
         end_of_record, count, cd_size, cd_offset, cd_limit = self._read_end_records(view)
         cd_start = self._locate_central_directory(view, count, cd_size, cd_offset, cd_limit)
+        self.directory = (cd_start, cd_size, count)
         directory = bytes(view[cd_start:cd_start + cd_size])
         offsets = self._entry_offsets(directory, count, cd_start)
         self._read_members(view, directory, offsets, base=cd_start - cd_offset, cd_start=cd_start)

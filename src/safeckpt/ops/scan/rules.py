@@ -13,7 +13,9 @@ user's own class) or known to be dangerous ("malicious"). In order:
    function but the rebuild helpers that plain data needs, and the allowlist has
    those, so any other is malicious; only its plain data classes (`STDLIB_DATA_CLASSES`)
    are merely suspicious.
-4. Anything else is a third-party name, most likely a user's own class: suspicious.
+4. A third-party function named for what it does (`DANGEROUS_ATTRIBUTES`: ``open_file``,
+   ``save_file``, ``system``, ``loads``, ...): malicious.
+5. Anything else is a third-party name, most likely a user's own class: suspicious.
 """
 
 from __future__ import annotations
@@ -148,9 +150,10 @@ DANGEROUS_ATTRIBUTES: dict[str, str] = {
     **dict.fromkeys(["__import__", "import_module"], _IMPORT),
     **dict.fromkeys(["write_text", "write_bytes", "read_text", "read_bytes", "touch", "unlink",
                      "rmdir", "symlink_to", "hardlink_to", "rmtree", "tofile", "dump", "save",
-                     "savefig", "to_pickle", "to_csv", "to_parquet", "to_hdf", "to_sql"], _FILES),
+                     "savefig", "to_pickle", "to_csv", "to_parquet", "to_hdf", "to_sql", "open_file",
+                     "save_file", "save_model", "from_file"], _FILES),
     **dict.fromkeys(["loads", "_load_from_bytes"], _NESTED),
-    **dict.fromkeys(["from_pretrained"], _FETCH),
+    **dict.fromkeys(["from_pretrained", "urlopen", "urlretrieve", "download_url"], _FETCH),
 }
 # Dunder attributes that lead from any object to its globals, builtins or classes:
 # the steps of sandbox escapes; no data class is pickled through them.
@@ -254,6 +257,9 @@ def grade_global(module: str, name: str) -> tuple[str, str, str]:
         return (MALICIOUS, "stdlib-global", (f"{qual} is part of the standard library but not on "
                 "the allowlist, which holds every standard-library rebuild helper real checkpoints "
                 "use: loading would import it and call it with the file's arguments"))
+    if name_parts[-1] in DANGEROUS_ATTRIBUTES:  # click.open_file, safetensors.numpy.save_file
+        return (MALICIOUS, "dangerous-name", f"{qual} is named for what it does: "
+                f"{name_parts[-1]} {DANGEROUS_ATTRIBUTES[name_parts[-1]]}")
     return (SUSPICIOUS, "unknown-global", (f"{qual} is not on the allowlist: loading would import it "
             "and call or build it with the file's arguments (not known to be dangerous: a class of "
             "your own code?)"))

@@ -83,6 +83,8 @@ MAX_COPIED_PICKLE = 64 << 20
 
 NOT_A_CHECKPOINT = "not a checkpoint format the scan reads"
 _LEGACY_ROLES = ("magic number", "protocol version", "sys_info", "main", "storage keys")
+# First bytes of torch's magic-number pickle at any protocol (PROTO, LONG, INT).
+_LEGACY_STARTS = (b"\x80", b"L", b"I", b"\x8a")
 
 # Severity of each zip_archive finding kind, and why (see zip_archive.FINDING_KINDS for what).
 _ZIP_SEVERITY = {
@@ -107,7 +109,8 @@ _IDENTIFIER_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)
 # How sure the scan is that a loader unpickles some bytes:
 LOADED = "loaded"      # a loader does, and they must be a pickle (data.pkl, an object array's data)
 READ = "read"          # pickle.load reads them (a whole file's first bytes) but they may be data
-POSSIBLE = "possible"  # some program might (archive members, pickles after a stream's end)
+AFTER = "after"        # a program reading a stream might: the bytes right after a pickle
+POSSIBLE = "possible"  # some program might (archive members, bytes after an archive)
 
 
 def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None) -> ScanReport:
@@ -285,8 +288,12 @@ class _Scanner:
     # -- zip: torch's miniz, numpy's zipfile, and every member as our reader finds it
     def zip(self, view: memoryview, member: Optional[str], depth: int,
             archive: Optional[zip_archive.ZipArchive]) -> str:
-        torch = self.zip_for_torch(view, member, depth) if view[:4] == b"PK\x03\x04" else False
-        self.zip_for_numpy(view, member, depth)
+        agreed = archive is not None and not any(f.kind == "hidden-data" for f in archive.findings)
+        torch = False
+        if view[:4] == b"PK\x03\x04":
+            torch = self.zip_for_torch(view, member, depth, agreed and archive)
+        if not (agreed and zip_readers.zipfile_directory(view) == archive.directory[:2]):
+            self.zip_for_numpy(view, member, depth)  # zipfile finds another directory than ours
         if archive is None:
             if not torch:
                 self.fail("unreadable zip archive: no reader opens it", member)
@@ -303,21 +310,35 @@ class _Scanner:
         archive.check_crcs(_crc_members(archive.members))
         for f in archive.findings:
             self.zip_finding(f, member, view, depth, archive)
+        storages = names[0].split("/", 1)[0] + "/data/" if has_data_pkl and "/" in names[0] else None
         seen: set[tuple] = set()
         for record in archive.members:
             span = (record.data_offset, record.compressed_size, record.method)
             if record.name.endswith("/") or span in seen:
                 continue  # a byte range many entries point at is read once
             seen.add(span)
-            self.zip_member(view, record, member, depth, archive)
+            raw = storages is not None and record.name.startswith(storages) \
+                and not record.name.lower().endswith(".pkl")
+            self.zip_member(view, record, member, depth, archive, raw)
         return fmt
 
-    def zip_for_torch(self, view: memoryview, member: Optional[str], depth: int) -> bool:
-        """What torch.load unpickles: ``<prefix>/data.pkl`` (and TorchScript's constants.pkl)."""
+    def zip_for_torch(self, view: memoryview, member: Optional[str], depth: int,
+                      ours: "zip_archive.ZipArchive | bool") -> bool:
+        """What torch.load unpickles: ``<prefix>/data.pkl`` (and TorchScript's constants.pkl).
+
+        Where miniz finds the central directory our reader read (`ours`) and the first name
+        holds no NUL, our reading of every member covers it: every entry a case-insensitive
+        lookup of a ``.pkl`` name can return is read in full there.
+        """
+        directory = zip_readers.miniz_directory(view)
+        if directory is None:
+            return False  # torch.load refuses the archive: it runs nothing
+        if ours and directory == ours.directory and ours.members and "\0" not in ours.members[0].name:
+            return "/" in ours.members[0].name
         try:
             miniz = zip_readers.MinizArchive(view)
         except (ValueError, struct.error):
-            return False  # torch.load refuses the archive: it runs nothing
+            return False
         if miniz.prefix is None:
             return False
         records: Optional[dict[str, int]] = None
@@ -348,14 +369,14 @@ class _Scanner:
         if bytes(view[:4]) not in (b"PK\x03\x04", b"PK\x05\x06"):
             return
         try:
-            infos = zip_readers.zipfile_members(view)
+            archive = zip_readers.zipfile_archive(view)
         except OverflowError as exc:
             self.unfollowed("zip directory", f"{exc}: numpy.load would list it", member)
             return
-        for info in infos or ():
-            content = zip_readers.zipfile_read(view, info, MAX_INFLATED_MEMBER + 1)
-            if not content or content[:6] != b"\x93NUMPY":
-                continue
+        for info in zip_readers.zipfile_members(archive) if archive is not None else ():
+            if zip_readers.zipfile_head(view, archive, info, 6) != b"\x93NUMPY":
+                continue  # numpy.load returns the member's bytes, unpickled by nothing
+            content = zip_readers.zipfile_read(archive, info, MAX_INFLATED_MEMBER + 1) or b""
             name = _join(member, info.filename)
             if len(content) > MAX_INFLATED_MEMBER:
                 self.unfollowed(info.filename, f"an npy member of more than {MAX_INFLATED_MEMBER} bytes",
@@ -364,9 +385,10 @@ class _Scanner:
             self.npy(memoryview(content), name, depth)
 
     def zip_member(self, view: memoryview, record: zip_archive.ZipMember, member: Optional[str],
-                   depth: int, archive: zip_archive.ZipArchive) -> None:
+                   depth: int, archive: zip_archive.ZipArchive, raw: bool) -> None:
         """Any member, read as stored (flags and CRC ignored): a pickle by name (any case) is
-        read in full; any other member may be an archive, an array or a pickle."""
+        read in full; any other member may be an archive, an array or a pickle, except a
+        torch storage record (`raw`), which torch copies as bytes and nothing unpickles."""
         name = _join(member, record.name)
         content = zip_readers.member_bytes(view, record.data_offset, record.compressed_size,
                                            record.size, record.method, MAX_INFLATED_MEMBER + 1)
@@ -383,15 +405,17 @@ class _Scanner:
             self.stream(content, name, depth, trust=LOADED, records=records,
                         key=("zip", record.data_offset, record.compressed_size, record.method))
             return
-        self.nested_member(content, name, depth)
+        self.nested_member(content, name, depth, raw)
 
-    def nested_member(self, content: memoryview, name: Optional[str], depth: int) -> None:
-        """An archive member or tar member no loader reads by name: whatever it is."""
+    def nested_member(self, content: memoryview, name: Optional[str], depth: int,
+                      raw: bool = False) -> None:
+        """An archive member or tar member no loader reads by name: whatever it is (raw
+        bytes may still hide an archive or an array, never a pickle anything runs)."""
         head = bytes(content[:_HEAD_BYTES])
         if zip_archive.is_zip(head) or head[:6] == b"\x93NUMPY" or loaders.is_tar(head) \
-                or torch_legacy.is_legacy(head):
+                or (head[:1] in _LEGACY_STARTS and torch_legacy.is_legacy(head)):
             self.nested(content, name, depth)
-        else:
+        elif not raw or sniff(head) == "pickle":  # storage bytes that plainly start a pickle too
             self.stream(content, name, depth, trust=POSSIBLE, max_count=1)
 
     def torch_layout(self, names: list[str], member: Optional[str]) -> None:
@@ -543,7 +567,7 @@ class _Scanner:
             legacy = kind == "torch-legacy"
             result = self.pickle_at(
                 view, pos, member, depth,
-                trust=trust if index == 0 else LOADED if legacy and index < 5 else POSSIBLE,
+                trust=trust if index == 0 else LOADED if legacy and index < 5 else AFTER,
                 role=_LEGACY_ROLES[index] if legacy and index < 5 else None,
                 persistent_ids=index > 0 or first_persistent, records=records if index == 0 else None)
             if result is None:
@@ -572,6 +596,8 @@ class _Scanner:
         The second reading is needed only where the first met a frame anomaly or broke.
         """
         where = f" ({role} pickle)" if role else ""
+        if start < len(view) and pickle_vm.OPCODE_TABLE.get(view[start]) is None and trust != LOADED:
+            return None  # not an opcode: every reader stops at the first byte, having run nothing
         out = _Pickle()
         failures: list[PickleError] = []
         for reader in pickle_vm.READERS:
@@ -581,6 +607,8 @@ class _Scanner:
             except PickleError as exc:
                 exc.with_traceback(None)  # the traceback holds the machine's view of the file
                 failures.append(exc)
+                if not exc.framed:
+                    break  # no frame before the break: the other reader breaks there too
                 continue
             self.graded(result, view, start, member, depth, where, out, records)
             if not result.anomalies:
@@ -632,7 +660,10 @@ class _Scanner:
         silent where a loader reads the bytes."""
         uses = exc.globals
         if trust != LOADED:
-            deliberate = [g for g in uses if _deliberate(g)]
+            # after a pickle, any importable name counts; at the start of arbitrary bytes (a text
+            # file's first line may read as GLOBAL) only a dangerous one spelled out does
+            counts = (lambda g: _plausible(g) and not g.allowed) if trust == AFTER else _deliberate
+            deliberate = [g for g in uses if counts(g)]
             for g in uses:
                 if not g.allowed and g not in deliberate and _plausible(g):
                     self.add(INFO, "pickle-like-bytes", f"{g.module}.{g.name}"[:120],

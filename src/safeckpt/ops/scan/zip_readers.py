@@ -34,8 +34,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["MinizArchive", "LoaderMember", "ViewFile", "ReadTooLarge", "data_offset", "member_bytes",
-           "zipfile_members", "zipfile_read", "MAX_ZIPFILE_DIRECTORY"]
+__all__ = ["MinizArchive", "LoaderMember", "miniz_directory", "zipfile_directory", "ViewFile", "ReadTooLarge", "data_offset", "member_bytes",
+           "zipfile_archive", "zipfile_members", "zipfile_head", "zipfile_read", "MAX_ZIPFILE_DIRECTORY"]
 
 # The central directory Python's zipfile is asked to list: it builds a ZipInfo per
 # entry (about a kilobyte each), so a larger one is left to the scan's own reader.
@@ -81,29 +81,18 @@ class MinizArchive:
 
     def __init__(self, view: memoryview) -> None:
         self.size = len(view)
-        eocd = _miniz_end_record(view)
-        _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(view, eocd)
-        if eocd >= _LOCATOR.size + _EOCD64.size and _u32(view, eocd - _LOCATOR.size) == _LOCATOR_SIG:
-            _, _, record, disks = _LOCATOR.unpack_from(view, eocd - _LOCATOR.size)
-            if record > self.size - _EOCD64.size:
-                raise ValueError("the ZIP64 locator points past the end of the file")
-            if _u32(view, record) == _EOCD64_SIG:
-                (_, rest, _, _, disk, cd_disk, on_disk, count, cd_size,
-                 cd_offset) = _EOCD64.unpack_from(view, record)
-                if rest < _EOCD64.size - 12 or disks != 1 or count > _U32_MAX or cd_size > _U32_MAX:
-                    raise ValueError("a ZIP64 end record miniz refuses")
-        if count != on_disk or ((disk | cd_disk) and (disk, cd_disk) != (1, 1)):
-            raise ValueError("a multi-disk archive")
-        if cd_size < count * _CENTRAL.size or cd_offset + cd_size > self.size:
-            raise ValueError("the central directory does not fit in the file")
+        cd_offset, cd_size, count, disk = _miniz_directory(view)
+        self.directory = (cd_offset, cd_size, count)
         self.entries = _miniz_entries(view, cd_offset, cd_size, count, self.size, disk)
         first = self.entries[0].raw_name if self.entries else b""
         self.prefix: Optional[bytes] = first.split(b"/", 1)[0] if b"/" in first else None
-        self._sorted = _miniz_heapsort(self.entries)
+        self._sorted: Optional[list[int]] = None  # sorted on the first lookup, as miniz sorts on opening
 
     def locate(self, name: bytes) -> Optional[int]:
         """The entry miniz's lookup of `name` finds (binary search, case-insensitive), or None."""
         key = _fold(name.split(b"\0", 1)[0])  # a C string ends at its first NUL
+        if self._sorted is None:
+            self._sorted = _miniz_heapsort(self.entries)
         low, high = 0, len(self._sorted) - 1
         while low <= high:
             middle = low + ((high - low) >> 1)
@@ -122,6 +111,35 @@ class MinizArchive:
         finds (duplicates sort in an order a heap sort decides), the scan reads them all."""
         key = _fold(name.split(b"\0", 1)[0])
         return [i for i, e in enumerate(self.entries) if _fold(e.raw_name) == key]
+
+
+def miniz_directory(view: memoryview) -> Optional[tuple[int, int, int]]:
+    """Where miniz finds the central directory: (offset, size, entries), None if it refuses."""
+    try:
+        return _miniz_directory(view)[:3]
+    except (ValueError, struct.error):
+        return None
+
+
+def _miniz_directory(view: memoryview) -> tuple[int, int, int, int]:
+    """mz_zip_reader_read_central_dir up to the entries: (offset, size, entries, this disk)."""
+    size = len(view)
+    eocd = _miniz_end_record(view)
+    _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(view, eocd)
+    if eocd >= _LOCATOR.size + _EOCD64.size and _u32(view, eocd - _LOCATOR.size) == _LOCATOR_SIG:
+        _, _, record, disks = _LOCATOR.unpack_from(view, eocd - _LOCATOR.size)
+        if record > size - _EOCD64.size:
+            raise ValueError("the ZIP64 locator points past the end of the file")
+        if _u32(view, record) == _EOCD64_SIG:
+            (_, rest, _, _, disk, cd_disk, on_disk, count, cd_size,
+             cd_offset) = _EOCD64.unpack_from(view, record)
+            if rest < _EOCD64.size - 12 or disks != 1 or count > _U32_MAX or cd_size > _U32_MAX:
+                raise ValueError("a ZIP64 end record miniz refuses")
+    if count != on_disk or ((disk | cd_disk) and (disk, cd_disk) != (1, 1)):
+        raise ValueError("a multi-disk archive")
+    if cd_size < count * _CENTRAL.size or cd_offset + cd_size > size:
+        raise ValueError("the central directory does not fit in the file")
+    return cd_offset, cd_size, count, disk
 
 
 def _u32(view: memoryview, at: int) -> int:
@@ -347,22 +365,27 @@ class ViewFile(io.RawIOBase):
         return self.pos
 
 
-def zipfile_members(view: memoryview) -> Optional[list[zipfile.ZipInfo]]:
-    """The members numpy.load's zipfile would open by name (the last entry of each name),
-    or None when zipfile refuses the archive or its directory is too big to list here."""
+def zipfile_archive(view: memoryview) -> Optional[zipfile.ZipFile]:
+    """The archive as numpy.load's zipfile opens it, or None where zipfile refuses it.
+
+    Raises OverflowError when its directory is too big to list here.
+    """
     if _zipfile_directory_size(view) > MAX_ZIPFILE_DIRECTORY:
         raise OverflowError(f"a central directory of more than {MAX_ZIPFILE_DIRECTORY} bytes")
     try:
-        archive = zipfile.ZipFile(ViewFile(view))
+        return zipfile.ZipFile(ViewFile(view))
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError, struct.error):
         return None
+
+
+def zipfile_members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The members numpy.load's npz opens by name: the last entry of each name."""
     return list(archive.NameToInfo.values())
 
 
-def zipfile_read(view: memoryview, info: zipfile.ZipInfo, limit: int) -> Optional[bytes]:
-    """A member's bytes as zipfile's open() reads them (CRC not checked), at most `limit`."""
+def zipfile_read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> Optional[bytes]:
+    """A member's first `limit` bytes as zipfile's open() reads them (CRC not checked)."""
     try:
-        archive = zipfile.ZipFile(ViewFile(view))
         with archive.open(info) as f:
             f._expected_crc = None  # numpy unpickles before zipfile's CRC check at the end
             return f.read(limit)
@@ -371,17 +394,39 @@ def zipfile_read(view: memoryview, info: zipfile.ZipInfo, limit: int) -> Optiona
         return None
 
 
-def _zipfile_directory_size(view: memoryview) -> int:
-    """The central directory size zipfile's _EndRecData would read (0 where it finds none)."""
+def zipfile_head(view: memoryview, archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int) -> Optional[bytes]:
+    """A member's first `size` bytes as zipfile reads them; a stored one is read straight from
+    `view`, where zipfile's open() would find it (after the local header's name and extra)."""
+    if info.compress_type != STORED or info.flag_bits & 0x1:
+        return zipfile_read(archive, info, size)
+    start = data_offset(view, LoaderMember(info.filename, b"", info.header_offset, info.compress_size,
+                                           info.file_size, STORED, info.flag_bits))
+    return None if start is None else bytes(view[start:start + min(size, info.compress_size)])
+
+
+def zipfile_directory(view: memoryview) -> Optional[tuple[int, int]]:
+    """Where zipfile finds the central directory (_EndRecData, _EndRecData64 and the prefix it
+    allows for): (offset, size), or None where it finds no end record."""
     size = len(view)
     tail_start = max(0, size - (1 << 16) - _EOCD.size)
     tail = bytes(view[tail_start:])
-    at = tail.rfind(_EOCD_SIG)
-    if at < 0 or at + _EOCD.size > len(tail):
-        return 0
-    cd_size = _EOCD.unpack_from(tail, at)[5]
-    record = tail_start + at - _LOCATOR.size - _EOCD64.size
-    if record >= 0 and _u32(view, tail_start + at - _LOCATOR.size) == _LOCATOR_SIG \
-            and _u32(view, record) == _EOCD64_SIG:
-        cd_size = max(cd_size, _EOCD64.unpack_from(view, record)[8])
-    return min(cd_size, size)  # zipfile reads no more than the file holds
+    if tail[-_EOCD.size:-_EOCD.size + 4] == _EOCD_SIG and tail[-2:] == b"\0\0":
+        at = len(tail) - _EOCD.size  # a record with no comment ends the file: taken first
+    else:
+        at = tail.rfind(_EOCD_SIG)
+        if at < 0 or at + _EOCD.size > len(tail):
+            return None
+    eocd = tail_start + at
+    cd_size, cd_offset = _EOCD.unpack_from(tail, at)[5:7]
+    concat = eocd - cd_size - cd_offset
+    record = eocd - _LOCATOR.size - _EOCD64.size  # zipfile assumes it right before the locator
+    if record >= 0 and _u32(view, eocd - _LOCATOR.size) == _LOCATOR_SIG and _u32(view, record) == _EOCD64_SIG:
+        cd_size, cd_offset = _EOCD64.unpack_from(view, record)[8:10]
+        concat = eocd - cd_size - cd_offset - _LOCATOR.size - _EOCD64.size
+    return cd_offset + concat, cd_size
+
+
+def _zipfile_directory_size(view: memoryview) -> int:
+    """The central directory size zipfile would read (0 where it finds none)."""
+    directory = zipfile_directory(view)
+    return 0 if directory is None else min(directory[1], len(view))  # no more than the file holds
