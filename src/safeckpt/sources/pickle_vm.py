@@ -125,6 +125,7 @@ class PickleError(SafeckptError, ValueError):
     opcode: str = "?"
     offset: int = -1
     bounded: bool = False
+    framed: bool = False  # a FRAME came before the failure: the file reader may read on
     globals: list = []  # noqa: RUF012 - replaced per instance by load
     findings: list = []  # noqa: RUF012
 
@@ -953,6 +954,7 @@ class _Machine:
         self.refusals: list = []
         self.anomalies: list = []
         self.frame_end = -1  # where the current frame (the file reader's buffer) ends; -1: none
+        self.framed = False  # a FRAME was read: only then can the two readers differ
         self.op_special: Optional[str] = None  # a name for errors that are not at an opcode
         self.op_pos = start
         self.value: Any = None
@@ -1773,6 +1775,7 @@ def op_frame(m: _Machine, pos: int) -> int:
     if size > m.n - pos:
         raise m.fail(f"frame of {size} bytes runs past the end of the data (truncated data)")
     m.frame_end = pos + size
+    m.framed = True
     return pos
 
 
@@ -1831,6 +1834,7 @@ def load(data: Any, *, start: int = 0, persistent_load: Optional[Callable] = Non
     except PickleError as e:
         # a scan still reports what the pickle named before it went wrong
         e.opcode, e.offset, e.globals, e.findings = m.op_name, m.op_pos, m.globals, m.findings
+        e.framed = m.framed
         raise
     return PickleResult(m.value, m.globals, end, m.findings, m.storages, m.refusals, m.anomalies)
 
