@@ -288,12 +288,12 @@ class _Scanner:
     # -- zip: torch's miniz, numpy's zipfile, and every member as our reader finds it
     def zip(self, view: memoryview, member: Optional[str], depth: int,
             archive: Optional[zip_archive.ZipArchive]) -> str:
-        agreed = archive is not None and not any(f.kind == "hidden-data" for f in archive.findings)
-        torch = False
-        if view[:4] == b"PK\x03\x04":
-            torch = self.zip_for_torch(view, member, depth, agreed and archive)
-        if not (agreed and zip_readers.zipfile_directory(view) == archive.directory[:2]):
-            self.zip_for_numpy(view, member, depth)  # zipfile finds another directory than ours
+        # our reading of every member covers a loader's reading of the same directory
+        ours = archive if archive is not None and not any(f.kind == "hidden-data" for f in archive.findings) \
+            else None
+        torch = self.zip_for_torch(view, member, depth, ours) if view[:4] == b"PK\x03\x04" else False
+        if ours is None or zip_readers.zipfile_directory(view) != ours.directory[:2]:
+            self.zip_for_numpy(view, member, depth)
         if archive is None:
             if not torch:
                 self.fail("unreadable zip archive: no reader opens it", member)
@@ -304,7 +304,7 @@ class _Scanner:
         fmt = "torch-zip" if torch or has_data_pkl else \
             "npz" if files and all(n.endswith(".npy") for n in files) else "zip"
         if archive.start > 0:
-            self.prefix(view[:archive.start], member, depth)
+            self.prefix(view[:archive.start], member)
         if has_data_pkl and names:
             self.torch_layout(names, member)
         archive.check_crcs(_crc_members(archive.members))
@@ -323,7 +323,7 @@ class _Scanner:
         return fmt
 
     def zip_for_torch(self, view: memoryview, member: Optional[str], depth: int,
-                      ours: "zip_archive.ZipArchive | bool") -> bool:
+                      ours: Optional[zip_archive.ZipArchive]) -> bool:
         """What torch.load unpickles: ``<prefix>/data.pkl`` (and TorchScript's constants.pkl).
 
         Where miniz finds the central directory our reader read (`ours`) and the first name
@@ -333,7 +333,8 @@ class _Scanner:
         directory = zip_readers.miniz_directory(view)
         if directory is None:
             return False  # torch.load refuses the archive: it runs nothing
-        if ours and directory == ours.directory and ours.members and "\0" not in ours.members[0].name:
+        if ours is not None and directory == ours.directory and ours.members \
+                and "\0" not in ours.members[0].name:
             return "/" in ours.members[0].name
         try:
             miniz = zip_readers.MinizArchive(view)
@@ -444,8 +445,9 @@ class _Scanner:
             self.stream(view[f.offset:], _join(member, f"<after the archive, offset {f.offset}>"),
                         depth, trust=POSSIBLE)
 
-    def prefix(self, view: memoryview, member: Optional[str], depth: int) -> None:
-        """Bytes in front of an archive: a pickle there is what torch.load reads first."""
+    def prefix(self, view: memoryview, member: Optional[str]) -> None:
+        """Bytes in front of an archive: a pickle there is what torch.load reads first (the
+        stream from byte 0 scans it)."""
         if sniff(bytes(view[:_HEAD_BYTES])) == "pickle":
             self.add(MALICIOUS, "polyglot", "pickle before zip",
                      "a pickle hides in front of the zip archive: torch.load and pickle readers run "
