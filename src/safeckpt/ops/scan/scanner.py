@@ -34,9 +34,12 @@ Every byte range is scanned once, however many directory entries point at it.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -230,8 +233,9 @@ class _Scanner:
         tar_format = self.tar(view, member, depth)
         if tar_format is not None:
             formats.append(tar_format)
-        stream, first = self.stream(view, member, depth,
-                                    trust=LOADED if not formats and sniff(head) == "pickle" else READ,
+        # a PROTO header says "pickle"; anything else may be text that only reads like one
+        protocol = head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5 if len(head) > 1 else False
+        stream, first = self.stream(view, member, depth, trust=LOADED if not formats and protocol else READ,
                                     first_persistent=False)
         if stream is not None and formats and first.complete and first.flagged:
             self.add(MALICIOUS, "polyglot", f"{formats[0]} and {stream}",
@@ -662,9 +666,13 @@ class _Scanner:
         silent where a loader reads the bytes."""
         uses = exc.globals
         if trust != LOADED:
-            # after a pickle, any importable name counts; at the start of arbitrary bytes (a text
-            # file's first line may read as GLOBAL) only a dangerous one spelled out does
-            counts = (lambda g: _plausible(g) and not g.allowed) if trust == AFTER else _deliberate
+            # after a pickle any name counts; at the start of a file that may be text (whose
+            # first lines can read as GLOBAL) a name of a module that exists here or a dangerous
+            # one spelled out; in an archive member no loader reads, a dangerous one only
+            counts = {AFTER: lambda g: _plausible(g) and not g.allowed,
+                      READ: lambda g: _deliberate(g) or (_plausible(g) and not g.allowed
+                                                         and _importable(g.module)),
+                      POSSIBLE: _deliberate}[trust]
             deliberate = [g for g in uses if counts(g)]
             for g in uses:
                 if not g.allowed and g not in deliberate and _plausible(g):
@@ -800,6 +808,18 @@ def _plausible(g: GlobalUse) -> bool:
     """A global whose module and name could be imported (dotted identifiers)."""
     return (g.module != "copyreg.extension" and _IDENTIFIER_PATH.fullmatch(g.module) is not None
             and _IDENTIFIER_PATH.fullmatch(g.name) is not None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _importable(module: str) -> bool:
+    """Whether the top-level package of `module` exists here (found, never imported)."""
+    top = module.split(".", 1)[0]
+    if top in sys.stdlib_module_names:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _deliberate(g: GlobalUse) -> bool:
