@@ -41,6 +41,26 @@ SLICE_ROW = 1234
 SLICE_SHAPE = (4096, 4096)
 ROW_BYTES = SLICE_SHAPE[1] * 4
 PAGE = 4096
+# A header that lists many one-byte tensors (a million at --size 1GiB, fewer below): how long
+# opening and inspecting take grows with the entries, not the bytes.
+MANY = "many_tensors.safetensors"
+MAX_MANY_TENSORS = 1_000_000
+
+
+def many_tensor_count(size: int) -> int:
+    return max(1000, min(MAX_MANY_TENSORS, size // 1024))
+
+
+def write_many_tensors(filename: str, n: int) -> None:
+    """A safetensors file of `n` U8 tensors of shape [1], its header written as text (seconds, not minutes)."""
+    import struct
+
+    entries = ",".join(f'"model.layers.{i // 100}.block.{i % 100}.w":{{"dtype":"U8","shape":[1],'
+                       f'"data_offsets":[{i},{i + 1}]}}' for i in range(n))
+    header = ("{" + entries + "}").encode()
+    header += b" " * (-len(header) % 8)
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + bytes(n))
 
 
 @dataclass
@@ -116,6 +136,7 @@ def setup(cfg: dict) -> Op:
         safetensors.torch.save_file({SLICE_NAME: torch.from_numpy(slice_tensor(*SLICE_SHAPE))}, path(cfg, SLICE))
         for seed, name in ((1, MODEL_B), (2, MODEL_C)):
             safeckpt.save_file(numpy_state_dict(spec, seed), path(cfg, name))
+        write_many_tensors(path(cfg, MANY), many_tensor_count(cfg["size"]))
         ours = path(cfg, "ours-check.safetensors")
         safeckpt.torch.save_file(tensors, ours)
         same = filecmp.cmp(ours, path(cfg, MODEL), shallow=False)
@@ -377,6 +398,60 @@ def convert_peer(cfg: dict) -> Op:
         tensors = torch.load(path(cfg, MODEL_PT), weights_only=True)
         safetensors.torch.save_file(tensors, cfg["out"], metadata={"format": "pt"})
     return op
+
+
+# --- a header of many tensors: list the names, inspect ------------------------------------
+
+@case("header.keys.ours")
+def header_keys_ours(cfg: dict) -> Op:
+    """safe_open and keys(): the header read, parsed and every rule checked."""
+    import safeckpt
+
+    warm(cfg, path(cfg, MANY))
+
+    def op():
+        with safeckpt.safe_open(path(cfg, MANY)) as f:
+            return Measured(extras={"tensors": len(f.keys())})
+    return op
+
+
+@case("header.keys.safetensors")
+def header_keys_safetensors(cfg: dict) -> Op:
+    import safetensors
+
+    warm(cfg, path(cfg, MANY))
+
+    def op():
+        with safetensors.safe_open(path(cfg, MANY), framework="np") as f:
+            return Measured(extras={"tensors": len(f.keys())})
+    return op
+
+
+def _inspect_ours(as_json: bool) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        """What `safeckpt inspect [--json] FILE` does, the output written to /dev/null."""
+        from rich.console import Console
+
+        from safeckpt.cli import output
+        from safeckpt.cli.inspect import describe, print_description
+
+        warm(cfg, path(cfg, MANY))
+
+        def op():
+            report = describe(path(cfg, MANY), tensors=as_json)
+            with open(os.devnull, "w") as sink:
+                if as_json:
+                    output.write_json(report, sink)
+                else:
+                    console = Console(file=sink, highlight=False, emoji=False, width=100_000)
+                    print_description(console, report)
+            return Measured(extras={"tensors": report["totals"]["tensors"]})
+        return op
+    return prepare
+
+
+case("header.inspect.ours")(_inspect_ours(False))
+case("header.inspect_json.ours")(_inspect_ours(True))
 
 
 # --- training checkpoints: CheckpointManager against plain writes, torch.save and torch.load ---

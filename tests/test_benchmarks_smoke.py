@@ -24,7 +24,9 @@ def test_quick_benchmark_prints_the_table():
                 "load_file torch + read every page", "numpy load_file", "load_file(copy=True) bandwidth",
                 "get_slice one row, pread: bytes read", "get_slice one row, mmap: pages resident",
                 "diff of two checkpoints (float64 stats)", "merge --method linear of three checkpoints",
-                "merge --method linear: extra peak RSS", "verify (blake3 manifest check): hashing"):
+                "merge --method linear: extra peak RSS", "verify (blake3 manifest check): hashing",
+                "safe_open + keys(), a header of 1M tensors (fewer below --size 1GiB)",
+                "inspect, a header of 1M tensors", "inspect --json, 1M tensors: extra peak RSS"):
         assert f"| {row} |" in done.stdout
     assert "error" not in done.stdout
     assert "byte-identical: yes" in done.stdout

@@ -157,6 +157,21 @@ class DTypeConversionError(SafeckptError, TypeError):
     """A dtype that the target framework (or numpy) cannot represent."""
 
 
+class NotRegularFileError(SafeckptError, OSError):
+    """A path that is a FIFO, a socket or a device: refused before it is opened, since opening
+    one can wait for a writer forever and reading one may never end.
+
+    An OSError too (the file cannot be read: the CLI exits 2), with `filename` and `strerror`.
+    """
+
+    def __init__(self, detail: str, **kwargs) -> None:
+        super().__init__(detail, **kwargs)
+        self.filename, self.strerror = self.path, detail
+
+    def __str__(self) -> str:  # OSError would print "[Errno None] ..."
+        return self.args[0]
+
+
 # --- writing ----------------------------------------------------------------
 
 class UnsupportedTensorError(SafeckptError, ValueError):

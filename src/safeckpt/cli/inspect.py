@@ -19,7 +19,9 @@ import click
 from rich.console import Console
 
 from ..format.dtypes import DTYPES
+from ..format.header import collector_paused
 from ..format.reader import SafetensorsFile
+from ..format.storage import open_regular_file
 from ..ops.layout import group_tensors, module_totals
 from ..ops.scan import SEVERITIES, scan
 from ..ops.selection import choose_tensors
@@ -61,20 +63,32 @@ _SHARD_SNIFF_BYTES = 16
 _NOT_SCANNED = ("safetensors", "raw", "sharded")
 
 
-def describe(path: "os.PathLike | str", template: Optional[str] = None) -> dict[str, Any]:
+def describe(path: "os.PathLike | str", template: Optional[str] = None, *,
+             tensors: bool = True) -> dict[str, Any]:
     """Everything `inspect` shows, as a JSON-able dict; tensor data is never read.
 
     A safetensors file is described from its validated header alone; a sharded
     model (its folder or index JSON) from its index and its shards' headers; any
     other format `open_source` reads (PyTorch, Lightning, npz, ...) from its
     structure, which nothing executes, and pickle-based files are scanned.
+    ``tensors=False`` leaves out the list of every tensor (the groups, modules
+    and totals say the rest): half the memory for a header of a million tensors.
 
     >>> describe("model.safetensors")["totals"]["parameters"]
     1228800
     >>> describe("last.ckpt")["scan"]["verdict"]
     'safe'
     """
-    path = os.fspath(path)
+    with collector_paused():  # a report makes objects per tensor and no cycles (see collector_paused)
+        report = _describe(os.fspath(path), template)
+        if tensors:
+            report["tensors"] = _tensor_list(report.pop("_infos"), "header_size" in report)
+        else:
+            del report["_infos"]
+        return report
+
+
+def _describe(path: str, template: Optional[str]) -> dict[str, Any]:
     if template is None:
         if os.path.isdir(path):
             index = find_index(path)
@@ -90,8 +104,17 @@ def describe(path: "os.PathLike | str", template: Optional[str] = None) -> dict[
     return _describe_source(path, template)
 
 
+def _tensor_list(infos: Any, with_offsets: bool) -> list[dict[str, Any]]:
+    """One entry per tensor; a safetensors header's entries (`with_offsets`) add their data_offsets."""
+    if with_offsets:
+        return [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
+                 "bytes": info.nbytes, "data_offsets": list(info.data_offsets)} for name, info in infos.items()]
+    return [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
+             "bytes": info.nbytes} for name, info in infos.items()]
+
+
 def _head(path: str) -> bytes:
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         return f.read(SNIFF_BYTES)
 
 
@@ -99,11 +122,8 @@ def _describe_safetensors(path: str) -> dict[str, Any]:
     # pread: the header is read with two small reads; the data is never mapped or read.
     with SafetensorsFile(path, backend="pread") as file:
         header = file.header
-    tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
-                "bytes": info.nbytes, "data_offsets": list(info.data_offsets)}
-               for name, info in header.tensors.items()]
     return _report(path, "safetensors", "safetensors file", header.data_start + header.data_size,
-                   tensors, header.metadata, header.tensors, header_size=header.data_start)
+                   header.metadata, header.tensors, header_size=header.data_start)
 
 
 def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
@@ -140,7 +160,7 @@ def _describe_sharded(path: str, index: str) -> dict[str, Any]:
 
 
 def _open_shard(path: str) -> TensorSource:
-    with open(path, "rb", buffering=0) as f:
+    with open_regular_file(path) as f:
         head = f.read(_SHARD_SNIFF_BYTES)
     if sniff(head) == "safetensors":
         return SafetensorsSource(path, backend="pread")
@@ -148,12 +168,9 @@ def _open_shard(path: str) -> TensorSource:
 
 
 def _source_report(path: str, source: TensorSource, size: int) -> dict[str, Any]:
-    tensors = [{"name": name, "dtype": info.dtype, "shape": list(info.shape),
-                "parameters": info.numel, "bytes": info.nbytes}
-               for name, info in source.infos.items()]
     # Lightning / SD checkpoints keep the weights under "state_dict": modules are counted inside it.
     prefix = choose_tensors(source, extract="auto").extracted
-    report = _report(path, source.format, source.describe(), size, tensors, source.metadata, source.infos,
+    report = _report(path, source.format, source.describe(), size, source.metadata, source.infos,
                      prefix=prefix, aliases=source.aliases)
     report["structure"] = without_tensors(source.tree)
     report["aliases"] = dict(source.aliases)
@@ -200,17 +217,24 @@ def _share(part: int, total: int) -> float:
     return part / total if total else 0.0
 
 
-def _report(path: str, format: str, description: str, file_size: int, tensors: list,
-            metadata: Any, infos: Any, header_size: Any = None, prefix: Optional[str] = None,
+def _report(path: str, format: str, description: str, file_size: int, metadata: Any, infos: Any,
+            header_size: Any = None, prefix: Optional[str] = None,
             aliases: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The report without its list of tensors; `infos` is kept under "_infos" for `describe`."""
+    groups = group_tensors(infos)
     by_dtype: dict[str, dict[str, int]] = {}
-    for tensor in tensors:
-        if aliases and tensor["name"] in aliases:
-            continue  # a tied tensor's values are counted once, under the name it is tied to
-        totals = by_dtype.setdefault(tensor["dtype"], {"tensors": 0, "parameters": 0, "bytes": 0})
-        totals["tensors"] += 1
-        totals["parameters"] += tensor["parameters"]
-        totals["bytes"] += tensor["bytes"]
+    for group in groups:  # every tensor is in one group: totals per dtype add up the groups
+        totals = by_dtype.setdefault(group.dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
+        totals["tensors"] += group.count
+        totals["parameters"] += group.parameters
+        totals["bytes"] += group.bytes
+    for name in aliases or ():  # a tied tensor's values are counted once, under the name it is tied to
+        info = infos[name]
+        totals = by_dtype[info.dtype]
+        totals["tensors"] -= 1
+        totals["parameters"] -= info.numel
+        totals["bytes"] -= info.nbytes
+    by_dtype = {dtype: totals for dtype, totals in by_dtype.items() if totals["tensors"]}
     parameters = sum(t["parameters"] for t in by_dtype.values())
     # In the order the format writes dtypes: widest first.
     dtype_order = sorted(by_dtype, key=lambda n: -DTYPES[n].rank)
@@ -219,16 +243,16 @@ def _report(path: str, format: str, description: str, file_size: int, tensors: l
         "format": format,
         "description": description,
         "file_size": file_size,
-        "tensors": tensors,
+        "_infos": infos,
         "totals_by_dtype": {name: by_dtype[name] for name in dtype_order},
         "share_by_dtype": {name: _share(by_dtype[name]["parameters"], parameters) for name in dtype_order},
-        "totals": {"tensors": len(tensors), "tied": len(aliases or ()), "parameters": parameters,
+        "totals": {"tensors": len(infos), "tied": len(aliases or ()), "parameters": parameters,
                    "parameters_human": human_count(parameters),
                    "bytes": sum(t["bytes"] for t in by_dtype.values())},
         "metadata": metadata,
         "groups": [{"pattern": g.pattern, "count": g.count, "dtype": g.dtype, "shape": list(g.shape),
                     "parameters": g.parameters, "bytes": g.bytes, "indices": [list(i) for i in g.indices]}
-                   for g in group_tensors(infos)],
+                   for g in groups],
         "modules_prefix": prefix,
         "modules": [_module(m, parameters) for m in module_totals(infos, prefix=prefix)],
     }
@@ -262,16 +286,17 @@ def print_description(console: Console, report: dict[str, Any], *, flat: bool = 
     groups = report["groups"]
     if not groups:
         console.print("no tensors", markup=False)
-    elif flat or len(groups) == len(report["tensors"]):
+    elif flat or len(groups) == report["totals"]["tensors"]:  # then each group is one tensor
+        rows = report["tensors"] if flat else [dict(g, name=g["pattern"]) for g in groups]
         output.print_table(console, TENSOR_COLUMNS, [
             (printable(t["name"]), t["dtype"], _shape(t["shape"]), grouped(t["parameters"]),
-             grouped(t["bytes"])) for t in report["tensors"]])
+             grouped(t["bytes"])) for t in rows])
     else:
         times = "×" if console.encoding.lower().startswith("utf") else "x"
         output.print_table(console, GROUP_COLUMNS, [
             (printable(g["pattern"]), f"{g['count']} {times}" if g["count"] > 1 else "", _shape(g["shape"]),
              g["dtype"], grouped(g["parameters"]), grouped(g["bytes"])) for g in groups])
-        console.print(f"{grouped(len(report['tensors']))} tensors in {grouped(len(groups))} rows, "
+        console.print(f"{grouped(report['totals']['tensors'])} tensors in {grouped(len(groups))} rows, "
                       "repeated layers folded (--flat lists every tensor)", markup=False)
     _print_modules(console, report)
     if groups:
@@ -499,12 +524,12 @@ def command(file: str, template: Optional[str], flat: bool, as_json: bool) -> No
       safeckpt inspect download.pt --json | jq .scan.verdict
     """
     try:
-        report = describe(file, template)
+        report = describe(file, template, tensors=as_json or flat)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         code, message = output.describe_failure(exc, file)
         output.exit_with(code, f"error: {message}{_verdict_of_unreadable(file, template, code)}")
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        output.write_json(report)
     else:
         print_description(output.make_console(), report, flat=flat)
 

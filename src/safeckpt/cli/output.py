@@ -8,11 +8,12 @@ written as plain aligned text, in the same layout, in linear time.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import NoReturn, Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence, TextIO
 
 import click
 from rich import box
@@ -37,6 +38,9 @@ MAX_CELL_CHARS = 200
 PROGRESS_AFTER_SECONDS = 1.0
 # Set to see the traceback of an unexpected error (for bug reports).
 TRACEBACK_ENV = "SAFECKPT_TRACEBACK"
+# In --json output, a list longer than this has one compact item per line: json's indenting
+# encoder is pure Python (20 s for the tensors of a million-tensor file), its compact one is C.
+JSON_COMPACT_ITEMS = 1000
 
 
 # --- exit codes and errors ---------------------------------------------------------
@@ -58,7 +62,7 @@ def describe_failure(exc: BaseException, path: "os.PathLike | str") -> tuple[int
     path = os.fspath(path)
     if isinstance(exc, SafeckptError):
         message = str(exc) if exc.path is not None else f"{path}: {exc}"
-        return EXIT_INVALID, one_line(message)
+        return EXIT_ERROR if isinstance(exc, OSError) else EXIT_INVALID, one_line(message)  # OSError: not read
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         return EXIT_ERROR, one_line(f"{path}: cannot read: {reason}")
@@ -113,6 +117,54 @@ def printable(text: str) -> str:
     if len(text) > MAX_CELL_CHARS:
         text = f"{text[:MAX_CELL_CHARS]}… ({len(text)} chars)"
     return text
+
+
+# --- JSON -------------------------------------------------------------------------
+
+def write_json(document: object, file: Optional[TextIO] = None) -> None:
+    """Write `document` (and a newline) to `file` (stdout) as JSON indented by two, except that the
+    items of a list longer than `JSON_COMPACT_ITEMS` (the tensors of a big model) are written one
+    compact line each, a few thousand lines at a time.
+
+    >>> write_json({"a": [1, 2]})
+    {
+      "a": [
+        1,
+        2
+      ]
+    }
+    """
+    out = sys.stdout if file is None else file
+    for piece in _json_pieces(document, ""):
+        out.write(piece)
+    out.write("\n")
+    out.flush()
+
+
+# Items of a compact list joined into one write.
+_JSON_ITEMS_PER_WRITE = 4096
+
+
+def _json_pieces(value: object, indent: str) -> Iterator[str]:
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        yield "{\n"
+        for i, (key, item) in enumerate(value.items()):
+            if i:
+                yield ",\n"
+            yield inner + (json.dumps(key) if isinstance(key, str) else json.dumps({key: 0})[1:-4]) + ": "
+            yield from _json_pieces(item, inner)
+        yield f"\n{indent}}}"
+    elif isinstance(value, (list, tuple)) and len(value) > JSON_COMPACT_ITEMS:
+        yield "[\n" + inner
+        between = ",\n" + inner
+        for start in range(0, len(value), _JSON_ITEMS_PER_WRITE):
+            if start:
+                yield between
+            yield between.join(map(json.dumps, value[start:start + _JSON_ITEMS_PER_WRITE]))
+        yield f"\n{indent}]"
+    else:
+        yield json.dumps(value, indent=2).replace("\n", "\n" + indent)
 
 
 # --- tables -----------------------------------------------------------------------

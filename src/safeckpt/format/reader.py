@@ -23,10 +23,10 @@ def read_header_from_fd(fd: int, file_size: int, path) -> Header:
     if len(head):
         read_exactly(fd, memoryview(head), 0, path)
     length = read_length_prefix(head.tobytes(), file_size, path)
-    raw = np.empty(length, dtype=np.uint8)
+    raw = bytearray(length)  # parsed in place: a header may be 100 MB
     read_exactly(fd, memoryview(raw), LENGTH_PREFIX, path)
     try:
-        return parse_header(raw.tobytes(), file_size, path)
+        return parse_header(raw, file_size, path)
     except errors.HeaderError:
         check_not_other_format(head.tobytes(), path)
         raise

@@ -15,7 +15,7 @@ import os
 import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 
@@ -150,18 +150,56 @@ def _private_map(fd: int, size: int) -> mmap.mmap:
 
 BACKENDS = {"mmap": MmapStorage, "pread": PreadStorage}
 
+# What a path that is not a regular file is, in messages.
+SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                 stat.S_IFBLK: "a block device"}
+# Opening a FIFO for reading waits for a writer unless non-blocking (on a regular file the
+# flag changes nothing).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def check_regular(path, mode: int) -> None:
+    """Raise unless `mode` (an ``st_mode``) is a regular file's: IsADirectoryError for a folder,
+    NotRegularFileError for a FIFO, socket or device."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", os.fspath(path))
+    what = SPECIAL_FILES.get(stat.S_IFMT(mode), "a special file")
+    raise errors.NotRegularFileError(
+        f"not a regular file ({what}): refused unopened, since reading it could block or never end; "
+        "give the path of a checkpoint file (save a stream to a file first)", path=path)
+
+
+def open_regular_file(path) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only (see `open_regular`)."""
+    return os.fdopen(open_regular(path), "rb")
+
+
+def open_regular(path) -> int:
+    """A read-only descriptor of the regular file at `path` (close it with os.close).
+
+    Anything else is refused before it is opened (`check_regular`), and again after
+    (a path swapped for a FIFO in between is opened without blocking, then refused).
+    """
+    check_regular(path, os.stat(path).st_mode)
+    fd = os.open(os.fspath(path), _OPEN_FLAGS)
+    try:
+        check_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 def open_storage(path, backend: str):
     """Open `path` with the named backend; returns the storage."""
     if backend not in BACKENDS:
         raise errors.SafeckptError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}",
                                    path=path)
-    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular(path)
     try:
-        status = os.fstat(fd)
-        if stat.S_ISDIR(status.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory, not a safetensors file", os.fspath(path))
-        return BACKENDS[backend](fd, status.st_size, path)
+        return BACKENDS[backend](fd, os.fstat(fd).st_size, path)
     except BaseException:
         os.close(fd)
         raise

@@ -54,6 +54,7 @@ import numpy as np
 from .. import errors
 from ..format import writer
 from ..format.dtypes import DTYPES
+from ..format.storage import open_regular_file
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
 from .guard import check_safety, files_read, open_checked
@@ -314,7 +315,7 @@ class _SourceHash:
     def _run(self) -> None:
         try:
             digest = hashlib.sha256()
-            with open(self.path, "rb") as file:
+            with open_regular_file(self.path) as file:
                 size = os.fstat(file.fileno()).st_size
                 if size:
                     self._hash_mapped(file.fileno(), size, digest)

@@ -21,7 +21,7 @@ _RANK = {"safe": 0, "suspicious": 1, "malicious": 2}
 
 def open_checked(path: "os.PathLike | str", allow_unsafe: bool, action: str = "convert") -> TensorSource:
     """`open_source(path)`; a file that is both malformed and hostile is reported as hostile."""
-    from ..sources.detect import open_source  # at call time: detect grows with every format
+    from ..sources import open_source  # at call time: detect grows with every format
 
     path = os.fspath(path)
     try:

@@ -88,6 +88,8 @@ def format_indices(values: Iterable[int]) -> str:
     '0..3,5,7..9'
     """
     ordered = sorted(set(values))
+    if len(ordered) >= 3 and ordered[-1] - ordered[0] == len(ordered) - 1:
+        return f"{ordered[0]}..{ordered[-1]}"  # one run, as layer indices are: no walk needed
     parts: list[str] = []
     i = 0
     while i < len(ordered):
@@ -102,8 +104,9 @@ def format_indices(values: Iterable[int]) -> str:
     return ",".join(parts)
 
 
-# A whole dotted component that is a canonical decimal integer (ASCII digits, no leading zero).
-_SLOT = re.compile(r"(?<![^.])(?:0|[1-9][0-9]*)(?![^.])")
+# A whole dotted component that is a canonical decimal integer (ASCII digits, no leading zero),
+# with the dot before it, in a name with a dot put in front (a literal first is faster to find).
+_DOT_SLOT = re.compile(r"\.(0|[1-9][0-9]*)(?=\.|\Z)")
 # Stands for a slot in a family's template; names holding it are never folded.
 _HOLE = "\0"
 
@@ -115,7 +118,7 @@ class _Family:
 
     def __init__(self, template: str) -> None:
         self.template = template
-        self.members: dict[tuple[int, ...], tuple[int, str, Any]] = {}
+        self.members: dict[tuple[int, ...], tuple[int, str, int]] = {}  # indices -> position, name, bytes
 
 
 def group_tensors(infos: Mapping[str, Any]) -> list[Group]:
@@ -131,17 +134,17 @@ def group_tensors(infos: Mapping[str, Any]) -> list[Group]:
     families: dict[tuple, _Family] = {}
     placed: list[tuple[int, Group]] = []
     for position, (name, info) in enumerate(infos.items()):
-        values = _SLOT.findall(name)
-        if not values or len(values) > MAX_SLOTS or _HOLE in name:
+        parts = _DOT_SLOT.split("." + name)  # pieces, with the index values between them
+        if len(parts) == 1 or len(parts) > 2 * MAX_SLOTS + 1 or _HOLE in name:
             shape = tuple(info.shape)
             placed.append((position, Group(name, (), 1, shape, info.dtype, math.prod(shape), info.nbytes,
                                            (name,))))
             continue
-        key = (_SLOT.sub(_HOLE, name), info.dtype, tuple(info.shape))
+        key = (("." + _HOLE).join(parts[0::2])[1:], info.dtype, tuple(info.shape))
         family = families.get(key)
         if family is None:
             family = families[key] = _Family(key[0])
-        family.members[tuple(map(int, values))] = (position, name, info)
+        family.members[tuple(map(int, parts[1::2]))] = (position, name, info.nbytes)
     for (_, dtype, shape), family in families.items():
         for box in _boxes(list(family.members)):
             placed.append(_group(family, box, dtype, shape))
@@ -167,15 +170,14 @@ def _boxes(points: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], ...]]:
 
 def _group(family: _Family, box: tuple[tuple[int, ...], ...], dtype: str,
            shape: tuple[int, ...]) -> tuple[int, Group]:
-    members = [family.members[point] for point in _product(box)]
+    positions, names, sizes = zip(*map(family.members.__getitem__, _product(box)))
     pieces = family.template.split(_HOLE)
     shown = [str(values[0]) if len(values) == 1 else "{" + format_indices(values) + "}" for values in box]
     pattern = pieces[0] + "".join(slot + piece for slot, piece in zip(shown, pieces[1:]))
-    count = len(members)
+    count = len(names)
     group = Group(pattern, tuple(values for values in box if len(values) > 1), count, shape, dtype,
-                  math.prod(shape) * count, sum(info.nbytes for _, _, info in members),
-                  tuple(name for _, name, _ in members))
-    return min(position for position, _, _ in members), group
+                  math.prod(shape) * count, sum(sizes), names)
+    return min(positions), group
 
 
 def _product(box: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
@@ -219,26 +221,26 @@ def module_totals(infos: Mapping[str, Any], *, prefix: Optional[str] = None) -> 
     for name, info in infos.items():
         if cut is not None and name.startswith(cut):
             name = name[len(cut):]
-        parts = name.split(".")
-        parameters = math.prod(info.shape)
-        head = _slot(parts[0], top_indices)
+        parts = name.split(".", 2)  # the module, the sub-module, and whether there is more
+        parameters, nbytes = math.prod(info.shape), info.nbytes
+        head = parts[0] if not parts[0].isdigit() else _slot(parts[0], top_indices)
         tally = top.get(head)
         if tally is None:
             tally = top[head] = _Tally()
-        tally.add(parameters, info.nbytes)
+        tally.add(parameters, nbytes)
         if len(parts) >= 2:
-            key = _slot(parts[1], child_indices.setdefault(head, set()))
+            key = parts[1] if not parts[1].isdigit() else _slot(parts[1], child_indices.setdefault(head, set()))
             child = tally.children.get(key)
             if child is None:
                 child = tally.children[key] = _Tally()
-            child.add(parameters, info.nbytes)
-            tally.deep = tally.deep or len(parts) >= 3
+            child.add(parameters, nbytes)
+            tally.deep = tally.deep or len(parts) == 3
     totals = []
     for head, tally in top.items():
         label = _label(head, top_indices)
         children: tuple[ModuleTotal, ...] = ()
         if tally.deep and 2 <= len(tally.children) <= MAX_CHILDREN:
-            children = tuple(ModuleTotal(f"{label}.{_label(key, child_indices[head])}", c.tensors,
+            children = tuple(ModuleTotal(f"{label}.{_label(key, child_indices.get(head, set()))}", c.tensors,
                                          c.parameters, c.bytes) for key, c in tally.children.items())
         totals.append(ModuleTotal(label, tally.tensors, tally.parameters, tally.bytes, children))
     return totals

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from .. import errors
+from ..format.storage import open_regular_file
 from ..sources.base import mapped
 from .range_hash import Meter, PageDropper
 
@@ -109,9 +109,7 @@ def read_lfs_pointer(path: "os.PathLike | str") -> LfsPointer:
     '4d7a2146'
     """
     path = os.fspath(path)
-    with open(path, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise errors.SafeckptError("an LFS pointer must be a regular file", path=path)
+    with open_regular_file(path) as file:
         return parse_lfs_pointer(file.read(MAX_POINTER_BYTES + 1), path)
 
 

@@ -46,6 +46,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from .. import errors
+from ..format.storage import open_regular_file
 from ..format.writer import atomic_output, write_all
 from ..sources.sharded import find_index
 from .integrity import HASH, RANGES, SELF_HASH_KEY, check_schema_version, encode_manifest
@@ -87,7 +88,7 @@ def load_manifest(path: "os.PathLike | str") -> Optional[dict]:
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as file:
+        with open_regular_file(path) as file:
             raw = file.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         return None

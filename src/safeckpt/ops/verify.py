@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .. import errors
+from ..format.storage import check_regular, open_regular_file
 from ..sources.base import mapped
-from ..sources.detect import open_source, sniff
+from ..sources import open_source
+from ..sources.detect import sniff
 from ..sources.sharded import find_index
 from . import integrity
 from .integrity import RANGES
@@ -143,7 +145,8 @@ def describe(exc: BaseException, path: str) -> tuple[str, str]:
     Other exceptions are bugs: they are raised again.
     """
     if isinstance(exc, errors.SafeckptError):
-        return "invalid", str(exc) if exc.path is not None else f"{path}: {exc}"
+        status = "error" if isinstance(exc, OSError) else "invalid"  # OSError: a FIFO or device, not read
+        return status, str(exc) if exc.path is not None else f"{path}: {exc}"
     if isinstance(exc, OSError):
         return "error", f"{exc.filename or path}: cannot read: {exc.strerror or exc}"
     raise exc
@@ -202,8 +205,7 @@ def _verify_path(path: str, options: _Options) -> VerifyReport:
         mode = os.stat(path).st_mode
         if stat.S_ISDIR(mode):
             return _verify_directory(path, options)
-        if not stat.S_ISREG(mode):
-            raise OSError(0, "not a regular file", path)
+        check_regular(path, mode)
         head = read_head(path)
     except OSError as exc:
         report = VerifyReport(path, "directory" if os.path.isdir(path) else "file", hashes="unchecked")
@@ -422,7 +424,7 @@ def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -
                             "it as it is")
     try:
         if manifest is None:
-            with open(manifest_file, "rb") as file:
+            with open_regular_file(manifest_file) as file:
                 manifest = integrity.decode_manifest(file.read(MAX_MANIFEST_BYTES + 1), manifest_file)
         files = manifest.get("files")
         if not isinstance(files, dict) or not isinstance(files.get(CHECKPOINT_TENSORS), dict):

@@ -22,9 +22,11 @@ import numpy as np
 from .. import errors
 from ..format.dtypes import dtype_for_numpy
 from ..format.reader import SafetensorsFile
+from ..format.storage import open_regular_file
 from ..format.writer import tensor_chunks
 from ..sources.base import TensorSource, mapped
-from ..sources.detect import SNIFF_BYTES, open_source, sniff
+from ..sources import open_source
+from ..sources.detect import SNIFF_BYTES, sniff
 from .integrity import HASH, RANGES, new_hasher, root_hash
 from .lfs import refuse_pointer
 from .range_hash import Meter, range_digests
@@ -55,7 +57,7 @@ def read_head(path: str) -> bytes:
     >>> sniff(read_head("model.safetensors"))
     'safetensors'
     """
-    with open(path, "rb") as file:
+    with open_regular_file(path) as file:
         return file.read(SNIFF_BYTES)
 
 

@@ -20,13 +20,13 @@ import hashlib
 import math
 import mmap
 import os
-import stat
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
 from .. import errors
-from .pickle_vm import Placeholder, PlaceholderCall, TorchDType, TorchStorageType, brief
+from ..format.storage import open_regular
+from .pickle_vm import HugeInt, Placeholder, PlaceholderCall, TorchDType, TorchStorageType, brief
 
 # A tree is cut below this depth (pickles may nest up to pickle_vm.MAX_NESTING; a
 # recursive JSON encoder would fail long before that).
@@ -41,6 +41,10 @@ MAX_TREE_ITEMS = 100_000
 MAX_NAME_CHARS = 1024
 # Notes kept about one file.
 MAX_NOTES = 100
+# Integers wider than this many bits are shown as ``{"__int__": "<integer of N bytes>"}``, not
+# by their digits: Python refuses str() of an int of more than 4300 digits (a limit that may be
+# set as low as 640, which 2048 bits stay under), and a tree value should not be a page of digits.
+MAX_INT_BITS = 2048
 
 
 class TensorInfo(NamedTuple):
@@ -224,7 +228,7 @@ class _Walker:
         if x is None or isinstance(x, (bool, str)):
             return x
         if isinstance(x, int):
-            return x if abs(x) < 1 << 63 else str(x)
+            return x if abs(x) < 1 << 63 else int_text(x)
         if isinstance(x, float):
             return x if math.isfinite(x) else {"__float__": repr(x)}
         if self.is_tensor(x):
@@ -266,9 +270,19 @@ class _Walker:
         return {"__repr__": brief(x)}
 
 
+def int_text(x: int) -> Any:
+    """A large integer in a tree: its digits, or ``{"__int__": "<integer of N bytes>"}`` past
+    `MAX_INT_BITS` (as the pickle machine's `HugeInt`, an integer too long to keep, is shown)."""
+    if x.bit_length() <= MAX_INT_BITS:
+        return str(x)
+    return {"__int__": f"<integer of {x.bit_length() // 8 + 1} bytes>"}
+
+
 def _key_text(k: Any) -> str:
     if isinstance(k, str):
         return k
+    if isinstance(k, int) and not isinstance(k, bool) and k.bit_length() > MAX_INT_BITS:
+        return int_text(k)["__int__"]
     if isinstance(k, (bool, int, float)) or k is None:
         return str(k)
     if isinstance(k, tuple):
@@ -297,6 +311,8 @@ def describe_object(x: Any) -> Optional[dict]:
         return {"__torch__": f"torch.{x.name}" if isinstance(x, TorchDType) else x.name}
     if isinstance(x, slice):
         return {"__slice__": [x.start, x.stop, x.step]}
+    if isinstance(x, HugeInt):
+        return {"__int__": repr(x)}
     return None
 
 
@@ -309,12 +325,14 @@ def _callee_name(func: Any) -> str:
 
 
 def map_file(path: str) -> mmap.mmap:
-    """The whole file, mapped read-only."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+    """The whole file, mapped read-only (a FIFO or device is refused unopened: `open_regular`)."""
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size == 0:
             raise errors.SourceError("the file is empty", path=path)
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
 
 
 def unmap(mapping: Optional[mmap.mmap]) -> None:
@@ -332,17 +350,19 @@ def unmap(mapping: Optional[mmap.mmap]) -> None:
 def mapped(path: str) -> Iterator[Any]:
     """A regular file's bytes, mapped read-only (nothing is read until touched); b"" when empty.
 
+    A FIFO, socket or device is refused unopened (`NotRegularFileError`, an OSError).
+
     >>> with mapped("model.bin") as data:
     ...     head = bytes(data[:8])
     """
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, "not a regular file")
-        if st.st_size == 0:
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size == 0:
             yield b""
             return
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
     try:
         yield mapping
     finally:

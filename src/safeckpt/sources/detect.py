@@ -13,6 +13,7 @@ import re
 from typing import Callable, Optional
 
 from .. import errors
+from ..format.storage import open_regular_file
 from .base import TensorSource
 
 # Bytes read to recognise a format.
@@ -77,7 +78,7 @@ def open_source(path: "os.PathLike | str", *, template: Optional[object] = None)
         return RawSource(path, template)
     if os.path.isdir(path):
         return _open_directory(path)
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:  # a FIFO or device is refused unopened
         head = f.read(SNIFF_BYTES)
     kind = sniff(head)
     opener = _OPENERS.get(kind) if kind else None

@@ -40,6 +40,7 @@ from .. import errors
 from ..format.dtypes import DTYPES, DType, storage_dtype
 from ..format.header import LENGTH_PREFIX, check_shape, tensor_nbytes
 from ..format.reader import SafetensorsFile, to_logical
+from ..format.storage import open_regular_file
 from .base import TensorInfo, TensorSource
 from .base import map_file, unmap
 
@@ -86,7 +87,7 @@ def load_template(template: "os.PathLike | str | dict") -> Template:
     if isinstance(template, dict):
         return parse_template(template, "<template>")
     path = os.fspath(template)
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         raw = f.read(MAX_TEMPLATE_BYTES + 1)
     if _is_safetensors(raw, os.path.getsize(path)):
         return template_from_safetensors(path)

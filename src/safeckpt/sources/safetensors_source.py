@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Optional
 
 import numpy as np
 
 from ..format.reader import SafetensorsFile
 from .base import TensorInfo, TensorSource
+
+
+class HeaderInfos(Mapping):
+    """A header's tensors as `TensorInfo`, each made when asked for: a header may list a
+    million tensors, and opening the file should not copy them all."""
+
+    __slots__ = ("_tensors",)
+
+    def __init__(self, tensors: dict) -> None:  # name -> the header's entry (dtype, shape, offsets)
+        self._tensors = tensors
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        dtype, shape, (begin, end) = self._tensors[name]
+        return TensorInfo(dtype, shape, end - begin)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 class SafetensorsSource(TensorSource):
@@ -21,11 +45,11 @@ class SafetensorsSource(TensorSource):
         self.file = SafetensorsFile(path, backend=backend)
         header = self.file.header
         self.metadata = header.metadata
-        self._infos = {name: TensorInfo(t.dtype, t.shape, t.nbytes) for name, t in header.tensors.items()}
+        self._infos = HeaderInfos(header.tensors)
         self.tree = {"__metadata__": self.metadata} if self.metadata else None
 
     @property
-    def infos(self) -> dict[str, TensorInfo]:
+    def infos(self) -> Mapping[str, TensorInfo]:
         return self._infos
 
     def read(self, name: str) -> np.ndarray:

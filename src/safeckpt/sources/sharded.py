@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .. import errors
+from ..format.storage import open_regular_file
 from .base import TensorInfo, TensorSource
 
 # An index is a small JSON file; anything larger is not one.
@@ -27,7 +28,7 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
 
 def read_index(path: str) -> dict:
     """The parsed, checked index JSON: ``{"metadata": {...}, "weight_map": {...}}``."""
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         raw = f.read(MAX_INDEX_BYTES + 1)
     if len(raw) > MAX_INDEX_BYTES:
         raise errors.SourceError(f"index file larger than {MAX_INDEX_BYTES} bytes", path=path)
@@ -69,7 +70,7 @@ class ShardedSource(TensorSource):
                     shard_path = os.path.join(folder, shard_name)
                     if not os.path.isfile(shard_path):
                         raise errors.SourceError(f"the index names shard {shard_name!r}, which does "
-                                                 "not exist", path=path, tensor=name)
+                                                 "not exist or is not a file", path=path, tensor=name)
                     shard = self.shards[shard_name] = open_shard(shard_path)
                     if isinstance(shard, ShardedSource):
                         raise errors.SourceError(f"shard {shard_name!r} is itself an index", path=path)

@@ -56,6 +56,16 @@ DATA_PKL = "data.pkl"
 # Dimensions of a tensor we read (numpy's own limit is 64).
 MAX_DIMS = 64
 MAX_PICKLE_BYTES = 1 << 31
+# Logical bytes of all the *expanded* views of one file together: views whose size x stride
+# reaches fewer elements than they hold (stride 0, as expand() makes, or overlapping
+# strides). Every conversion, cast, merge or diff materialises a view at its logical size,
+# so a 4-byte storage expanded by stride 0 to 2**40 elements would be written as 4 TiB, or
+# allocated. Real checkpoints rarely save such views, and those are small (a mask or a
+# bias broadcast over a batch); beyond this budget they stay listed (inspect shows them)
+# but reading one raises SourceError. Counted over the file, not per view: a pickle names
+# thousands of views of one storage for a few bytes each. To read a larger one, raise
+# this module constant (the whole logical size is then held in memory or written).
+MAX_EXPANDED_BYTES = 256 << 20
 _PAGE = mmap.PAGESIZE
 
 
@@ -85,6 +95,9 @@ class PickleSource(TensorSource):
         self.notes = flat.notes
         self._objects: dict[str, Any] = {}
         self._infos: dict[str, TensorInfo] = {}
+        #: name -> why reading it is refused (an expanded view past MAX_EXPANDED_BYTES)
+        self._refused: dict[str, str] = {}
+        expanded_bytes = 0
         first_of: dict[Any, str] = {}
         for name, obj in flat.tensors.items():
             info = self._info(name, obj)
@@ -94,8 +107,18 @@ class PickleSource(TensorSource):
             identity = _identity(obj)
             if identity in first_of:
                 self.aliases[name] = first_of[identity]
-            else:
-                first_of[identity] = name
+                continue
+            first_of[identity] = name
+            expansion = _expansion(obj, info)
+            if expansion is not None:
+                expanded_bytes += info.nbytes
+                if expanded_bytes > MAX_EXPANDED_BYTES:
+                    self._refused[name] = (
+                        f"a view of {expansion[0]:,} bytes expanded to {info.nbytes:,} bytes by "
+                        f"{expansion[1]}: refused (the expanded views of a file may hold "
+                        f"{MAX_EXPANDED_BYTES:,} bytes in all: torch_file.MAX_EXPANDED_BYTES); leave it "
+                        "out (--exclude), or save it with .contiguous() where it was made")
+                    self.note(f"{name}: {self._refused[name]}")
 
     # -- what each tensor is
     def _info(self, name: str, obj: Any) -> Optional[TensorInfo]:
@@ -126,6 +149,10 @@ class PickleSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         info = self[name]
         obj = self._objects[name]
+        if self._refused:
+            refused = self._refused.get(self.aliases.get(name, name))
+            if refused is not None:
+                raise errors.SourceError(refused, path=self.path, tensor=name)
         if isinstance(obj, np.ndarray):
             out = obj.view()
             out.flags.writeable = False
@@ -235,6 +262,19 @@ def _torch_dtype_of(obj: Any) -> Optional[TorchDType]:
     else:
         dtype = obj.dtype
     return dtype if isinstance(dtype, TorchDType) else None
+
+
+def _expansion(obj: Any, info: TensorInfo) -> Optional[tuple[int, str]]:
+    """(bytes the view spans in its storage, "stride 0" or "overlapping strides") when a
+    torch view holds more elements than the storage it spans; else None."""
+    if not isinstance(obj, TensorRef) or not info.numel:
+        return None
+    used = [(n, s) for n, s in zip(obj.size, obj.stride) if n > 1]  # a dimension of 1 repeats nothing
+    span = 1 + sum((n - 1) * s for n, s in used)
+    if info.numel <= span:
+        return None
+    return span * (info.nbytes // info.numel), "stride 0" if any(s == 0 for _, s in used) else \
+        "overlapping strides"
 
 
 def _identity(obj: Any) -> Any:

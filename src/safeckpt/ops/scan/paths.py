@@ -14,6 +14,7 @@ import os
 import stat
 from typing import Optional
 
+from ...format.storage import SPECIAL_FILES
 from ...sources.base import mapped
 from .report import VERDICT_RANK, Finding, ScanReport
 from .rules import INFO, SAFE, SUSPICIOUS
@@ -21,10 +22,6 @@ from .scanner import NOT_A_CHECKPOINT, scan_bytes
 
 # Files scanned under one directory.
 MAX_DIRECTORY_FILES = 100_000
-
-_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-            stat.S_IFBLK: "a block device"}
-
 
 def scan(path: "os.PathLike | str") -> ScanReport:
     """Scan a file or, recursively, a directory; the file is read, never executed.
@@ -42,7 +39,7 @@ def scan(path: "os.PathLike | str") -> ScanReport:
     if stat.S_ISDIR(mode):
         return _scan_directory(path)
     if not stat.S_ISREG(mode):
-        return _unreadable(path, f"not a regular file ({_SPECIAL.get(stat.S_IFMT(mode), 'a special file')}): "
+        return _unreadable(path, f"not a regular file ({SPECIAL_FILES.get(stat.S_IFMT(mode), 'a special file')}): "
                                  "not read, since reading it could block; no loader reads a checkpoint from it")
     try:
         with mapped(path) as data:
