@@ -943,7 +943,7 @@ class _Machine:
         self.strict = strict
         self.stack: list = []
         self.metastack: list = []
-        self.saved = 0  # items in the stacks saved by MARK
+        self.saved = 0  # items in the stacks saved by MARK, and one for each MARK
         self.memo: dict = {}
         self.memo_of_pending: dict = {}
         self.depths: dict = {}
@@ -1056,7 +1056,7 @@ class _Machine:
             raise self.fail("no MARK to pop to (mark stack underflow)")
         items = self.stack
         self.stack = self.metastack.pop()
-        self.saved -= len(self.stack)
+        self.saved -= len(self.stack) + 1
         return items
 
     # depth bookkeeping: id -> (depth, obj); the obj keeps the id from being reused
@@ -1206,7 +1206,7 @@ class _Machine:
                 raise self.limit(f"{type(e).__name__}: {msg}") from None
             if pos < 0:
                 return -pos
-            if len(self.stack) + self.saved + len(self.metastack) > max_stack:
+            if len(self.stack) + self.saved > max_stack:
                 raise self.limit(f"stack exceeds {max_stack} items (raise Limits.max_stack)")
 
 
@@ -1215,7 +1215,7 @@ class _Machine:
 
 def op_mark(m: _Machine, pos: int) -> int:
     m.metastack.append(m.stack)
-    m.saved += len(m.stack)
+    m.saved += len(m.stack) + 1
     m.stack = []
     return pos
 

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from numpy.lib import format as npy_format
 
+from ...sources.npz import is_npy
 from .zip_readers import ReadTooLarge, ViewFile
 
 __all__ = ["npy_header", "NpyHeaderTooLong", "is_tar", "open_tar", "torch_tar_member", "TORCH_TAR_MEMBERS",
@@ -38,7 +39,6 @@ MAX_LINK_HOPS = 8
 # The members torch's legacy tar format is read from, in the order torch reads them.
 TORCH_TAR_MEMBERS = ("storages", "tensors", "pickle")
 
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 class NpyHeaderTooLong(ValueError):
@@ -50,7 +50,7 @@ def npy_header(view: memoryview) -> tuple[np.dtype, int]:
 
     Raises ValueError (numpy refuses it too) or `NpyHeaderTooLong`.
     """
-    if bytes(view[:6]) != _NPY_MAGIC or len(view) < 10:
+    if not is_npy(bytes(view[:6])) or len(view) < 10:
         raise ValueError("not an npy array")
     version = (view[6], view[7])
     width = 2 if version == (1, 0) else 4
@@ -81,10 +81,15 @@ def _private_header_reader() -> Any:
     return reader
 
 
+# What a checksum field can start with: an octal digit, a space or NUL, or base-256's marker.
+_CHECKSUM_START = frozenset(b"01234567 \x00\x80\xff")
+
+
 def is_tar(head: bytes) -> bool:
     """Whether tarfile accepts `head` (a file's first 512 bytes or more) as a tar header:
     its checksum field matches, as tarfile checks (no "ustar" magic needed)."""
-    if len(head) < tarfile.BLOCKSIZE or head[:tarfile.BLOCKSIZE].count(0) == tarfile.BLOCKSIZE:
+    if len(head) < tarfile.BLOCKSIZE or head[148] not in _CHECKSUM_START \
+            or head[:tarfile.BLOCKSIZE].count(0) == tarfile.BLOCKSIZE:
         return False
     try:
         return tarfile.nti(head[148:156]) in tarfile.calc_chksums(head[:tarfile.BLOCKSIZE])

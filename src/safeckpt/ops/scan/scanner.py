@@ -45,7 +45,7 @@ from typing import Any, Optional
 
 from ... import errors
 from ...format.reader import parse_bytes_header
-from ...sources import pickle_vm, torch_legacy, zip_archive
+from ...sources import npz, pickle_vm, torch_legacy, zip_archive
 from ...sources.detect import sniff
 from ...sources.pickle_vm import GlobalUse, PickleError, PickleResult
 from . import loaders, zip_readers
@@ -225,7 +225,7 @@ class _Scanner:
             formats.append(self.safetensors(view, member))
         if head[:4] == b"GGUF":
             formats.append(self.gguf(head, member))
-        if head[:6] == b"\x93NUMPY":
+        if npz.is_npy(head):
             formats.append(self.npy(view, member, depth))
         archive = _our_zip(view, self.path) if zip_archive.is_zip(head) or _ends_like_zip(view) else None
         if zip_archive.is_zip(head) or archive is not None:
@@ -379,7 +379,7 @@ class _Scanner:
             self.unfollowed("zip directory", f"{exc}: numpy.load would list it", member)
             return
         for info in zip_readers.zipfile_members(archive) if archive is not None else ():
-            if zip_readers.zipfile_head(view, archive, info, 6) != b"\x93NUMPY":
+            if not npz.is_npy(zip_readers.zipfile_head(view, archive, info, len(npz.MAGIC)) or b""):
                 continue  # numpy.load returns the member's bytes, unpickled by nothing
             content = zip_readers.zipfile_read(archive, info, MAX_INFLATED_MEMBER + 1) or b""
             name = _join(member, info.filename)
@@ -416,11 +416,11 @@ class _Scanner:
                       raw: bool = False) -> None:
         """An archive member or tar member no loader reads by name: whatever it is (raw
         bytes may still hide an archive or an array, never a pickle anything runs)."""
-        head = bytes(content[:_HEAD_BYTES])
-        if zip_archive.is_zip(head) or head[:6] == b"\x93NUMPY" or loaders.is_tar(head) \
+        head = bytes(content[:512])  # enough for every signature below (a tar header's is 512)
+        if zip_archive.is_zip(head) or npz.is_npy(head) or loaders.is_tar(head) \
                 or (head[:1] in _LEGACY_STARTS and torch_legacy.is_legacy(head)):
             self.nested(content, name, depth)
-        elif not raw or sniff(head) == "pickle":  # storage bytes that plainly start a pickle too
+        elif not raw or head[:1] == b"\x80":  # storage bytes that plainly start a pickle too
             self.stream(content, name, depth, trust=POSSIBLE, max_count=1)
 
     def torch_layout(self, names: list[str], member: Optional[str]) -> None:
@@ -833,7 +833,7 @@ def _payload_kind(payload: bytes) -> Optional[str]:
     head = payload[:_HEAD_BYTES]
     if zip_archive.is_zip(head):
         return "zip archive"
-    if head[:6] == b"\x93NUMPY":
+    if npz.is_npy(head):
         return "npy array"
     if torch_legacy.is_legacy(head):
         return "legacy torch file"
