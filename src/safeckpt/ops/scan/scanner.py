@@ -157,7 +157,6 @@ class _Pickle:
 
     value: Any = None
     ends: list[int] = field(default_factory=list)     # "bytes" reader first, then "file"
-    storages: list = field(default_factory=list)
     complete: bool = False
     flagged: bool = False                             # named a global that is not allowlisted
 
@@ -631,7 +630,7 @@ class _Scanner:
                depth: int, where: str, out: _Pickle, records: Optional[dict[str, int]]) -> None:
         """A pickle that read to its STOP: everything it names, refuses and hides."""
         if not out.ends:
-            out.value, out.storages, out.complete = result.value, result.storages, True
+            out.value, out.complete = result.value, True
         out.ends.append(result.end)
         self.grade(result.globals, member, where)
         out.flagged = out.flagged or any(not g.allowed for g in result.globals)
