@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import io
 import math
 import mmap
 import os
@@ -367,3 +368,43 @@ def mapped(path: str) -> Iterator[Any]:
         yield mapping
     finally:
         unmap(mapping)
+
+
+class ReadTooLarge(OSError):
+    """One read asked for more than a `ViewFile` gives at once."""
+
+
+class ViewFile(io.RawIOBase):
+    """A read-only file over a memoryview, so that zipfile, tarfile and numpy read a mapped
+    file without copying it. One read never allocates more than the bytes left, and a
+    read of more than `max_read` is refused (tarfile reads a PAX header whole, and the
+    file decides its size)."""
+
+    def __init__(self, view: memoryview, max_read: int = 64 << 20) -> None:
+        self.view, self.pos, self.max_read = view, 0, max_read
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        end = len(self.view) if size is None or size < 0 else min(len(self.view), self.pos + size)
+        if end - self.pos > self.max_read:
+            raise ReadTooLarge(f"a single read of {end - self.pos} bytes (more than {self.max_read})")
+        out = bytes(self.view[self.pos:max(self.pos, end)])
+        self.pos = max(self.pos, end)
+        return out
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset + (0, self.pos, len(self.view))[whence])
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos

@@ -81,6 +81,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import SourceError
 from . import pickle_vm
+from .base import ViewFile
 from .pickle_vm import PickleError, StorageRef, TorchStorageType
 
 __all__ = ["PickleSpan", "LegacyLayout", "is_legacy", "is_legacy_tar", "read_legacy",
@@ -157,7 +158,7 @@ def is_legacy_tar(head: bytes) -> bool:
     (True, False)
     """
     try:
-        with tarfile.open(fileobj=_ViewReader(memoryview(head)), mode="r:") as tar:
+        with tarfile.open(fileobj=ViewFile(memoryview(head)), mode="r:") as tar:
             first = tar.firstmember
     except Exception:  # noqa: BLE001 - tarfile parsing untrusted bytes: anything means "no"
         return False
@@ -394,31 +395,11 @@ def _view_span(root: tuple, key: str, root_key: str, start: int, nbytes: int,
 
 # --- the tar format ---------------------------------------------------------------
 
-class _ViewReader:
-    """A read-only file over a memoryview, for tarfile to read headers from without a copy."""
-
-    def __init__(self, view: memoryview) -> None:
-        self.view, self.pos = view, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self.view) if size is None or size < 0 else min(len(self.view), self.pos + size)
-        out = bytes(self.view[self.pos:end])
-        self.pos = max(self.pos, end)
-        return out
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = max(0, pos + (0, self.pos, len(self.view))[whence])
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-
 def _tar_members(view: memoryview, c: _Collector) -> dict:
     """name -> (data offset, size) of each member; tar tricks are errors or findings."""
     members: dict = {}
     try:
-        with tarfile.open(fileobj=_ViewReader(view), mode="r:") as tar:
+        with tarfile.open(fileobj=ViewFile(view), mode="r:") as tar:
             for count, info in enumerate(iter(tar.next, None)):
                 if count >= MAX_TAR_MEMBERS:
                     raise c.error(f"more than {MAX_TAR_MEMBERS} tar members; torch writes four")

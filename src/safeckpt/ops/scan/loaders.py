@@ -24,7 +24,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from ...sources.npz import is_npy
-from .zip_readers import ReadTooLarge, ViewFile
+from ...sources.base import ReadTooLarge, ViewFile
 
 __all__ = ["npy_header", "NpyHeaderTooLong", "is_tar", "open_tar", "torch_tar_member", "TORCH_TAR_MEMBERS",
            "MAX_NPY_HEADER", "MAX_TAR_MEMBERS", "MAX_LINK_HOPS"]
