@@ -3,27 +3,58 @@
 >>> import numpy as np, safeckpt
 >>> safeckpt.save_file({"w": np.ones((2, 2), np.float32)}, "model.safetensors")
 >>> safeckpt.load_file("model.safetensors")["w"]
+
+Every public name is imported on first use (PEP 562), so `import safeckpt` and
+the CLI's start-up pay only for what they touch.
 """
 
-from .api import load, load_file, safe_open, save, save_file
-from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
-from .format import RawTensor, SafetensorsFile, TensorInfo
-from .ops.cast import cast
-from .ops.convert import ConvertReport, convert
-from .ops.diff import DiffReport, diff
-from .ops.merge import MergeReport, merge
-from .ops.scan import ScanReport, scan
-from .ops.verify import VerifyReport, verify
-from .sources import TensorSource, open_source
-from .training.manager import CheckpointInfo, CheckpointManager
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "save_file", "load_file", "save", "load", "safe_open",
-    "SafeckptError", "HeaderError", "SourceError", "UnsafeFileError",
-    "RawTensor", "SafetensorsFile", "TensorInfo", "open_source", "TensorSource",
-    "scan", "ScanReport", "convert", "ConvertReport", "cast", "verify", "VerifyReport",
-    "diff", "DiffReport", "merge", "MergeReport",
-    "CheckpointManager", "CheckpointInfo",
-]
+from ._version import __version__
+
+# public name -> module that defines it
+_LAZY = {
+    "save_file": ".api", "load_file": ".api", "save": ".api", "load": ".api", "safe_open": ".api",
+    "SafeckptError": ".errors", "HeaderError": ".errors", "SourceError": ".errors", "UnsafeFileError": ".errors",
+    "RawTensor": ".format", "SafetensorsFile": ".format", "TensorInfo": ".format",
+    "open_source": ".sources", "TensorSource": ".sources",
+    "scan": ".ops.scan", "ScanReport": ".ops.scan",
+    "convert": ".ops.convert", "ConvertReport": ".ops.convert",
+    "cast": ".ops.cast",
+    "verify": ".ops.verify", "VerifyReport": ".ops.verify",
+    "diff": ".ops.diff", "DiffReport": ".ops.diff",
+    "merge": ".ops.merge", "MergeReport": ".ops.merge",
+    "CheckpointManager": ".training.manager", "CheckpointInfo": ".training.manager",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safeckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never run
+    from .api import load, load_file, safe_open, save, save_file
+    from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
+    from .format import RawTensor, SafetensorsFile, TensorInfo
+    from .ops.cast import cast
+    from .ops.convert import ConvertReport, convert
+    from .ops.diff import DiffReport, diff
+    from .ops.merge import MergeReport, merge
+    from .ops.scan import ScanReport, scan
+    from .ops.verify import VerifyReport, verify
+    from .sources import TensorSource, open_source
+    from .training.manager import CheckpointInfo, CheckpointManager

@@ -174,6 +174,38 @@ class NotRegularFileError(SafeckptError, OSError):
 
 # --- writing ----------------------------------------------------------------
 
+class OutputError(SafeckptError, OSError):
+    """An output that cannot be written where asked (the CLI exits 2); nothing was written.
+
+    An OSError too, with `filename` set to the path at fault.
+    """
+
+    def __init__(self, detail: str, **kwargs) -> None:
+        super().__init__(detail, **kwargs)
+        self.filename = self.path
+
+    def __str__(self) -> str:  # OSError would print "[Errno None] ..." once filename is set
+        return self.args[0]
+
+
+class OutputIsInputError(OutputError):
+    """The output path is one of the inputs (or an input's shard or index), whatever its spelling."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output exists and replacing it was not asked for (``overwrite=True``, ``--force``)."""
+
+
+class OutputNotWritableError(OutputError):
+    """The output's folder refuses writes (permission denied, a read-only filesystem, no space).
+
+    The message reads "cannot write FOLDER: permission denied"; temporary file names never appear.
+    """
+
+    def _compose(self) -> str:
+        return f"cannot write {self.path}: {self.detail}"
+
+
 class UnsupportedTensorError(SafeckptError, ValueError):
     """A value that cannot be saved: not a tensor, an unsupported dtype, sparse, ..."""
 

@@ -421,7 +421,7 @@ def test_verify_detects_a_corrupted_write(tmp_path, model_like, monkeypatch, no_
     monkeypatch.setattr(convert_module.writer, "write_all", flip_one_byte)
     (tmp_path / "out.safetensors").write_bytes(b"previous")
     with pytest.raises(errors.SafeckptError, match="verification failed: byte 0") as caught:
-        convert(src, tmp_path / "out.safetensors", verify=True)
+        convert(src, tmp_path / "out.safetensors", verify=True, overwrite=True)
     assert caught.value.tensor is not None and caught.value.tensor in model_like
     assert files_in(tmp_path) == ["in.safetensors", "out.safetensors"]  # no temp file left behind
     assert (tmp_path / "out.safetensors").read_bytes() == b"previous"  # what it would replace is intact
@@ -455,7 +455,7 @@ def test_failure_midway_leaves_nothing(tmp_path, failure, monkeypatch):
     monkeypatch.setattr(sink_module.SinkRun, "_write_tensor", failing_write)
     reads.clear()
     with pytest.raises(type(failure)):
-        convert(tmp_path / "m.pt", tmp_path / "kept" / "model.safetensors")
+        convert(tmp_path / "m.pt", tmp_path / "kept" / "model.safetensors", overwrite=True)
     assert files_in(tmp_path / "kept") == ["model.safetensors"]
     assert (tmp_path / "kept" / "model.safetensors").read_bytes() == b"old"  # an old file is untouched
 
@@ -611,13 +611,13 @@ def test_sharded_source_converts_as_a_whole_and_each_shard_is_scanned(tmp_path):
     assert not (tmp_path / "canary").exists()
 
 
-def test_in_place_conversion(tmp_path, model_like):
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, model_like):
     path = tmp_path / "model.safetensors"
     safeckpt.save_file(model_like, path)
-    convert(path, path, dtype="fp16", verify=True)  # the source stays mapped while it is replaced
-    out = safeckpt.load_file(path)
-    assert out["embed.weight"].tobytes() == model_like["embed.weight"].astype(np.float16).tobytes()
-    assert files_in(tmp_path) == ["model.safetensors"]
+    before = path.read_bytes()
+    with pytest.raises(errors.OutputIsInputError, match="is an input of this command"):
+        convert(path, path, dtype="fp16", overwrite=True)
+    assert path.read_bytes() == before and files_in(tmp_path) == ["model.safetensors"]
 
 
 def test_kernel_copy_and_user_space_copy_write_the_same_bytes(tmp_path, monkeypatch):

@@ -450,7 +450,7 @@ def test_refuses_malicious_pickle(models, tmp_path):
     assert report.scan_verdicts == {str(evil): "malicious"} and not canary.exists()
     np.testing.assert_array_equal(load(tmp_path / "o.safetensors")["w"], np.arange(6.0).reshape(2, 3))
     with pytest.raises(errors.UnsafeFileError, match="refusing to merge"):  # as the base too
-        merge([models["paths"][0]], tmp_path / "o.safetensors", "task-arithmetic", base=bad)
+        merge([models["paths"][0]], tmp_path / "o2.safetensors", "task-arithmetic", base=bad)
 
 
 @pytest.mark.parametrize("method, options, message", [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from . import cast, convert, demo, diff, inspect, ls, merge, output, scan, verify
 
 COMMANDS = (inspect.command, verify.command, demo.command, convert.command, cast.command, diff.command,

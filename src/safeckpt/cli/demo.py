@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from .. import __version__
+from .._version import __version__
 from . import demo_story, output
 
 class Story:

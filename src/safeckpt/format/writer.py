@@ -225,7 +225,10 @@ class atomic_output:
 
     def __enter__(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.temp, flags, 0o666)  # the kernel applies the umask
+        try:
+            self.fd = os.open(self.temp, flags, 0o666)  # the kernel applies the umask
+        except OSError as exc:  # name the folder the user chose, never our temporary name
+            raise errors.OutputNotWritableError(_reason(exc), path=self.directory) from None
         return self.fd
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -234,11 +237,19 @@ class atomic_output:
                 os.fsync(self.fd)
             os.close(self.fd)
             if exc_type is None:
-                os.replace(self.temp, self.path)
+                try:
+                    os.replace(self.temp, self.path)
+                except OSError as exc:
+                    raise errors.OutputNotWritableError(_reason(exc), path=self.path) from None
                 fsync_directory(self.directory)
         finally:
             if os.path.exists(self.temp):
                 os.unlink(self.temp)
+
+
+def _reason(exc: OSError) -> str:
+    """"permission denied", "read-only file system", ...: the OS's words without the paths."""
+    return (exc.strerror or str(exc)).lower()
 
 
 def fsync_directory(directory: str) -> None:

@@ -57,6 +57,7 @@ from ..format.dtypes import DTYPES
 from ..format.storage import open_regular_file
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
+from .destination import check_destination
 from .guard import check_safety, files_read, open_checked
 from .selection import Choice, choose_tensors, first_items, matches, name_globs, tied_names
 from .sink import OutputTensor, parse_size, write_safetensors
@@ -107,7 +108,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
             allow_unsafe_structure: bool = False, metadata: Optional[dict[str, str]] = None,
             source_hash: bool = True, progress: Optional[Callable[[int, int, str], None]] = None,
             cast_select: "Sequence[str] | str | None" = None,
-            cast_exclude: "Sequence[str] | str | None" = None) -> ConvertReport:
+            cast_exclude: "Sequence[str] | str | None" = None, overwrite: bool = False) -> ConvertReport:
     """Convert any checkpoint safeckpt reads into safetensors, streaming; nothing is executed.
 
     `dst` is a file (``out/model.safetensors``) or a directory (``model.safetensors``
@@ -121,6 +122,9 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     `progress(done_bytes, total_bytes, name)` is called as bytes are written.
     `cast_select` / `cast_exclude` are globs on the output names choosing which
     floating tensors `dtype` applies to (all of them by default; see ``safeckpt cast``).
+    An output that is one of the inputs is refused (`OutputIsInputError`), and one
+    that exists is replaced only with `overwrite` (else `OutputExistsError`), both
+    before anything is read.
 
     >>> report = convert("pytorch_model.bin", "model.safetensors", dtype="bf16", verify=True)
     >>> report.tensors, report.outputs
@@ -135,6 +139,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     if ema not in (None, "drop", "only"):
         raise errors.SafeckptError(f"ema must be None, 'drop' or 'only', not {ema!r}")
     user_metadata = writer.check_metadata(metadata, dst)
+    check_destination([src], dst, overwrite=overwrite, sharded=shard_size is not None)
 
     source_path = src.path if isinstance(src, TensorSource) else os.fspath(src)
     # the sha256 is the slowest part of a conversion: start it before anything else

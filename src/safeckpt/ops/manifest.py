@@ -105,7 +105,7 @@ def write_manifest(path: str, entries: Mapping[str, dict]) -> None:
 
     >>> write_manifest("model.safetensors.blake3.json", {"model.safetensors": entry})
     """
-    from .. import __version__
+    from .._version import __version__
     document = {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION, "hash": HASH,
                 "written_by": f"safeckpt {__version__}", "time": time.time(), "files": dict(entries)}
     try:

@@ -94,6 +94,7 @@ from ..format.storage import read_exactly
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
 from . import merge_methods as mm
+from .destination import check_destination
 from .guard import check_safety, files_read, open_checked
 from .selection import choose_tensors, first_items, tied_names
 from .sink import OutputTensor, write_safetensors
@@ -158,7 +159,8 @@ def merge(sources: Sequence["os.PathLike | str | TensorSource"], dst: "os.PathLi
           density: Optional[float] = None, seed: Optional[int] = None, dtype: Optional[str] = None,
           allow_missing: bool = False, shard_size: "int | str | None" = None, extract: Optional[str] = "auto",
           allow_unsafe_structure: bool = False, metadata: Optional[dict[str, str]] = None,
-          verify: bool = False, progress: Optional[Callable[[int, int, str], None]] = None) -> MergeReport:
+          verify: bool = False, progress: Optional[Callable[[int, int, str], None]] = None,
+          overwrite: bool = False) -> MergeReport:
     """Merge checkpoints (any format safeckpt reads) into one safetensors model at `dst`.
 
     `method` is "linear" (weighted average, uniform by default, `weights` normalised
@@ -168,7 +170,9 @@ def merge(sources: Sequence["os.PathLike | str | TensorSource"], dst: "os.PathLi
     dare's draws from `seed`, default 0); `weights` scale the task vectors there
     (default 1 each). `dtype` casts the floating outputs ("bf16", "fp16", ...).
     `dst` is a file or directory; `shard_size` ("5GB") shards it. See the module
-    docstring for missing tensors, dtypes, ties and the metadata written.
+    docstring for missing tensors, dtypes, ties and the metadata written. `dst` is
+    never one of the inputs (or the base); an existing `dst` is replaced only with
+    `overwrite`; both are checked before anything is read.
 
     >>> merge(["a.safetensors", "b.pt", "c.ckpt"], "avg.safetensors", weights=[0.5, 0.3, 0.2]).merged
     198
@@ -181,6 +185,8 @@ def merge(sources: Sequence["os.PathLike | str | TensorSource"], dst: "os.PathLi
                       decay=decay, t=t, lambda_=lambda_, density=density, seed=seed)
     target = casting.target_dtype(dtype) if dtype is not None else None
     user_metadata = writer.check_metadata(metadata, dst)
+    check_destination(sources + ([base] if base is not None else []), dst, overwrite=overwrite,
+                      sharded=shard_size is not None)
     notes: list[str] = []
     verdicts: dict[str, str] = {}
     opened: list[TensorSource] = []
