@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -167,7 +168,9 @@ def test_a_cast_is_a_dtype_change_with_stats_and_a_tolerance(tmp_path):
     assert (entry.status, entry.dtype_a, entry.dtype_b) == ("dtype", "F32", "BF16")
     check_stats(entry, reference(fp32["w"].numpy(), bf16["w"].double().numpy()))
     assert entry.within_tolerance and entry.beyond_tolerance == 0  # bf16 keeps 8 bits: < 0.4% off
-    assert not report.within_tolerance  # but a dtype change is a structural difference
+    assert report.within_tolerance  # judged on its values; only strict_dtype makes it structural
+    assert not diff(tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors", rtol=1e-2,
+                    strict_dtype=True).within_tolerance
     tight = diff(tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors", atol=1e-4)
     a, b = fp32["w"].double().numpy(), bf16["w"].double().numpy()
     assert next(e for e in tight.entries if e.name == "w").beyond_tolerance == int((np.abs(a - b) > 1e-4).sum())
@@ -356,3 +359,21 @@ def test_select_and_exclude_filter_both_sides(tmp_path):
     report = diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", select="model.*", exclude=["*norm*"])
     assert [(e.name, e.status) for e in report.entries] == [("model.w", "changed")]
     assert diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", select=["model.norm"]).identical
+
+
+def test_a_dtype_change_passes_on_its_values_unless_strict(tmp_path):
+    a = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    safeckpt.save_file({"w": a, "ids": np.arange(4)}, tmp_path / "a.safetensors")
+    safeckpt.save_file({"w": a.astype(ml_dtypes.bfloat16), "ids": np.arange(4)}, tmp_path / "bf16.safetensors")
+    safeckpt.save_file({"w": a.astype(np.float64), "ids": np.arange(4)}, tmp_path / "f64.safetensors")
+    a_path, bf16, f64 = (str(tmp_path / n) for n in ("a.safetensors", "bf16.safetensors", "f64.safetensors"))
+
+    report = diff(a_path, bf16, rtol=1e-2)  # the CLI help's own example
+    assert report.summary["dtype"] == 1 and report.within_tolerance
+    assert not diff(a_path, bf16, rtol=1e-2, strict_dtype=True).within_tolerance
+    assert not diff(a_path, bf16, rtol=1e-5).within_tolerance  # bf16 rounding is beyond 1e-5
+    assert not diff(a_path, bf16).within_tolerance  # no tolerance: the values differ
+    exact = diff(a_path, f64)  # every value survives the cast: only the dtype changed
+    assert exact.summary["dtype"] == 1 and exact.entries[0].changed_elements == 0 and exact.within_tolerance
+    assert not diff(a_path, f64, strict_dtype=True).within_tolerance
+    assert diff(a_path, f64, strict_dtype=True).to_dict()["strict_dtype"] is True

@@ -48,10 +48,13 @@ Tolerance (`atol` / `rtol`, like ``numpy.allclose`` with A as reference)
     the two is 0). An entry's ``within_tolerance`` is set for ``equal``,
     ``changed`` and ``dtype`` entries; ``beyond_tolerance`` counts failing
     elements. `DiffReport.within_tolerance` is True when there is no
-    structural difference (``only_a``, ``only_b``, ``shape``, ``dtype`` and
-    ``renamed`` all count: a renamed key breaks ``load_state_dict``) and every
-    compared tensor is within tolerance. Without a tolerance it equals
-    `identical` and the entries' tolerance fields are None.
+    structural difference (``only_a``, ``only_b``, ``shape`` and ``renamed``
+    all count: a renamed key breaks ``load_state_dict``) and every compared
+    tensor is within tolerance. A ``dtype`` entry is compared by its values:
+    it passes when they are within tolerance (without a tolerance: when every
+    value is equal after the cast), unless ``strict_dtype`` makes any dtype
+    change a failure. Without a tolerance the gate is `identical` but for
+    such dtype changes, and the entries' tolerance fields are None.
 
 JSON (`DiffReport.to_dict`): non-finite floats are written as the strings
 ``"inf"``, ``"-inf"`` and ``"nan"``; a stat that does not apply is ``null``.
@@ -153,6 +156,7 @@ class DiffReport:
     entries: list[DiffEntry]
     atol: Optional[float] = None
     rtol: Optional[float] = None
+    strict_dtype: bool = False
     bytes_compared: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -177,11 +181,18 @@ class DiffReport:
 
     @property
     def within_tolerance(self) -> bool:
-        """No structural difference and every compared tensor within tolerance (`identical`
-        when no tolerance was given)."""
+        """The gate: no structural difference, every compared tensor within tolerance (bit-identical
+        when no tolerance was given); a dtype change passes on its values unless `strict_dtype`."""
+        return all(self._passes(entry) for entry in self.entries)
+
+    def _passes(self, entry: DiffEntry) -> bool:
+        if entry.status == "dtype" and not self.strict_dtype:
+            if self.tolerance:
+                return bool(entry.within_tolerance)
+            return entry.changed_elements == 0 and not entry.nonfinite_mismatch
         if not self.tolerance:
-            return self.identical
-        return all(entry.status not in STRUCTURAL and entry.within_tolerance for entry in self.entries)
+            return entry.status == "equal"
+        return entry.status not in STRUCTURAL and bool(entry.within_tolerance)
 
     @property
     def differences(self) -> list[DiffEntry]:
@@ -192,7 +203,7 @@ class DiffReport:
         """JSON-able; non-finite floats become "inf", "-inf", "nan"."""
         return {"a": self.a, "b": self.b, "format_a": self.format_a, "format_b": self.format_b,
                 "identical": self.identical, "within_tolerance": self.within_tolerance,
-                "atol": self.atol, "rtol": self.rtol, "summary": self.summary,
+                "atol": self.atol, "rtol": self.rtol, "strict_dtype": self.strict_dtype, "summary": self.summary,
                 "bytes_compared": self.bytes_compared, "seconds": self.seconds, "notes": list(self.notes),
                 "entries": [entry.to_dict() for entry in self.entries]}
 
@@ -203,10 +214,12 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
          atol: Optional[float] = None, rtol: Optional[float] = None, extract: Optional[str] = "auto",
          select: "Sequence[str] | str | None" = None, exclude: "Sequence[str] | str | None" = None,
          progress: Optional[Callable[[int, int, str], None]] = None,
-         threads: Optional[int] = None) -> DiffReport:
+         threads: Optional[int] = None, strict_dtype: bool = False) -> DiffReport:
     """Compare checkpoint `b` with the reference `a`, tensor by tensor (any formats).
 
-    `atol` / `rtol` set the tolerance gate (|a-b| > atol + rtol*|a| fails);
+    `atol` / `rtol` set the tolerance gate (|a-b| > atol + rtol*|a| fails); a
+    tensor whose dtype changed is judged by its values, or fails the gate
+    whatever its values with `strict_dtype`;
     `extract` is "auto", a top-level key or None, applied to both sides as
     `convert` applies it; `select` / `exclude` are globs on those names (both sides);
     `progress(done_bytes, total_bytes, name)` is called
@@ -268,7 +281,7 @@ def diff(a: "os.PathLike | str | TensorSource", b: "os.PathLike | str | TensorSo
         return DiffReport(
             a=side_a.source.path, b=side_b.source.path, format_a=side_a.source.format,
             format_b=side_b.source.format, entries=ordered, atol=atol if tolerance.given else None,
-            rtol=rtol if tolerance.given else None, bytes_compared=total,
+            rtol=rtol if tolerance.given else None, strict_dtype=strict_dtype, bytes_compared=total,
             seconds=time.perf_counter() - started, notes=side_a.notes + side_b.notes)
 
 
