@@ -34,6 +34,8 @@ ORDER = [
     "slice.mmap_row.safetensors", "slice.mmap_whole.safetensors",
     "list.ours", "list.torch", "scan.ours",
     "header.keys.ours", "header.keys.safetensors", "header.inspect.ours", "header.inspect_json.ours",
+    "startup.version.ours", "startup.help.ours", "startup.inspect.ours", "startup.python.interpreter",
+    "startup.inspect.safetensors",
     "convert.ours", "convert.ours_nohash", "convert.torch_safetensors",
     "ckpt.save.ours", "ckpt.save.plain_write", "ckpt.save.torch_save", "ckpt.async.ours",
     "ckpt.restore.ours", "ckpt.restore_verify.ours", "ckpt.restore.torch_load",

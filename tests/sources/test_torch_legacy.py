@@ -17,8 +17,6 @@ import types
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-import torch._weights_only_unpickler as weights_only_unpickler
 
 from safeckpt.errors import SourceError
 from safeckpt.sources.pickle_vm import PlaceholderCall, TensorRef
@@ -26,6 +24,9 @@ from safeckpt.sources.torch_legacy import (
     MAGIC_NUMBER, PROTOCOL_VERSION, LegacyLayout, PickleSpan, is_legacy, is_legacy_tar,
     read_legacy, read_legacy_tar,
 )
+
+torch = pytest.importorskip("torch")
+weights_only_unpickler = pytest.importorskip("torch._weights_only_unpickler")
 
 NUMPY_DTYPES = {
     "float32": np.float32, "float64": np.float64, "float16": np.float16,

@@ -18,12 +18,13 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from safeckpt.errors import SafeckptError, SourceError
 from safeckpt.sources import zip_archive
 from safeckpt.sources.zip_archive import FINDING_KINDS, ZipArchive, ZipMember, find_zip, is_zip
+
+torch = pytest.importorskip("torch")
 
 
 # --- archives made by the real libraries -------------------------------------

@@ -10,14 +10,20 @@ Sub-byte types:
   byte, so F4 is unpacked on read and packed on write.
 - ``F6_E2M3`` / ``F6_E3M2`` have no packed numpy type; they are read as their
   raw bytes (``uint8``) and the dtype is reported in `TensorInfo`.
+
+``ml_dtypes`` takes a second or more to import, so it is imported the first
+time one of its types is asked for (`DType.numpy` of BF16, F8_*, F4), never
+for reading a header or a float32 tensor. An array of one of its types cannot
+exist before it is imported, which is what `dtype_for_numpy` relies on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import sys
+from dataclasses import dataclass, field
 from typing import Optional
 
-import ml_dtypes
 import numpy as np
 
 
@@ -27,8 +33,20 @@ class DType:
 
     name: str
     bits: int
-    numpy: Optional[np.dtype]  # the numpy type of one element; None: raw bytes only
+    # the numpy type of one element: a numpy type code ("<f4") or an ml_dtypes name ("ml_dtypes.bfloat16");
+    # None: raw bytes only
+    numpy_type: Optional[str] = field(repr=False)
     rank: int  # position in the Rust enum
+
+    @functools.cached_property
+    def numpy(self) -> Optional[np.dtype]:
+        """The numpy type of one element (from ml_dtypes for bf16, fp8, fp4); None: raw bytes only."""
+        if self.numpy_type is None:
+            return None
+        if self.numpy_type.startswith("ml_dtypes."):
+            import ml_dtypes
+            return np.dtype(getattr(ml_dtypes, self.numpy_type[len("ml_dtypes."):]))
+        return np.dtype(self.numpy_type)
 
     @property
     def packed(self) -> bool:
@@ -38,28 +56,28 @@ class DType:
 
 def _table() -> dict[str, DType]:
     rows = [
-        ("BOOL", 8, np.dtype(np.bool_)),
-        ("F4", 4, np.dtype(ml_dtypes.float4_e2m1fn)),
+        ("BOOL", 8, "?"),
+        ("F4", 4, "ml_dtypes.float4_e2m1fn"),
         ("F6_E2M3", 6, None),
         ("F6_E3M2", 6, None),
-        ("U8", 8, np.dtype(np.uint8)),
-        ("I8", 8, np.dtype(np.int8)),
-        ("F8_E5M2", 8, np.dtype(ml_dtypes.float8_e5m2)),
-        ("F8_E4M3", 8, np.dtype(ml_dtypes.float8_e4m3fn)),
-        ("F8_E8M0", 8, np.dtype(ml_dtypes.float8_e8m0fnu)),
-        ("F8_E4M3FNUZ", 8, np.dtype(ml_dtypes.float8_e4m3fnuz)),
-        ("F8_E5M2FNUZ", 8, np.dtype(ml_dtypes.float8_e5m2fnuz)),
-        ("I16", 16, np.dtype("<i2")),
-        ("U16", 16, np.dtype("<u2")),
-        ("F16", 16, np.dtype("<f2")),
-        ("BF16", 16, np.dtype(ml_dtypes.bfloat16)),
-        ("I32", 32, np.dtype("<i4")),
-        ("U32", 32, np.dtype("<u4")),
-        ("F32", 32, np.dtype("<f4")),
-        ("C64", 64, np.dtype("<c8")),
-        ("F64", 64, np.dtype("<f8")),
-        ("I64", 64, np.dtype("<i8")),
-        ("U64", 64, np.dtype("<u8")),
+        ("U8", 8, "u1"),
+        ("I8", 8, "i1"),
+        ("F8_E5M2", 8, "ml_dtypes.float8_e5m2"),
+        ("F8_E4M3", 8, "ml_dtypes.float8_e4m3fn"),
+        ("F8_E8M0", 8, "ml_dtypes.float8_e8m0fnu"),
+        ("F8_E4M3FNUZ", 8, "ml_dtypes.float8_e4m3fnuz"),
+        ("F8_E5M2FNUZ", 8, "ml_dtypes.float8_e5m2fnuz"),
+        ("I16", 16, "<i2"),
+        ("U16", 16, "<u2"),
+        ("F16", 16, "<f2"),
+        ("BF16", 16, "ml_dtypes.bfloat16"),
+        ("I32", 32, "<i4"),
+        ("U32", 32, "<u4"),
+        ("F32", 32, "<f4"),
+        ("C64", 64, "<c8"),
+        ("F64", 64, "<f8"),
+        ("I64", 64, "<i8"),
+        ("U64", 64, "<u8"),
     ]
     return {name: DType(name, bits, npd, rank) for rank, (name, bits, npd) in enumerate(rows)}
 
@@ -67,8 +85,9 @@ def _table() -> dict[str, DType]:
 DTYPES: dict[str, DType] = _table()
 
 # numpy type -> safetensors dtype, for writing. Byte order is normalised by the
-# writer, so keys are the native/little-endian forms.
-_BY_NUMPY: dict[np.dtype, DType] = {d.numpy: d for d in DTYPES.values() if d.numpy is not None}
+# writer, so keys are the native/little-endian forms. ml_dtypes' types join once it is imported.
+_BY_NUMPY: dict[np.dtype, DType] = {d.numpy: d for d in DTYPES.values()
+                                    if d.numpy_type is not None and not d.numpy_type.startswith("ml_dtypes.")}
 
 
 def dtype_of(name: str) -> Optional[DType]:
@@ -78,7 +97,12 @@ def dtype_of(name: str) -> Optional[DType]:
 
 def dtype_for_numpy(dtype: np.dtype) -> Optional[DType]:
     """The safetensors dtype for a numpy dtype (any byte order), or None."""
-    return _BY_NUMPY.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    key = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+    found = _BY_NUMPY.get(key)
+    if found is None and "ml_dtypes" in sys.modules and len(_BY_NUMPY) < len(DTYPES) - 2:
+        _BY_NUMPY.update({d.numpy: d for d in DTYPES.values() if d.numpy is not None})
+        found = _BY_NUMPY.get(key)
+    return found
 
 
 def storage_dtype(dtype: DType) -> np.dtype:
