@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from .. import errors
@@ -158,7 +157,7 @@ def _source_dtype(array: np.ndarray) -> str:
 
 def _flat_pieces(array: np.ndarray) -> Iterator[np.ndarray]:
     """1-D pieces of `array` in C order, little-endian; views where the array allows."""
-    if array.dtype == np.dtype(ml_dtypes.float4_e2m1fn):  # tensor_chunks would pack these two per byte
+    if array.dtype.name == "float4_e2m1fn":  # tensor_chunks would pack these two per byte
         yield np.ascontiguousarray(array).reshape(-1)
         return
     little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
@@ -167,10 +166,14 @@ def _flat_pieces(array: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def _can_overflow(source: np.dtype, target: np.dtype) -> bool:
+    import ml_dtypes  # at call time: a conversion that casts nothing never needs it (1 s+ to import)
+
     return float(ml_dtypes.finfo(source).max) > float(ml_dtypes.finfo(target).max)
 
 
 def _can_underflow(source: np.dtype, target: np.dtype) -> bool:
+    import ml_dtypes
+
     return float(ml_dtypes.finfo(source).smallest_subnormal) < float(ml_dtypes.finfo(target).smallest_subnormal)
 
 
@@ -192,6 +195,8 @@ def _fix_overflow(block: np.ndarray, out: np.ndarray, target: str) -> int:
     overflow = int(np.count_nonzero(became & finite_in))
     if target in _SATURATING:
         clip = became & ~np.isnan(block)  # ±inf saturates too, as in torch
+        import ml_dtypes
+
         largest = out.dtype.type(float(ml_dtypes.finfo(out.dtype).max))
         out[clip] = np.where(np.signbit(block[clip]), -largest, largest)
     return overflow
