@@ -8,15 +8,16 @@ import struct
 from collections import OrderedDict, namedtuple
 from collections.abc import Mapping
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file as stock_load_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+torch = pytest.importorskip("torch")
+stock_load_file = pytest.importorskip("safetensors.torch").load_file
 
 import safeckpt
 from safeckpt.errors import SafeckptError, StateFormatError, UnsupportedStateError

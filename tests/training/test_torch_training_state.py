@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file as stock_load_file
+
+torch = pytest.importorskip("torch")
+stock_load_file = pytest.importorskip("safetensors.torch").load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import resume_child as run  # noqa: E402
