@@ -370,6 +370,36 @@ def crash_loop(directory: Path, scratch: Path, kills: int, async_save: bool, rng
     return report
 
 
+def kill_writer_repeatedly(directory: Path, scratch: Path, kills: int, rng: random.Random,
+                           megabytes: float = SMALL_STATE_MB, kill_delay_max: float = KILL_DELAY_MAX_S) -> list[str]:
+    """Start a saving child on `directory`, SIGKILL it at a random moment, `kills` times, without
+    checking the directory in between: for tests where a reader checks it meanwhile.
+
+    Returns the child's own failures (an error it reported, a start that never got ready).
+    """
+    ctx = context()
+    problems = []
+    for kill in range(kills):
+        progress = scratch / f"writer-{kill}.txt"
+        child = ctx.Process(target=save_loop_child, daemon=True, args=(str(directory), str(progress), False, megabytes))
+        child.start()
+        if kill % EARLY_KILL_EVERY == EARLY_KILL_EVERY - 1:
+            time.sleep(rng.uniform(0, EARLY_KILL_MAX_S))
+        elif _wait_for_line(progress, "ready", child):
+            time.sleep(rng.uniform(0, kill_delay_max))
+        else:
+            problems.append(f"kill {kill}: the child never got ready: {_read_lines(progress)}")
+        child.kill()
+        child.join()
+        errors = [line for line in _read_lines(progress) if line.startswith("error")]
+        progress.unlink(missing_ok=True)
+        if errors or child.exitcode != -signal.SIGKILL:
+            problems.append(f"kill {kill}: the child failed on its own (exit {child.exitcode}): {errors}")
+        if problems:
+            break
+    return problems
+
+
 def _wait_for_line(path: Path, prefix: str, child) -> bool:
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     while time.monotonic() < deadline:

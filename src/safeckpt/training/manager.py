@@ -15,6 +15,13 @@ A checkpoint is a directory named after its step::
 Only a checkpoint whose manifest is complete and intact is listed; ordering
 is by the step inside the manifest, never by the name.
 
+A read-only manager (an evaluator beside the training run) follows a
+directory another process writes: it takes no lock and changes nothing, and
+as every commit is one atomic step (a rename, or an object store's manifest
+put) it only ever sees whole checkpoints. One that the writer prunes while it
+is being restored is not an error: the choice is made again from a fresh
+listing.
+
 >>> with CheckpointManager("checkpoints", keep_last=3, every_n_steps=100) as mgr:
 ...     for step in range(start, steps):
 ...         train_one_step()
@@ -53,6 +60,9 @@ STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 # The manifest first: removing it un-commits the checkpoint before its data goes.
 OUR_FILES = (MANIFEST_FILE, TENSORS_FILE, STATE_FILE)
+# A restore whose checkpoint is pruned meanwhile chooses again; each retry means the writer
+# committed and pruned once more, so only a writer pruning faster than we read exhausts these.
+RESTORE_ATTEMPTS = 5
 STATE_FORMAT = "safeckpt-state"
 STATE_SCHEMA_VERSION = 1
 # Non-finite metrics are stored as these strings, so that both JSON files stay standard JSON.
@@ -140,23 +150,33 @@ class CheckpointManager:
     manager gets LockedError. Object stores have no locks: give each run its
     own prefix.
 
+    With `read_only=True` the manager lists, restores and verifies, nothing
+    more: it takes no lock, so it can follow a directory that another
+    process's manager is writing, and it never creates, cleans, prunes or
+    deletes anything; `save()` raises CheckpointError, and the saving options
+    are ignored. A directory that does not exist (yet) lists as empty.
+
     >>> with CheckpointManager("ckpt", keep_last=2, keep_best=1, monitor="val_loss") as mgr:
     ...     mgr.save(100, {"model": model.state_dict()}, metrics={"val_loss": 0.31})
     ...     state = mgr.restore("best")
+    >>> evaluator = CheckpointManager("ckpt", read_only=True)  # in another process, meanwhile
+    >>> state = evaluator.restore("latest")
     """
 
     def __init__(self, directory, keep_last: Optional[int] = 3, keep_best: Optional[int] = None,
                  monitor: Optional[str] = None, mode: str = "min", every_n_steps: Optional[int] = None,
                  every_seconds: Optional[float] = None, async_save: bool = False,
-                 keep_every_n_steps: Optional[int] = None, *,
+                 keep_every_n_steps: Optional[int] = None, *, read_only: bool = False,
                  storage_options: Optional[Mapping[str, Any]] = None) -> None:
         self.retention = Retention(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
                                    keep_every_n_steps=keep_every_n_steps)
         self.schedule = Schedule(every_n_steps=every_n_steps, every_seconds=every_seconds)
         self.async_save = bool(async_save)
-        self._storage = open_storage(directory, storage_options)
+        self.read_only = bool(read_only)
+        self._storage = open_storage(directory, storage_options, create=not self.read_only,
+                                     missing_ok=self.read_only)
         self.directory = self._storage.url
-        self._lock = self._storage.lock()
+        self._lock = None if self.read_only else self._storage.lock()
         self._closed = False
         self._mutex = threading.Lock()
         self._protected: set[str] = set()  # restored from: never deleted by this manager
@@ -164,6 +184,8 @@ class CheckpointManager:
         self._last_saved_step: Optional[int] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None
+        if self.read_only:
+            return  # the leftovers belong to the writer, which may still be writing them
         try:
             self._remove_leftovers()
         except BaseException:
@@ -184,6 +206,9 @@ class CheckpointManager:
         True
         """
         self._check_open()
+        if self.read_only:
+            raise CheckpointError(f"cannot save step {step}: this CheckpointManager is read-only; save from the "
+                                  "training run's manager (read_only=False)", path=self.directory)
         step = check_step(step)
         self._collect_finished()
         metrics = clean_metrics(metrics)
@@ -275,7 +300,8 @@ class CheckpointManager:
     # -- reading -----------------------------------------------------------------------
 
     def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first by step.
+        """Committed checkpoints, oldest first by step, read afresh from the directory on each call
+        (so a read-only manager sees the checkpoints a writer commits and prunes).
 
         >>> [info.step for info in mgr.list()]
         [9, 10, 100, 1000]
@@ -283,27 +309,58 @@ class CheckpointManager:
         return scan(self._storage).checkpoints
 
     def restore(self, which: Which = "latest", target: Any = None, verify: bool = True) -> Any:
-        """The state saved in a checkpoint: "latest", "best" (by `monitor`) or a step.
+        """The state saved in a checkpoint: "latest", "best" or a step.
 
-        Hashes are checked first (`verify=False` skips them): a mismatch raises
+        "best" ranks by this manager's `monitor` and `mode`, or, without one,
+        by those the run that saved the checkpoints recorded. Hashes are
+        checked first (`verify=False` skips them): a mismatch raises
         IntegrityError naming the file and the tensor. `target`, a state tree
         like the one saved (e.g. a fresh model's state), is checked against
         the checkpoint: every tensor present with its shape and dtype, or a
         CheckpointError naming the first difference. Tensors come back in the
         framework they were saved from.
 
+        A checkpoint deleted while it is read (pruned by the run writing the
+        directory) is never half restored: "latest" and "best" are chosen
+        again from a fresh listing (up to RESTORE_ATTEMPTS times); a step
+        asked for by number raises CheckpointNotFoundError.
+
         >>> state = mgr.restore("latest")
         >>> model.load_state_dict(state["model"])
         """
         self._check_open()
-        listing = scan(self._storage)
-        info = _choose(listing, which, self.retention)
-        with self._mutex:  # before reading: a background prune must not take it meanwhile
-            self._protected.add(info.path)
-        tensors, document = read_checkpoint(self._storage, info, listing.manifests[info.path], verify)
-        if target is not None:
-            _check_target(target, document, info.path)
-        return join_state(tensors, document)
+        which = _check_which(which)
+        for _ in range(RESTORE_ATTEMPTS):
+            listing = scan(self._storage)
+            info = self._choose(listing, which)
+            with self._mutex:  # before reading: a background prune must not take it meanwhile
+                self._protected.add(info.path)
+            try:
+                tensors, document = read_checkpoint(self._storage, info, listing.manifests[info.path], verify)
+            except (SafeckptError, OSError):
+                if not _vanished(self._storage, info.path):
+                    raise
+                if not isinstance(which, str):
+                    raise CheckpointNotFoundError(f"step {info.step} was deleted while it was being read (pruned "
+                                                  "by the run writing this directory): restore a newer step",
+                                                  path=info.path) from None
+                continue
+            if target is not None:
+                _check_target(target, document, info.path)
+            return join_state(tensors, document)
+        raise CheckpointError(f"restore({which!r}): {RESTORE_ATTEMPTS} checkpoints in a row were deleted while "
+                              "being read, as the run writing this directory prunes faster than this reads: "
+                              "raise its keep_last, then restore again", path=self.directory)
+
+    def _choose(self, listing: Listing, which: Which) -> CheckpointInfo:
+        monitor, mode = self.retention.monitor, self.retention.mode
+        if monitor is None:  # rank as the run that saved them did
+            monitor, mode = listing.monitor, listing.mode
+        if self.read_only and not listing.checkpoints and not listing.damaged:
+            raise CheckpointNotFoundError("no committed checkpoint here yet (a directory that does not exist "
+                                          "counts as empty): check the path, or wait for the training run's "
+                                          "first save (poll mgr.list())", path=self.directory)
+        return _choose(listing, which, monitor, mode)
 
     def verify(self, step: Optional[int] = None) -> CheckReport:
         """Check the hashes of every checkpoint (or of one step); never raises for damage.
@@ -316,6 +373,8 @@ class CheckpointManager:
                   for info in listing.checkpoints]
         checks += [CheckpointCheck(d.step, d.path, False, str(d.error), type(d.error).__name__,
                                    d.error.path, d.error.tensor) for d in listing.damaged]
+        # One pruned while it was checked (by the run writing the directory) is gone, not damaged.
+        checks = [check for check in checks if check.ok or not _vanished(self._storage, check.path)]
         checks.sort(key=lambda check: (check.step, check.path))
         if step is not None:
             step = check_step(step)
@@ -375,6 +434,8 @@ class CheckpointManager:
                 self._storage.remove_checkpoint(name, OUR_FILES)
 
     def __repr__(self) -> str:
+        if self.read_only:
+            return f"CheckpointManager({self.directory!r}, read_only=True)"
         return f"CheckpointManager({self.directory!r}, {self.retention}, {self.schedule}, async_save={self.async_save})"
 
 
@@ -561,7 +622,17 @@ def _info_from_manifest(manifest: Mapping[str, Any], path: str, manifest_size: i
                              path=manifest_path) from None
 
 
-def _choose(listing: Listing, which: Which, retention: Retention) -> CheckpointInfo:
+def _check_which(which: Which) -> Which:
+    """"latest", "best", or a checked step number."""
+    if isinstance(which, str):
+        if which not in ("latest", "best"):
+            raise CheckpointError(f"restore() takes 'latest', 'best' or a step number, got {which!r}")
+        return which
+    return check_step(which)
+
+
+def _choose(listing: Listing, which: Which, monitor: Optional[str], mode: str) -> CheckpointInfo:
+    """The checkpoint `which` (checked by `_check_which`) names in `listing`, or the error that says why none."""
     directory_steps = _steps_text(listing)
     if which == "latest":
         if listing.damaged and (not listing.checkpoints or listing.damaged[-1].step > listing.checkpoints[-1].step):
@@ -575,24 +646,21 @@ def _choose(listing: Listing, which: Which, retention: Retention) -> CheckpointI
                                           "mgr.list() before restoring)")
         return listing.checkpoints[-1]
     if which == "best":
-        if retention.monitor is None:
-            raise CheckpointError("restore('best') needs the metric to rank by: create the manager with "
-                                  "monitor='val_loss' (and mode='min' or 'max')")
-        found = best(listing.checkpoints, retention.monitor, retention.mode)
+        if monitor is None:
+            raise CheckpointError("restore('best') needs the metric to rank by, and the checkpoints record "
+                                  "none: create the manager with monitor='val_loss' (and mode='min' or 'max')")
+        found = best(listing.checkpoints, monitor, mode)
         if found is None:
-            raise CheckpointNotFoundError(f"no checkpoint has a value of {retention.monitor!r} that is not NaN "
+            raise CheckpointNotFoundError(f"no checkpoint has a value of {monitor!r} that is not NaN "
                                           f"(saved steps: {directory_steps}); pass it in save(..., metrics=...)")
         return found
-    if isinstance(which, str):
-        raise CheckpointError(f"restore() takes 'latest', 'best' or a step number, got {which!r}")
-    step = check_step(which)
     for info in listing.checkpoints:
-        if info.step == step:
+        if info.step == which:
             return info
     for bad in listing.damaged:
-        if bad.step == step:
+        if bad.step == which:
             raise bad.error
-    raise CheckpointNotFoundError(f"no checkpoint of step {step}; saved steps: {directory_steps}")
+    raise CheckpointNotFoundError(f"no checkpoint of step {which}; saved steps: {directory_steps}")
 
 
 def read_checkpoint(storage, info: CheckpointInfo, manifest: Mapping[str, Any],
@@ -660,6 +728,11 @@ def _check_target(target: Any, document: Mapping[str, Any], path: str) -> None:
         raise CheckpointError(f"the checkpoint has tensors target lacks ({', '.join(map(repr, extra[:5]))}"
                               f"{', ...' if len(extra) > 5 else ''}): it was saved from a different state",
                               path=path)
+
+
+def _vanished(storage, path: str) -> bool:
+    """Whether the checkpoint at `path` is no longer committed: its manifest, which goes first, is gone."""
+    return MANIFEST_FILE not in storage.files(_basename(path))
 
 
 def _read(read, name: str, filename: str, path: str):

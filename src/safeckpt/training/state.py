@@ -46,6 +46,7 @@ import base64
 import binascii
 import math
 import os
+import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -110,6 +111,13 @@ def _kind(value) -> str:
     if isinstance(value, tuple):
         return "tuple"
     return ""
+
+
+def _is_masked(value) -> bool:
+    # Touching np.ma imports it (a sixth of a second, on a process's first save); no masked
+    # array can exist before it is imported.
+    masked = sys.modules.get("numpy.ma")
+    return masked is not None and isinstance(value, masked.MaskedArray)
 
 
 def _where(path: tuple) -> str:
@@ -284,7 +292,7 @@ def _describe(value, framework: str, path: tuple) -> tuple[Any, dict]:
     """The array to store for a tensor and its record in the document."""
     record: dict[str, Any] = {"device": "cpu", "requires_grad": False}
     if framework == "numpy":
-        if isinstance(value, np.ma.MaskedArray):
+        if _is_masked(value):
             raise errors.UnsupportedStateError(
                 f"{_where(path)}: a masked array would lose its mask; store .data and .mask separately")
         array = np.asarray(value)
@@ -612,7 +620,7 @@ class _Snapshotter:
         else:
             _check_dtype(np.dtype(value.dtype), tuple(value.shape), path)
             if framework == "numpy" and isinstance(value, np.ndarray):
-                if isinstance(value, np.ma.MaskedArray):
+                if _is_masked(value):
                     _describe(value, framework, path)  # raises its refusal
                 copy = self.in_arena(value, like_torch=False)
                 if copy is None:

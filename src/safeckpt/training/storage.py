@@ -18,6 +18,9 @@ How a commit works differs, because object stores have no rename:
 
 Removal is the commit in reverse: the manifest goes first, so a crash while
 deleting never leaves a listed checkpoint with missing files.
+
+A reader (a read-only manager) uses only the listing and reading half: it
+never stages, removes or locks, so it can follow a directory a writer owns.
 """
 
 from __future__ import annotations
@@ -46,8 +49,13 @@ def is_url(directory) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def open_storage(directory, storage_options: Optional[Mapping[str, Any]] = None, *, create: bool = True):
+def open_storage(directory, storage_options: Optional[Mapping[str, Any]] = None, *, create: bool = True,
+                 missing_ok: bool = False):
     """The storage for a local path or an fsspec URL.
+
+    `create=False` never creates the directory; a missing local one is then
+    FileNotFoundError, or, with `missing_ok=True`, an empty directory until
+    someone creates it (a reader that starts before its writer).
 
     >>> open_storage("s3://bucket/run", {"anon": False}).url
     's3://bucket/run'
@@ -58,7 +66,8 @@ def open_storage(directory, storage_options: Optional[Mapping[str, Any]] = None,
         raise CheckpointError(f"storage_options apply to fsspec URLs such as s3://bucket/run, not to the local "
                               f"path {os.fspath(directory)!r}: leave them out", path=directory)
     path = os.fspath(directory)
-    return LocalStorage(path[len("file://"):] if path.startswith("file://") else path, create=create)
+    return LocalStorage(path[len("file://"):] if path.startswith("file://") else path, create=create,
+                        missing_ok=missing_ok)
 
 
 # --- local ------------------------------------------------------------------------------
@@ -68,21 +77,29 @@ class LocalStorage:
 
     remote = False
 
-    def __init__(self, root: str, *, create: bool = True) -> None:
+    def __init__(self, root: str, *, create: bool = True, missing_ok: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.url = self.root
         if create:
             os.makedirs(self.root, exist_ok=True)
         elif not os.path.isdir(self.root):
-            raise FileNotFoundError(2, "no such checkpoint directory", self.root)
+            if not missing_ok:
+                raise FileNotFoundError(2, "no such checkpoint directory", self.root)
+            if os.path.lexists(self.root):
+                raise CheckpointError("is not a directory: pass the directory a CheckpointManager saves into",
+                                      path=self.root)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
     def entries(self) -> dict[str, bool]:
-        """Names in the root -> whether each is a directory (symlinks are not followed)."""
-        with os.scandir(self.root) as found:
-            return {entry.name: entry.is_dir(follow_symlinks=False) for entry in found}
+        """Names in the root -> whether each is a directory (symlinks are not followed);
+        none while the root does not exist."""
+        try:
+            with os.scandir(self.root) as found:
+                return {entry.name: entry.is_dir(follow_symlinks=False) for entry in found}
+        except FileNotFoundError:
+            return {}
 
     def files(self, name: str) -> list[str]:
         """Names of the plain files in the child directory `name`."""
