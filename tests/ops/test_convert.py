@@ -142,9 +142,9 @@ def test_same_storage_views_are_stored_once(tmp_path):
     weight = torch.randn(4, 4)
     torch.save({"b.weight": weight, "a.weight": weight, "c.other": weight.t()}, tmp_path / "x.pt")
     report = convert(tmp_path / "x.pt", tmp_path / "x.safetensors", verify=True)
-    assert report.aliases == {"b.weight": "a.weight"}  # same view: once; the transpose is other values
-    loaded = st_torch.load_file(str(tmp_path / "x.safetensors"))
-    assert sorted(loaded) == ["a.weight", "c.other"] and torch.equal(loaded["c.other"], weight.t())
+    assert report.aliases == {"a.weight": "b.weight"}  # same view: once, under the first name; the transpose
+    loaded = st_torch.load_file(str(tmp_path / "x.safetensors"))  # is other values
+    assert sorted(loaded) == ["b.weight", "c.other"] and torch.equal(loaded["c.other"], weight.t())
 
 
 def test_same_memory_is_found_without_the_source_saying_so(tmp_path):
@@ -153,7 +153,7 @@ def test_same_memory_is_found_without_the_source_saying_so(tmp_path):
     with open_source(tmp_path / "x.pt") as source:
         source.aliases = {}  # a source that reports no aliases: the arrays' memory tells
         report = convert(source, tmp_path / "x.safetensors")
-    assert report.aliases == {"z": "y"}
+    assert report.aliases == {"y": "z"}  # the first name in the source's order is kept
 
 
 def test_source_hash_and_tree_metadata(tmp_path):

@@ -348,6 +348,48 @@ def test_missing_with_task_vectors_and_base(tmp_path):
     assert report.copied == ["extra"] and any("not in the base" in n for n in report.notes)
 
 
+def test_a_tie_stored_once_is_merged_as_one_tensor(tmp_path):
+    """A tied .pt merged with a file that stores the tie once (as transformers writes it): one tensor."""
+    a, b = make_net(1), make_net(2)
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    state = {k: v for k, v in b.state_dict().items() if k != "head.weight"}  # the embedding only
+    st_torch.save_file(state, str(tmp_path / "b.safetensors"), metadata={"format": "pt"})
+    for allow_missing in (False, True):
+        out = tmp_path / f"out{allow_missing}.safetensors"
+        report = merge([tmp_path / "b.safetensors", tmp_path / "a.pt"], out, allow_missing=allow_missing)
+        got = load(out)
+        assert "head.weight" not in got and report.aliases == {"head.weight": "embed.weight"}
+        assert not report.missing and any("head.weight" in note for note in report.notes)
+        expected = (b.embed.weight.detach().numpy() + a.embed.weight.detach().numpy()) / np.float32(2)
+        np.testing.assert_array_equal(got["embed.weight"], expected)
+        net = Net()
+        missing, unexpected = st_torch.load_model(net, str(out))
+        assert not missing and not unexpected and torch.equal(net.head.weight, net.embed.weight)
+
+
+def test_names_tied_in_one_input_but_not_another_are_merged_apart(tmp_path):
+    a, b = make_net(1), make_net(2)
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    untied = {k: v.clone() for k, v in b.state_dict().items()}
+    untied["head.weight"] = untied["head.weight"] * 2  # b's head differs from its embedding
+    torch.save(untied, tmp_path / "b.pt")
+    report = merge([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "out.safetensors")
+    got = load(tmp_path / "out.safetensors")
+    assert report.aliases == {} and not report.missing
+    embed = a.embed.weight.detach().numpy()
+    np.testing.assert_array_equal(got["embed.weight"], (embed + untied["embed.weight"].numpy()) / np.float32(2))
+    np.testing.assert_array_equal(got["head.weight"], (embed + untied["head.weight"].numpy()) / np.float32(2))
+
+
+def test_the_first_name_of_a_tie_in_input_order_is_kept(tmp_path):
+    weight = torch.randn(4, 4)
+    for name in ("x", "y"):
+        torch.save({"z.embed": weight, "a.head": weight}, tmp_path / f"{name}.pt")
+    report = merge([tmp_path / "x.pt", tmp_path / "y.pt"], tmp_path / "out.safetensors")
+    assert report.aliases == {"a.head": "z.embed"}  # state-dict order, not the alphabet
+    np.testing.assert_array_equal(load(tmp_path / "out.safetensors")["z.embed"], weight.numpy())
+
+
 # --- dtypes -------------------------------------------------------------------------------
 
 def test_dtype_cast_and_bf16_inputs(models, tmp_path):

@@ -84,9 +84,9 @@ def test_opening_and_converting_the_corpus_never_runs_it(corpus, tmp_path):
     from safeckpt.cli.inspect import describe
 
     steps = {"open_source": read_all, "inspect": describe,
-             "convert": lambda path: convert(path, tmp_path / "out.safetensors"),
+             "convert": lambda path: convert(path, tmp_path / "out.safetensors", overwrite=True),
              "convert --allow-unsafe-structure": lambda path: convert(
-                 path, tmp_path / "out.safetensors", allow_unsafe_structure=True)}
+                 path, tmp_path / "out.safetensors", allow_unsafe_structure=True, overwrite=True)}
     crashed, converted = [], []
     for item in corpus:
         for step, run in steps.items():

@@ -8,8 +8,12 @@ The steps, in order:
 2. choose the tensors: `extract` a sub-tree (Lightning / Stable Diffusion
    ``state_dict``), swap in or drop the SD EMA weights, apply `select` /
    `exclude` globs; tied tensors (the source's aliases, or names whose arrays
-   are the same bytes of the same storage) are written once, the dropped name
-   recorded in metadata as ``dropped -> kept`` like ``safetensors.torch.save_model``;
+   are the same bytes of the same storage) are written once, under the first
+   name in the source's state-dict order (the name transformers keeps: the
+   embedding, not the head), the dropped name recorded in metadata as
+   ``dropped -> kept`` like ``safetensors.torch.save_model``; when the model's
+   ``config.json`` lies beside the input and says transformers will not tie
+   them again on load, every name is written (`layout.dropped_ties`);
 3. plan the outputs: one file, or greedy shards in the Hugging Face layout
    (``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``);
 4. write each output through the format writer's pieces (layout, header,
@@ -21,7 +25,10 @@ The steps, in order:
    with a placeholder and patched in place once the hash is known;
 6. with `verify`, each written file is re-read before it replaces anything: the
    strict reader must accept it and every tensor's bytes must equal the source's
-   (or its cast); then every output is committed (fsync, rename), the index last.
+   (or its cast); then every output is committed (fsync, rename), the index last;
+7. a model folder converted into a folder gets its other files as they are
+   (config.json, generation_config.json, tokenizer files, README): each copied
+   atomically, never a weight file or anything that reads as a pickle.
 
 A failure at any point -- a bad tensor, ENOSPC, KeyboardInterrupt, a failed
 verification -- removes every file of this run and leaves files it would have
@@ -59,8 +66,9 @@ from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
 from .destination import check_destination
 from .guard import check_safety, files_read, open_checked
+from .layout import dropped_ties, tie_groups, transformers_ties
 from .selection import Choice, choose_tensors, first_items, matches, name_globs, tied_names
-from .sink import OutputTensor, parse_size, write_safetensors
+from .sink import OutputTensor, destination, parse_size, write_safetensors
 
 # --- limits and names --------------------------------------------------------------
 
@@ -73,6 +81,16 @@ HASH_BLOCK_BYTES = 8 * 1024 * 1024
 
 HASH_KEY = "safeckpt.source_sha256"
 HASH_PLACEHOLDER = "0" * 64  # a sha256 hex digest has exactly this length
+
+CONFIG_NAME = "config.json"
+# A model's config.json is a few KiB (a few hundred for composite models); more is not one.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Files of a model folder that hold weights (the ones converted, or another framework's)
+# are never copied beside the output: a pickle would carry code into a folder of safe files.
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".index.json", ".h5",
+                   ".msgpack", ".npy", ".npz", ".gguf", ".onnx", ".pdparams", ".joblib")
+# Containers a file is recognised as by its first bytes that hold tensors or code, whatever its name.
+WEIGHT_CONTAINERS = frozenset({"safetensors", "zip", "npy", "tar", "pickle"})
 # --- the report --------------------------------------------------------------------
 
 @dataclass
@@ -94,6 +112,7 @@ class ConvertReport:
     seconds: float
     scan_verdict: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)  # a model folder's other files, copied beside the outputs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +145,13 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     that exists is replaced only with `overwrite` (else `OutputExistsError`), both
     before anything is read.
 
+    Tied weights are written once, under the name transformers keeps; with the
+    model's config.json beside `src`, names transformers would not tie again on
+    load are each written. A model folder converted into a folder
+    (``convert("hf_model/", "out/")``) gets the folder's other files too
+    (config.json, tokenizer files, README; never weights or pickles), listed in
+    `copied`; one that exists at `dst` is replaced only with `overwrite`.
+
     >>> report = convert("pytorch_model.bin", "model.safetensors", dtype="bf16", verify=True)
     >>> report.tensors, report.outputs
     (291, ['model.safetensors'])
@@ -140,6 +166,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         raise errors.SafeckptError(f"ema must be None, 'drop' or 'only', not {ema!r}")
     user_metadata = writer.check_metadata(metadata, dst)
     check_destination([src], dst, overwrite=overwrite, sharded=shard_size is not None)
+    copies, run_notes = _folder_files(src, dst, overwrite)
 
     source_path = src.path if isinstance(src, TensorSource) else os.fspath(src)
     # the sha256 is the slowest part of a conversion: start it before anything else
@@ -154,9 +181,8 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
     try:
         scan_report = check_safety(files_read(source), allow_unsafe_structure)
         choice = choose_tensors(source, extract=extract, ema=ema, select=select, exclude=exclude)
-        aliases = tied_names(source, choice)
+        aliases = _dropped_ties(source, choice, run_notes)
         plans = _plan_tensors(source, choice, aliases, target, dst, cast_select, cast_exclude)
-        run_notes: list[str] = []
         hashed = source_hash and os.path.isfile(source.path)
         if source_hash and not hashed:
             run_notes.append(f"no source sha256: {source.path} is not a regular file")
@@ -170,7 +196,8 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         written = write_safetensors(
             [outputs.tensor(plan) for plan in plans], dst, metadata=meta, shard_size=shard_size,
             verify=verify, progress=progress,
-            finish_metadata=(lambda m: dict(m, **{HASH_KEY: _digest(hasher, source.path)})) if hashed else None)
+            finish_metadata=(lambda m: dict(m, **{HASH_KEY: _digest(hasher, source.path)})) if hashed else None,
+            copies=copies)
     except BaseException:
         for pending_hash in (early_hash, hasher):
             if pending_hash is not None:
@@ -195,7 +222,8 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         skipped=choice.skipped, cast=target, overflow=dict(outputs.overflow),
         underflow=dict(outputs.underflow), verified=bool(verify),
         seconds=time.perf_counter() - started,
-        scan_verdict=scan_report.verdict if scan_report is not None else None, notes=notes)
+        scan_verdict=scan_report.verdict if scan_report is not None else None, notes=notes,
+        copied=written.copied)
 
 
 # --- planning ---------------------------------------------------------------------
@@ -233,6 +261,81 @@ def _plan_tensors(source: TensorSource, choice: Choice, aliases: dict[str, str],
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     return math.prod(shape) * DTYPES[dtype].bits // 8
+
+
+def _dropped_ties(source: TensorSource, choice: Choice, notes: list[str]) -> dict[str, str]:
+    """Dropped -> kept output names for the tied tensors (see `layout.dropped_ties`)."""
+    groups = tie_groups(tied_names(source, choice).items(), choice.names)
+    config = _model_config(source, notes) if groups else None
+    if config is not None and not transformers_ties(config):
+        notes.append(f"{len(groups)} groups of names share storage, but {CONFIG_NAME} says transformers does "
+                     "not tie them on load (tie_word_embeddings), so every name is written: "
+                     f"{first_items(name for names in groups for name in names)}")
+    return dropped_ties(groups, config)
+
+
+def _model_config(source: TensorSource, notes: list[str]) -> Optional[dict]:
+    """The config.json in the source's folder, or None (noted when it cannot be read as one)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(source.path)), CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open_regular_file(path) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        config = json.loads(raw) if len(raw) <= MAX_CONFIG_BYTES else None
+    except (OSError, ValueError, errors.SafeckptError):  # a UnicodeDecodeError is a ValueError
+        config = None
+    if not isinstance(config, dict):
+        notes.append(f"{path} is not a JSON object of at most {MAX_CONFIG_BYTES} bytes; tied names were "
+                     "chosen without it")
+        return None
+    return config
+
+
+# --- the model folder's other files ------------------------------------------------------
+
+def _folder_files(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str",
+                  overwrite: bool) -> tuple[list[str], list[str]]:
+    """The files to copy beside the output (and notes): when a model folder is converted into
+    a folder, each of its top-level files that holds no weights. One that exists at the
+    output (and is not that same file) is refused unless `overwrite`, before anything is read."""
+    if isinstance(src, TensorSource) or not os.path.isdir(src):
+        return [], []
+    folder = os.fspath(src)
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
+    kept = [name for name in names if not _holds_weights(os.path.join(folder, name))]
+    if not kept:
+        return [], []
+    dest = destination(dst)
+    if dest.directory != os.fspath(dst):
+        return [], [(f"{len(kept)} files of the model folder ({first_items(kept)}) were not copied: the output "
+                     "is a file; convert into a folder to copy them")]
+    copies = []
+    for name in kept:
+        path, target = os.path.join(folder, name), os.path.join(dest.directory, name)
+        if os.path.exists(target):
+            if os.path.samefile(path, target):
+                continue  # converted in place: the file is already there
+            if not overwrite:
+                raise errors.OutputExistsError(
+                    "already exists; nothing was read or written. Replace it with overwrite=True (--force), or "
+                    "choose another output", path=target)
+        copies.append(path)
+    return copies, []
+
+
+def _holds_weights(path: str) -> bool:
+    """True for a file named like weights or whose first bytes are a tensor container or a pickle."""
+    from ..sources.detect import SNIFF_BYTES, sniff  # at call time: detect grows with every format
+
+    if path.lower().endswith(WEIGHT_SUFFIXES):
+        return True
+    try:
+        with open_regular_file(path) as f:
+            head = f.read(SNIFF_BYTES)
+    except (OSError, errors.SafeckptError):
+        return True  # a FIFO or an unreadable file is not copied either
+    return sniff(head) in WEIGHT_CONTAINERS
 
 
 # --- metadata ----------------------------------------------------------------------

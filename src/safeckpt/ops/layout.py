@@ -27,6 +27,17 @@ Modules
 `module_totals` adds up tensors, parameters and bytes by the first dotted
 component (after removing a wrapper prefix such as Lightning's ``state_dict``),
 and one level below it for modules made of sub-modules.
+
+Tied weights
+------------
+Names that hold one tensor (an embedding matrix and the head that reuses it)
+form a tie group; a safetensors file stores each group once. `tie_groups` lists
+the groups in the source's state-dict order and `dropped_ties` says which names
+are left out: every one but the first, which is the name transformers keeps
+(embeddings precede heads in every Hugging Face model). When the model's
+``config.json`` is known, a group is left whole unless transformers ties its
+weights again on load (`transformers_ties`), since a name it does not re-tie
+would load as random values; writing both names costs bytes, never correctness.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import math
 import re
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
-__all__ = ["Group", "ModuleTotal", "group_tensors", "format_indices", "module_totals", "is_index"]
+__all__ = ["Group", "ModuleTotal", "group_tensors", "format_indices", "module_totals", "is_index", "tie_groups",
+           "dropped_ties", "transformers_ties"]
 
 # Names with more index components than this are not folded: real ones have up to four
 # (SD's input_blocks.1.0.in_layers.0), and splitting boxes costs time and recursion per slot.
@@ -258,3 +270,101 @@ def _label(part: Optional[str], indices: set[int]) -> str:
     if part is not None:
         return part
     return str(next(iter(indices))) if len(indices) == 1 else "{" + format_indices(indices) + "}"
+
+
+# --- tied weights -----------------------------------------------------------------
+
+# Model types whose configuration class in transformers 5 defaults ``tie_word_embeddings``
+# to True: a config.json without the key ties there (transformers 4 left the key out
+# exactly when it was True). A type missing here only costs a duplicate tensor.
+_TIED_BY_DEFAULT = frozenset("""
+    albert aya_vision bart bert bert-generation big_bird bigbird_pegasus biogpt blenderbot blenderbot-small
+    blip blip_text_model bloom camembert canary cohere cohere2 cohere2_moe cohere2_vision cohere_compass_text
+    convbert cpmant csm ctrl d_fine dab-detr data2vec-text deberta deberta-v2 deepseek_vl deepseek_vl_hybrid
+    deformable_detr deimv2 diffusion_gemma diffusion_gemma_text distilbert electra ernie ernie4_5 ernie4_5_moe
+    ernie4_5_vl_moe ernie4_5_vl_moe_text esm falcon falcon_mamba flaubert flava florence2 fnet fun_asr_nano
+    funnel gemma gemma2 gemma3 gemma3_text gemma3n gemma3n_text gemma4 gemma4_text gemma4_unified
+    gemma4_unified_assistant gemma4_unified_text glmasr got_ocr2 gpt-sw3 gpt2 gpt_bigcode gpt_neo
+    gpt_neox_japanese granite_docling granite_docling_text granite_speech granite_speech5_ctc
+    granite_speech_plus granite_swa grounding-dino gte hunyuan_vl hunyuan_vl_text hyperclovax_vision_v2 ibert
+    internvl janus jetmoe jina_embeddings_v3 kimi_k25 kosmos-2 kosmos-2.5 kosmos_2_5_text_model
+    kosmos_2_text_model lara_mini layoutlm led lfm2 lfm2_moe lfm2_vl lfm3 lfm3_vl lighton_ocr longformer
+    longt5 luke lxmert m2m_100 mamba marian mbart megatron-bert mimi mimi_decoder mimi_encoder minicpm3
+    minicpm_ocr mistral3 mm-grounding-dino mobilebert modernbert modernbert-decoder moonshine
+    moss_transcribe_diarize mpnet mpt mra mt5 mvp neomme nllb-moe nomic_bert nystromformer openai-gpt opt
+    ovis2 paddleocr_vl paddleocr_vl_text paligemma pe_audio_video pegasus pegasus_x plbart pop2piano
+    pp_chart2table pp_doclayout_v3 pp_doclayout_v4 prophetnet qwen2_5_omni_text qwen3_asr qwen3_vl_moe_text
+    recurrent_gemma roberta roberta-prelayernorm roc_bert roformer rt_detr_v2 sam sam_hq seamless_m4t
+    seamless_m4t_v2 shieldgemma2 smollm3 speech_to_text speecht5 squeezebert starcoder2 switch_transformers t5
+    t5_gemma_module t5gemma t5gemma2 t5gemma2_decoder t5gemma2_encoder t5gemma2_text tapas trocr udop umt5
+    vaultgemma vilt visual_bert voxtral_realtime whisper xglm xlm xlm-roberta xlm-roberta-xl xlnet xmod yoso
+    youtu zamba zamba2 zaya
+""".split())
+# Model types whose configuration class sets ``tie_word_embeddings`` whatever config.json
+# says: T5 and its kin always tie (a v1.1 config's False only stops the output scaling).
+_TIES_REGARDLESS: dict[str, bool] = {
+    **dict.fromkeys(("csm", "hunyuan_vl", "longt5", "mt5", "paddleocr_vl", "pop2piano", "shieldgemma2", "t5",
+                     "udop", "umt5", "vilt"), True),
+    **dict.fromkeys(("blt_global_transformer", "blt_local_decoder", "blt_patcher", "vibevoice"), False),
+}
+
+
+def transformers_ties(config: Mapping[str, Any]) -> bool:
+    """Whether transformers ties a model's shared weights again when it loads it, from its config.json.
+
+    Reproduces ``get_expanded_tied_weights_keys``: nothing is tied unless the
+    configuration's ``tie_word_embeddings`` is true (its model type's default when
+    the key is absent; some types fix it).
+
+    >>> transformers_ties({"model_type": "gpt2"}), transformers_ties({"model_type": "llama"})
+    (True, False)
+    """
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in _TIES_REGARDLESS:
+        return _TIES_REGARDLESS[model_type]
+    value = config.get("tie_word_embeddings")
+    if isinstance(value, bool):
+        return value
+    return isinstance(model_type, str) and model_type in _TIED_BY_DEFAULT
+
+
+def tie_groups(pairs: Iterable[tuple[str, str]], order: Iterable[str]) -> list[list[str]]:
+    """Groups of names holding one tensor, from pairs of tied names; each group in `order`.
+
+    Groups come in the order of their first name; names not in `order` are left out.
+
+    >>> tie_groups({"lm_head.weight": "wte.weight"}.items(), ["wte.weight", "h.0.w", "lm_head.weight"])
+    [['wte.weight', 'lm_head.weight']]
+    """
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while name in parent:
+            parent[name] = parent.get(parent[name], parent[name])  # path halving: chains stay short
+            name = parent[name]
+        return name
+
+    for one, other in pairs:
+        a, b = root(one), root(other)
+        if a != b:
+            parent[a] = b
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(root(name), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def dropped_ties(groups: Iterable[Sequence[str]], config: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+    """``dropped -> kept`` for tie groups: the first name of each is kept, the others dropped.
+
+    With the model's `config` (its config.json), groups transformers does not tie on
+    load are kept whole (see `transformers_ties`).
+
+    >>> dropped_ties([["model.embed_tokens.weight", "lm_head.weight"]])
+    {'lm_head.weight': 'model.embed_tokens.weight'}
+    >>> dropped_ties([["model.embed_tokens.weight", "lm_head.weight"]], {"model_type": "llama"})
+    {}
+    """
+    if config is not None and not transformers_ties(config):
+        return {}
+    return {name: names[0] for names in groups for name in names[1:]}

@@ -37,11 +37,15 @@ Dtypes
     rules (overflow counted, F8_E4M3 saturating) -- floating tensors only.
 
 Tied weights
-    Names tied in every input that has them (the sources' aliases, the same
-    storage, or a safetensors file's ``dropped -> kept`` metadata entries as
-    ``save_model`` writes them) are merged once and written once; the dropped name
-    is recorded in the metadata as ``dropped -> kept``, as
-    ``safetensors.torch.save_model`` and `convert` do.
+    Names tied in some input (the sources' aliases, the same storage, or a
+    safetensors file's ``dropped -> kept`` metadata entries as ``save_model``
+    writes them) form a tie group, which stays tied unless an input holds two of
+    its names with different values. An input holding only some of the group's
+    names (a file that stores the tie once, as transformers writes it) is read for
+    the others from the name it holds, so the group is merged over the same
+    inputs, once, and written once, under its first name in the inputs' order (the
+    name transformers keeps); each dropped name is recorded in the metadata as
+    ``dropped -> kept``, as ``safetensors.torch.save_model`` and `convert` do.
 
 Streaming and memory
     Output tensors are computed when the sink asks for their bytes: each input's
@@ -96,6 +100,7 @@ from . import cast as casting
 from . import merge_methods as mm
 from .destination import check_destination
 from .guard import check_safety, files_read, open_checked
+from .layout import tie_groups
 from .selection import choose_tensors, first_items, tied_names
 from .sink import OutputTensor, write_safetensors
 
@@ -388,7 +393,7 @@ def _plan(inputs: list[_Input], base: Optional[_Input], spec: _Spec, target: Opt
     for inp in inputs:
         for name in inp.names:
             order.setdefault(name)
-    aliases = _shared_aliases(inputs, base, order)
+    aliases = _shared_aliases(inputs, base, order, notes)
     mismatched, missing, no_base, mixed = [], {}, [], []
     plans = []
     for name in order:
@@ -460,18 +465,27 @@ def _expand_metadata_aliases(inputs: list[_Input]) -> None:
                 inp.tied[dropped] = inp.tied.get(kept, kept)
 
 
-def _shared_aliases(inputs: list[_Input], base: Optional[_Input], names: dict[str, None]) -> dict[str, str]:
-    """Tied names (dropped -> kept) that are tied in every input holding them, so stay equal merged."""
+def _shared_aliases(inputs: list[_Input], base: Optional[_Input], names: dict[str, None],
+                    notes: list[str]) -> dict[str, str]:
+    """Tie groups merged as one tensor: dropped -> kept, the first of `names` kept (see the module
+    docstring); an input holding some of a group's names gets the others, tied to them."""
     holders = inputs + ([base] if base is not None else [])
-
-    def tied_in(inp: _Input, a: str, b: str) -> bool:
-        return a in inp.names and b in inp.names and inp.tied.get(a, a) == inp.tied.get(b, b)
-
     shared: dict[str, str] = {}
-    for dropped, kept in inputs[0].tied.items():
-        if kept in names and all(tied_in(i, dropped, kept) for i in holders
-                                 if dropped in i.names or kept in i.names):
-            shared[dropped] = kept
+    filled: set[str] = set()
+    for group in tie_groups([pair for inp in holders for pair in inp.tied.items()], names):
+        held = [[name for name in group if name in inp.names] for inp in holders]
+        if any(len({inp.tied.get(name, name) for name in mine}) > 1 for inp, mine in zip(holders, held)):
+            continue  # an input holds two of its names with different values: each is merged on its own
+        for inp, mine in zip(holders, held):
+            for name in group:
+                if mine and name not in inp.names:
+                    inp.names[name] = inp.names[mine[0]]
+                    inp.tied[name] = inp.tied.get(mine[0], mine[0])
+                    filled.add(name)
+        shared.update({name: group[0] for name in group[1:]})
+    if filled:
+        notes.append(f"{len(filled)} tied names that some inputs store once were read there from the name "
+                     f"tied to them: {first_items(sorted(filled))}")
     return shared
 
 

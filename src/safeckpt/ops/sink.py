@@ -17,7 +17,9 @@ the tensor's bytes in pieces -- and hands it to `write_safetensors`, which:
 4. with `verify`, re-reads each written file before it replaces anything: the
    strict reader must accept it, and every tensor's bytes must equal a second
    pass of its pieces;
-5. commits every output (fsync, rename, fsync the directory), the index last.
+5. commits every output (fsync, rename, fsync the directory), then copies the
+   files that complete a model folder (`copies`: config.json, tokenizer files)
+   the same way, the index last.
 
 A failure at any point -- a bad tensor, ENOSPC, KeyboardInterrupt, a failed
 verification -- removes every file of the run and leaves the files it would
@@ -45,6 +47,7 @@ from ..format import writer
 from ..format.dtypes import DTYPES
 from ..format.header import MAX_HEADER_BYTES, collector_paused
 from ..format.reader import SafetensorsFile
+from ..format.storage import open_regular_file
 
 # Bytes handed to one write(): small enough for a smooth progress bar and bounded
 # temporaries, large enough that the per-call cost is nothing.
@@ -98,18 +101,20 @@ class OutputTensor:
 
 @dataclass
 class SinkResult:
-    """The files written: each output (in shard order), the index (sharded only), their bytes."""
+    """The files written: each output (in shard order), the index (sharded only), the tensor
+    files' bytes, and the files copied beside them."""
 
     outputs: list[str]
     index: Optional[str]
     bytes_written: int
+    copied: list[str] = field(default_factory=list)
 
 
 def write_safetensors(tensors: Sequence[OutputTensor], dst: "os.PathLike | str", *,
                       metadata: Optional[dict[str, str]] = None, shard_size: "int | str | None" = None,
                       verify: bool = False, progress: Optional[Progress] = None,
-                      finish_metadata: Optional[Callable[[dict[str, str]], dict[str, str]]] = None
-                      ) -> SinkResult:
+                      finish_metadata: Optional[Callable[[dict[str, str]], dict[str, str]]] = None,
+                      copies: Sequence[str] = ()) -> SinkResult:
     """Stream `tensors` into safetensors at `dst`, atomically (see the module docstring).
 
     `dst` is a file (``out/model.safetensors``) or a directory (``model.safetensors``
@@ -118,7 +123,8 @@ def write_safetensors(tensors: Sequence[OutputTensor], dst: "os.PathLike | str",
     ``model-0000k-of-0000N.safetensors`` and ``model.safetensors.index.json`` next to
     `dst`. `progress(done_bytes, total_bytes, name)` is called as bytes are written.
     `finish_metadata(metadata)`, called before the first commit, returns the final
-    metadata, whose header must have the same length as the one written.
+    metadata, whose header must have the same length as the one written. `copies`
+    are files copied as they are into the output folder, committed with the run.
 
     >>> write_safetensors(tensors, "out", shard_size="5GB").index
     'out/model.safetensors.index.json'
@@ -127,9 +133,10 @@ def write_safetensors(tensors: Sequence[OutputTensor], dst: "os.PathLike | str",
     metadata = writer.check_metadata(metadata, dst) or {}
     for tensor in tensors:
         writer.check_name(tensor.name, dst)
-    run = SinkRun(list(tensors), destination(dst), limit, metadata, progress, verify, finish_metadata)
+    run = SinkRun(list(tensors), destination(dst), limit, metadata, progress, verify, finish_metadata,
+                  list(copies))
     run.write()
-    return SinkResult(run.outputs, run.index, run.bytes_written)
+    return SinkResult(run.outputs, run.index, run.bytes_written, run.copied)
 
 
 def parse_size(size: "int | str") -> int:
@@ -224,9 +231,11 @@ class SinkRun:
     progress: Optional[Progress] = None
     verify: bool = False
     finish_metadata: Optional[Callable[[dict[str, str]], dict[str, str]]] = None
+    copies: list[str] = field(default_factory=list)  # files copied as they are into the output folder
     outputs: list[str] = field(default_factory=list)
     index: Optional[str] = None
     bytes_written: int = 0
+    copied: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.shards = shards(self.tensors, self.limit)
@@ -249,6 +258,8 @@ class SinkRun:
                 if len(self._pending) >= MAX_PENDING_OUTPUTS:
                     self._commit_pending()
             self._commit_pending()
+            for path in self.copies:
+                self._copy(path)
             if n > 1:
                 self._write_index(paths)
         except BaseException:
@@ -367,6 +378,14 @@ class SinkRun:
         if self._final_metadata is None:
             self._final_metadata = self.finish_metadata(dict(self.metadata))
         return self._final_metadata
+
+    def _copy(self, path: str) -> None:
+        target = os.path.join(self.dest.directory, os.path.basename(path))
+        with open_regular_file(path) as source, writer.atomic_output(target) as fd:
+            while piece := source.read(WRITE_PIECE_BYTES):
+                writer.write_all(fd, memoryview(piece))
+        self._committed.append(target)
+        self.copied.append(target)
 
     def _write_index(self, paths: list[str]) -> None:
         index = {"metadata": {"total_size": self.total},

@@ -5,6 +5,11 @@ is ``{"metadata": {"total_size": N, ...}, "weight_map": {tensor: shard file}}``;
 shard files sit beside it. Each shard is opened with `open_source`, so shards
 of any format we read work, and the index is checked against them: a tensor
 the index names must be in its shard.
+
+Tensors come in the model's state-dict order: shard by shard (in file-name order,
+which for ``model-0000k-of-0000N`` is shard order), each shard's tensors in its own
+order. The index's ``weight_map`` is sorted by name when transformers writes it, so
+it cannot say which of two tied names (an embedding and its head) came first.
 """
 
 from __future__ import annotations
@@ -60,11 +65,12 @@ class ShardedSource(TensorSource):
         index = read_index(path)
         folder = os.path.dirname(os.path.abspath(path))
         self.index_metadata = index["metadata"]
+        weight_map = index["weight_map"]
         self.shards: dict[str, TensorSource] = {}
         self._shard_of: dict[str, TensorSource] = {}
         self._infos: dict[str, TensorInfo] = {}
         try:
-            for name, shard_name in index["weight_map"].items():
+            for name, shard_name in weight_map.items():
                 shard = self.shards.get(shard_name)
                 if shard is None:
                     shard_path = os.path.join(folder, shard_name)
@@ -77,13 +83,17 @@ class ShardedSource(TensorSource):
                 if name not in shard.infos:
                     raise errors.SourceError(f"the index puts this tensor in {shard_name!r}, which "
                                              "does not hold it", path=path, tensor=name)
-                self._infos[name] = shard.infos[name]
-                self._shard_of[name] = shard
-                if name in shard.aliases and shard.aliases[name] in index["weight_map"]:
-                    self.aliases[name] = shard.aliases[name]
         except BaseException:
             self.close()
             raise
+        self.shards = dict(sorted(self.shards.items()))
+        for shard_name, shard in self.shards.items():
+            for name, info in shard.infos.items():
+                if weight_map.get(name) == shard_name:
+                    self._infos[name] = info
+                    self._shard_of[name] = shard
+                    if shard.aliases.get(name) in weight_map:
+                        self.aliases[name] = shard.aliases[name]
         for shard_name, shard in self.shards.items():
             extra = [n for n in shard.infos if n not in self._infos]
             if extra:
