@@ -38,3 +38,22 @@ def test_load_file_is_zero_copy(tmp_path):
     scn.save_file({"w": np.ones((256, 256), np.float32)}, tmp_path / "w.safetensors")
     loaded = scn.load_file(tmp_path / "w.safetensors")["w"]
     assert not loaded.flags.owndata and loaded.flags.writeable
+
+
+def test_non_contiguous_arrays_keep_their_values():
+    # theirs writes the memory behind the array's pointer, so a transpose comes back scrambled
+    transposed = np.arange(6, dtype=np.float32).reshape(2, 3).T
+    assert not np.array_equal(st_numpy.load(st_numpy.save({"t": transposed}))["t"], transposed)
+    np.testing.assert_array_equal(scn.load(scn.save({"t": transposed}))["t"], transposed)
+    assert scn.save({"t": transposed}) == st_numpy.save({"t": np.ascontiguousarray(transposed)})
+
+
+def test_loads_the_dtypes_theirs_cannot_give_numpy(tmp_path):
+    import ml_dtypes
+    arrays = {"bf16": np.ones(3, ml_dtypes.bfloat16), "f8": np.zeros(2, ml_dtypes.float8_e5m2)}
+    data = st_numpy.save(arrays)
+    with pytest.raises(KeyError):
+        st_numpy.load(data)
+    for name, array in scn.load(data).items():
+        assert array.dtype == arrays[name].dtype
+        np.testing.assert_array_equal(array, arrays[name])

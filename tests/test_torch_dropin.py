@@ -195,3 +195,158 @@ def test_bad_file_errors_subclass_value_error(tmp_path):
     with pytest.raises(ValueError) as info:
         sct.load_file(path)
     assert isinstance(info.value, errors.HeaderError) and str(path) in str(info.value)
+
+
+# --- safetensors.torch's helpers: same names, signatures and results -------------
+
+HELPERS = ["storage_ptr", "storage_size", "_find_shared_tensors", "_remove_duplicate_names", "_is_complete",
+           "_end_ptr", "_flatten_as_ptr"]
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_helpers_have_their_signatures(name):
+    ours, theirs = inspect.signature(getattr(sct, name)), inspect.signature(getattr(st_torch, name))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+def _shrunk(full: torch.Tensor, elements: int) -> torch.Tensor:
+    """A tensor whose storage starts where `full`'s does but holds only `elements` values."""
+    small = torch.empty([], dtype=full.dtype)
+    small.set_(source=full.untyped_storage()[: elements * full.element_size()])
+    return small
+
+
+def _tensors():
+    base = torch.arange(16.0)
+    return {"full": base, "head": base[:4], "tail": base[12:], "every4": base[::4], "grid": base.view(4, 4),
+            "scalar": torch.tensor(2.0), "empty": torch.zeros(0), "meta": torch.zeros(2, 2, device="meta"),
+            "half": torch.zeros(4, dtype=torch.float16), "shrunk": _shrunk(base, 4),
+            "f4": torch.zeros(2, 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+
+
+@pytest.mark.parametrize("name", list(_tensors()))
+def test_storage_helpers_equal_theirs(name):
+    tensor = _tensors()[name]
+    for helper in ("storage_ptr", "storage_size", "_is_complete", "_end_ptr"):
+        assert getattr(sct, helper)(tensor) == getattr(st_torch, helper)(tensor), helper
+
+
+def test_end_ptr_of_views_theirs_cannot_flatten():
+    base = torch.zeros(3, 4)
+    for view in (base.t(), torch.zeros(4).expand(3, 4)):
+        with pytest.raises(RuntimeError):
+            st_torch._end_ptr(view)
+        last = view[-1, -1] if view.dim() == 2 else view[-1]
+        assert sct._end_ptr(view) == last.data_ptr() + view.element_size()
+
+
+def _state_dicts():
+    full = torch.arange(16.0)
+    tied, copied = TiedModel(), TiedModel()
+    copied.head.weight = torch.nn.Parameter(copied.embed.weight.detach().clone())
+    meta, ones = torch.zeros(2, 2, device="meta"), torch.ones(2)
+    return {
+        "tied model": tied.state_dict(),
+        "untied model": copied.state_dict(),
+        "views": {"B": full[:2], "C": full[2:], "D": full[:1]},
+        "overlap": {"B": full[:2], "C": full[1:]},
+        "order": {"z": torch.zeros(2), "y": full[4:], "a": torch.zeros(2), "x": full[:4], "w": full},
+        "same object": {"A": full, "B": full[:4], "C": full},
+        "two ties": {"z": full, "z_tied": full, "a": ones, "a_tied": ones},
+        "meta and empty": {"m": meta, "m2": meta[:1], "e": torch.zeros(0), "f": torch.zeros(0)},
+        "same start, other size": {"m": full, "n": _shrunk(full, 4)},
+    }
+
+
+@pytest.mark.parametrize("case", list(_state_dicts()))
+def test_find_shared_tensors_same_groups_in_the_same_order(case):
+    state = _state_dicts()[case]
+    assert sct._find_shared_tensors(state) == st_torch._find_shared_tensors(state)
+
+
+@pytest.mark.parametrize("case", list(_state_dicts()))
+@pytest.mark.parametrize("names", [{}, {"preferred_names": ["head.weight", "C"]},
+                                   {"discard_names": ["embed.weight", "A"]}])
+def test_remove_duplicate_names_equal_theirs(case, names):
+    state = _state_dicts()[case]
+    try:
+        theirs = st_torch._remove_duplicate_names(state, **names)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            sct._remove_duplicate_names(state, **names)
+        return
+    ours = sct._remove_duplicate_names(state, **names)
+    assert type(ours) is type(theirs) and ours.default_factory is list
+    assert list(ours.items()) == list(theirs.items())
+
+
+def test_overlaps_are_grouped_through_the_widest_tensor():
+    # theirs compares each range with the previous one only, so "c" (inside "A" but past "b")
+    # gets a group of its own and save_model refuses the state dict; we group all three.
+    full = torch.arange(9.0)
+    state = {"A": full, "b": full[1:2], "c": full[3:4]}
+    assert st_torch._find_shared_tensors(state) == [{"A", "b"}, {"c"}]
+    assert sct._find_shared_tensors(state) == [{"A", "b", "c"}]
+    assert sct._remove_duplicate_names(state) == {"A": ["b", "c"]}
+
+
+def test_a_lone_partial_view_is_not_refused():
+    # theirs refuses (it might store more than needed); we write exactly the view's bytes.
+    state = {"B": torch.zeros(3, 3)[:1]}
+    with pytest.raises(RuntimeError):
+        st_torch._remove_duplicate_names(state)
+    assert sct._remove_duplicate_names(state) == {}
+
+
+def _flattenable():
+    return {"f32": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
+            "bf16": torch.ones(5, dtype=torch.bfloat16), "f8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+            "bool": torch.tensor([True, False]), "i64": torch.tensor(7), "empty": torch.zeros(0, 2, dtype=torch.int16),
+            "f4": torch.arange(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+
+
+def test_flatten_as_ptr_gives_their_specs_and_bytes():
+    tensors = _flattenable()
+    ours_alive, theirs_alive = [], []
+    ours, theirs = sct._flatten_as_ptr(tensors, ours_alive), st_torch._flatten_as_ptr(tensors, theirs_alive)
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        assert (ours[name].dtype, ours[name].shape, ours[name].data_len) == \
+            (theirs[name].dtype, theirs[name].shape, theirs[name].data_len)
+    assert ours_alive
+    assert safeckpt.serialize(ours, metadata={"a": "b"}) == st_torch.save(tensors, metadata={"a": "b"})
+
+
+def test_flatten_as_ptr_copies_what_is_not_contiguous():
+    view = torch.arange(12.0).reshape(3, 4).t()
+    with pytest.raises(ValueError, match="non contiguous"):
+        st_torch._flatten_as_ptr({"t": view}, [])
+    alive = []
+    assert sct.load(sct.serialize(sct._flatten_as_ptr({"t": view}, alive)))["t"].equal(view)
+
+
+def test_flatten_gives_the_dicts_safetensors_0_7_took():
+    tensors = _flattenable()
+    flat = sct._flatten(tensors)
+    assert flat["bf16"]["dtype"] == "bfloat16" and flat["f32"]["shape"] == torch.Size([3, 4])
+    assert isinstance(flat["f32"]["data"], bytes)
+    assert sct.serialize(flat) == st_torch.save(tensors)
+    with pytest.raises(RuntimeError):
+        sct._flatten({"a": tensors["f32"], "b": tensors["f32"]})
+
+
+def test_module_holds_their_reexports():
+    for name in ("safe_open", "serialize", "serialize_file", "deserialize", "TensorSpec"):
+        assert getattr(sct, name) is getattr(safeckpt, name)
+
+
+def test_save_model_writes_non_contiguous_weights_without_force_contiguous(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    model.weight = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3).t())
+    with pytest.raises(ValueError, match="force_contiguous=True"):
+        st_torch.save_model(model, tmp_path / "theirs.safetensors", force_contiguous=False)
+    sct.save_model(model, tmp_path / "ours.safetensors", force_contiguous=False)
+    fresh = torch.nn.Linear(4, 3)
+    assert sct.load_model(fresh, tmp_path / "ours.safetensors") == (set(), [])
+    assert torch.equal(fresh.weight, model.weight)

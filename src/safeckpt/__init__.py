@@ -28,6 +28,11 @@ _LAZY = {
     "diff": ".ops.diff", "DiffReport": ".ops.diff",
     "merge": ".ops.merge", "MergeReport": ".ops.merge",
     "CheckpointManager": ".training.manager", "CheckpointInfo": ".training.manager",
+    "SafetensorError": ".errors",
+    "TensorSpec": ".tensor_spec",
+    "serialize": ".tensor_spec",
+    "serialize_file": ".tensor_spec",
+    "deserialize": ".tensor_spec",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -48,7 +53,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .api import load, load_file, safe_open, save, save_file
-    from .errors import HeaderError, SafeckptError, SourceError, UnsafeFileError
+    from .errors import HeaderError, SafeckptError, SafetensorError, SourceError, UnsafeFileError
     from .format import RawTensor, SafetensorsFile, TensorInfo
     from .ops.cast import cast
     from .ops.convert import ConvertReport, convert
@@ -57,4 +62,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .ops.scan import ScanReport, scan
     from .ops.verify import VerifyReport, verify
     from .sources import TensorSource, open_source
+    from .tensor_spec import TensorSpec, deserialize, serialize, serialize_file
     from .training.manager import CheckpointInfo, CheckpointManager

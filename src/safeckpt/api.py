@@ -23,7 +23,8 @@ def _located(exc: errors.SafeckptError, path, name: str) -> errors.SafeckptError
     return type(exc)(exc.detail, path=path, tensor=name)
 
 
-def _prepare_all(tensors: Mapping[str, Any], path=None) -> List[PreparedTensor]:
+def prepare_tensors(tensors: Mapping[str, Any], path=None) -> List[PreparedTensor]:
+    """Check a dict of tensors (numpy or any framework's) and describe each for writing."""
     if not isinstance(tensors, Mapping):
         raise errors.UnsupportedTensorError(
             f"expected a dict of name -> tensor, got {type(tensors).__name__}", path=path)
@@ -46,7 +47,7 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Optional[Dic
     >>> safeckpt.save_file({"w": np.zeros((2, 3), np.float32)}, "model.safetensors", {"step": "10"})
     """
     metadata = check_metadata(metadata, path)
-    write_file(_prepare_all(tensors, path), path, metadata)
+    write_file(prepare_tensors(tensors, path), path, metadata)
 
 
 def save(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]] = None) -> bytes:
@@ -55,7 +56,7 @@ def save(tensors: Mapping[str, Any], metadata: Optional[Dict[str, str]] = None) 
     >>> data = safeckpt.save({"w": np.ones(3, np.float32)})
     """
     metadata = check_metadata(metadata)
-    return serialize(_prepare_all(tensors), metadata)
+    return serialize(prepare_tensors(tensors), metadata)
 
 
 def _read_tensor(adapter, file: SafetensorsFile, name: str, device, storage=None):
@@ -73,9 +74,9 @@ class TensorSlice:
     ...     row = f.get_slice("embed.weight")[42]
     """
 
-    def __init__(self, file: SafetensorsFile, name: str, adapter, device) -> None:
-        self._file, self._name, self._adapter, self._device = file, name, adapter, device
-        self._info = file.info(name)
+    def __init__(self, handle: "safe_open", name: str) -> None:
+        self._handle, self._name = handle, name
+        self._info = handle._opened().info(name)
 
     def get_shape(self) -> List[int]:
         return list(self._info.shape)
@@ -97,10 +98,11 @@ class TensorSlice:
         return self._info.shape[0]
 
     def __getitem__(self, index):
+        file = self._handle._opened()
         try:
-            return self._adapter.from_numpy(self._file.slice(self._name, index), self._device)
+            return self._handle._adapter.from_numpy(file.slice(self._name, index), self._handle._device)
         except errors.SafeckptError as exc:
-            raise _located(exc, self._file.path, self._name) from None
+            raise _located(exc, file.path, self._name) from None
 
 
 class safe_open:
@@ -109,7 +111,9 @@ class safe_open:
     `framework` accepts every name safetensors accepts ("np", "pt", "tf", "jax",
     "flax", "mlx", "paddle", ...). `backend` is "mmap" (default, zero-copy,
     private copy-on-write mapping) or "pread" (owned arrays, for filesystems
-    where mmap is slow or unavailable).
+    where mmap is slow or unavailable). After the `with` block (or `close()`),
+    every method and every slice taken from it raises `FileClosedError`; tensors
+    already read stay valid.
 
     >>> with safeckpt.safe_open("model.safetensors", framework="pt") as f:
     ...     f.keys(), f.metadata(), f.get_tensor("w"), f.get_slice("w")[0:2, ::2]
@@ -119,31 +123,41 @@ class safe_open:
                  backend: str = "mmap") -> None:
         self._adapter = frameworks.get(framework)
         self._device = device
-        self._file = SafetensorsFile(filename, backend=backend)
+        self._path = os.fspath(filename)
+        self._file: Optional[SafetensorsFile] = SafetensorsFile(filename, backend=backend)
+
+    def _opened(self) -> SafetensorsFile:
+        if self._file is None:
+            raise errors.FileClosedError(
+                "the file is closed: use the safe_open handle (and its slices) inside its `with` block",
+                path=self._path)
+        return self._file
 
     def keys(self) -> List[str]:
         """Tensor names, sorted."""
-        return sorted(self._file.keys())
+        return sorted(self._opened().keys())
 
     def offset_keys(self) -> List[str]:
         """Tensor names in the order their bytes appear in the file."""
-        return self._file.keys()
+        return self._opened().keys()
 
     def metadata(self) -> Optional[Dict[str, str]]:
-        return self._file.metadata()
+        return self._opened().metadata()
 
     def get_tensor(self, name: str):
-        return _read_tensor(self._adapter, self._file, name, self._device)
+        return _read_tensor(self._adapter, self._opened(), name, self._device)
 
     def get_tensors(self) -> Dict[str, Any]:
         """Every tensor, in file order."""
-        return {name: self.get_tensor(name) for name in self._file.keys()}
+        return {name: self.get_tensor(name) for name in self.offset_keys()}
 
     def get_slice(self, name: str) -> TensorSlice:
-        return TensorSlice(self._file, name, self._adapter, self._device)
+        return TensorSlice(self, name)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "safe_open":
         return self

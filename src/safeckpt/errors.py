@@ -38,6 +38,10 @@ class SafeckptError(Exception):
         return (": ".join(where) + ": " if where else "") + self.detail
 
 
+# safetensors' name for its one exception class: `except SafetensorError` catches every error we raise.
+SafetensorError = SafeckptError
+
+
 # --- reading: the header and layout of a safetensors file -------------------
 
 class HeaderError(SafeckptError, ValueError):
@@ -151,6 +155,10 @@ class TensorNotFoundError(SafeckptError, KeyError):
 
 class SliceError(SafeckptError, IndexError):
     """An index that numpy basic indexing would refuse for this shape."""
+
+
+class FileClosedError(SafeckptError, ValueError):
+    """A `safe_open` handle (or a slice taken from it) used after its `with` block or `close()`."""
 
 
 class DTypeConversionError(SafeckptError, TypeError):

@@ -11,6 +11,8 @@ from typing import Dict, Optional, Union
 import numpy as np
 
 from . import api
+from .api import safe_open  # noqa: F401  (as in safetensors.numpy)
+from .tensor_spec import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (as in safetensors.numpy)
 
 
 def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:

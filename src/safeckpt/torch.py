@@ -8,6 +8,11 @@ being refused, and errors are `SafeckptError`s that name the file and tensor
 
 >>> from safeckpt.torch import save_file, load_file, save_model, load_model
 
+safetensors.torch's helpers for tied weights (`storage_ptr`, `storage_size`,
+`_find_shared_tensors`, `_remove_duplicate_names`, `_is_complete`, `_end_ptr`)
+give the same results as theirs, and `_flatten_as_ptr` / `_flatten` give the
+input of `serialize` in its safetensors 0.8 / 0.7 forms.
+
 It also holds the training-state helpers: `training_state` gathers a run's
 model, optimizer, scheduler, AMP scaler and RNG states into a plain tree, and
 `restore_training_state` puts them back.
@@ -26,64 +31,91 @@ import numpy as np
 import torch
 
 from . import api, errors
+from .api import safe_open  # noqa: F401  (as in safetensors.torch)
+from .format.writer import RawTensor, tensor_chunks
+from .tensor_spec import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (as in safetensors.torch)
 
 
-# --- shared (tied) tensors ------------------------------------------------------
+# --- shared (tied) tensors: safetensors.torch's helpers, same names and results ---
 
-def _storage_key(tensor: torch.Tensor):
-    if tensor.device.type == "meta":
-        return None
-    storage = tensor.untyped_storage()
-    if storage.data_ptr() == 0 or storage.nbytes() == 0:
-        return None
-    return tensor.device, storage.data_ptr(), storage.nbytes()
+def storage_ptr(tensor: torch.Tensor) -> int:
+    """The address of the tensor's storage: 0 for meta tensors and storages without data."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):  # no plain storage: sparse tensors, some tensor subclasses
+        return 0
 
 
-def _byte_range(tensor: torch.Tensor) -> Tuple[int, int]:
-    start = tensor.data_ptr()
+def storage_size(tensor: torch.Tensor) -> int:
+    """The size in bytes of the tensor's whole storage (which views may share)."""
+    return tensor.untyped_storage().nbytes()
+
+
+def _end_ptr(tensor: torch.Tensor) -> int:
+    """One past the last byte the tensor's elements reach; its data_ptr when it has none.
+
+    Computed from the strides, so transposed and expanded views work too.
+    """
     if tensor.numel() == 0:
-        return start, start
-    last = start + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) * tensor.element_size()
-    return start, last + tensor.element_size()
+        return tensor.data_ptr()
+    reach = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr() + (reach + 1) * tensor.element_size()
+
+
+def _is_complete(tensor: torch.Tensor) -> bool:
+    """True when the tensor starts its storage and its elements fill it (so it can stand for it)."""
+    return tensor.data_ptr() == storage_ptr(tensor) and \
+        tensor.numel() * tensor.element_size() == storage_size(tensor)
 
 
 def _find_shared_tensors(state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
-    """Groups of names whose bytes overlap (same storage, overlapping ranges)."""
-    by_storage: Dict[tuple, List[str]] = defaultdict(list)
+    """Groups of names whose bytes overlap, in safetensors' order.
+
+    Storages come in the order the state dict first names them; within one storage,
+    runs of overlapping byte ranges in address order. Meta tensors and empty
+    storages share nothing.
+
+    >>> _find_shared_tensors({"a": w, "b": w[:1], "c": torch.ones(2)})
+    [{'a', 'b'}, {'c'}]
+    """
+    by_storage: Dict[tuple, List[str]] = {}
     for name, tensor in state_dict.items():
-        key = _storage_key(tensor)
-        if key is not None:
-            by_storage[key].append(name)
+        if tensor.device.type != "meta" and storage_ptr(tensor) != 0 and storage_size(tensor) != 0:
+            key = (tensor.device, storage_ptr(tensor), storage_size(tensor))
+            by_storage.setdefault(key, []).append(name)
     groups: List[Set[str]] = []
     for names in by_storage.values():
-        spans = sorted((*_byte_range(state_dict[n]), n) for n in names)
-        current, current_end = {spans[0][2]}, spans[0][1]
-        for start, end, name in spans[1:]:
-            if start >= current_end:
-                groups.append(current)
-                current, current_end = {name}, end
+        spans = sorted((state_dict[name].data_ptr(), _end_ptr(state_dict[name]), name) for name in names)
+        current_end = None
+        for start, end, name in spans:
+            if current_end is None or start >= current_end:
+                groups.append({name})
+                current_end = end
             else:
-                current.add(name)
+                groups[-1].add(name)
                 current_end = max(current_end, end)
-        groups.append(current)
-    return sorted(groups, key=lambda g: sorted(g))
+    return groups
 
 
-def _covers_storage(tensor: torch.Tensor) -> bool:
-    storage = tensor.untyped_storage()
-    return tensor.data_ptr() == storage.data_ptr() and tensor.numel() * tensor.element_size() == storage.nbytes()
+def _remove_duplicate_names(state_dict: Dict[str, torch.Tensor], *,
+                            preferred_names: Optional[List[str]] = None,
+                            discard_names: Optional[List[str]] = None) -> Dict[str, List[str]]:
+    """For each group of tied tensors: the name to keep -> the other names, sorted.
 
+    The kept name covers the whole storage (`_is_complete`): the first in sorted
+    order, preferring names not in `discard_names`, then names in `preferred_names`
+    (the names a file holds, when loading). A defaultdict(list), as safetensors returns.
 
-def _remove_duplicate_names(state_dict: Dict[str, torch.Tensor], *, preferred_names=None,
-                            discard_names=None) -> Dict[str, List[str]]:
-    """For each group of tied tensors: the name to keep -> the names to drop."""
+    >>> _remove_duplicate_names(model.state_dict())
+    defaultdict(<class 'list'>, {'embed.weight': ['head.weight']})
+    """
     preferred_names = set(preferred_names or [])
     discard_names = set(discard_names or [])
     to_remove: Dict[str, List[str]] = defaultdict(list)
     for group in _find_shared_tensors(state_dict):
         if len(group) < 2:
             continue
-        complete = {name for name in group if _covers_storage(state_dict[name])}
+        complete = {name for name in group if _is_complete(state_dict[name])}
         if not complete:
             raise errors.SharedTensorsError(
                 f"tensors {sorted(group)} share memory but none covers the whole storage, so none can "
@@ -187,6 +219,47 @@ def load_model(model: torch.nn.Module, filename: Union[str, os.PathLike], strict
             message += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
         raise RuntimeError(message)
     return missing, unexpected
+
+
+# --- safetensors' raw-buffer helpers ----------------------------------------------
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).split(".")[-1]
+
+
+def _flatten(tensors: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, Any]]:
+    """Tensors as safetensors <= 0.7's `serialize` took them: name -> {"dtype", "shape", "data"}.
+
+    Checked as `save` checks them; `data` is bytes in logical order whatever the strides.
+
+    >>> data = serialize(_flatten({"w": torch.ones(2, 3)}))
+    """
+    _check_tensor_dict(tensors)
+    return {prepared.name: {"dtype": _dtype_name(tensors[prepared.name]), "shape": tensors[prepared.name].shape,
+                            "data": b"".join(tensor_chunks(prepared.load()))}
+            for prepared in api.prepare_tensors(tensors)}
+
+
+def _flatten_as_ptr(tensors: Dict[str, torch.Tensor], keep_alive_buffer: List) -> Dict[str, TensorSpec]:
+    """Tensors as safetensors 0.8's `serialize` takes them: name -> TensorSpec.
+
+    Each spec points at the tensor's bytes in C order (a copy for tensors that
+    are not contiguous or not on the CPU); the arrays pointed at are appended to
+    `keep_alive_buffer`, which must outlive the `serialize` call.
+
+    >>> keep = []
+    >>> data = serialize(_flatten_as_ptr({"w": torch.ones(2, 3)}, keep))
+    """
+    _check_tensor_dict(tensors)
+    specs = {}
+    for prepared in api.prepare_tensors(tensors):
+        value = prepared.load()
+        array = np.ascontiguousarray(value.data if isinstance(value, RawTensor) else value)
+        keep_alive_buffer.append(array)
+        tensor = tensors[prepared.name]
+        specs[prepared.name] = TensorSpec(dtype=_dtype_name(tensor), shape=tensor.shape,
+                                          data_ptr=array.ctypes.data, data_len=array.nbytes)
+    return specs
 
 
 # --- training state -------------------------------------------------------------

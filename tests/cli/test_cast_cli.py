@@ -90,7 +90,9 @@ def test_cli_reports_counts_and_strict_exits_1(tmp_path, checkpoint):
     result = invoke("cast", path, tmp_path / "b.safetensors", "--dtype", "fp16", "--strict", "--json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
-    assert report["cast"] is True and report["overflow"] == {"tiny_and_huge": 2}
+    assert report["command"] == "cast" and report["ok"] is False and report["exit_code"] == 1
+    assert report["cast"] == "F16" and report["overflow"] == {"tiny_and_huge": 2}  # the target dtype
+    assert "--strict" in report["error"] and result.stderr.startswith("error: --strict: values overflowed")
     assert (tmp_path / "b.safetensors").exists()
     clean = invoke("cast", path, tmp_path / "c.safetensors", "--dtype", "bf16", "--strict", "--verify")
     assert clean.exit_code == 0, clean.output
@@ -111,7 +113,7 @@ def test_malicious_source_is_refused_and_never_run(tmp_path):
     canary = tmp_path / "canary"
     malicious_torch_file(tmp_path / "evil.pt", canary)
     result = invoke("cast", tmp_path / "evil.pt", tmp_path / "out.safetensors", "--dtype", "bf16")
-    assert result.exit_code == 2 and result.stderr.startswith("REFUSED")
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {tmp_path / 'evil.pt'}: refusing to ")
     assert not canary.exists() and not (tmp_path / "out.safetensors").exists()
 
 

@@ -18,7 +18,6 @@ from rich.console import Console
 
 import safeckpt
 from safeckpt.cli import COMMANDS, main, output
-from safeckpt.cli import inspect as inspect_cli
 from safeckpt.format import reader
 
 from conftest import safetensors_bytes
@@ -235,17 +234,17 @@ def test_pickle_is_refused_with_what_it_is(tmp_path):
     torch.save({"w": torch.ones(2)}, path)
     result = invoke("verify", path)
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"INVALID {path}: not a safetensors file: it is a zip archive")
+    assert result.stderr.startswith(f"error: {path}: not a safetensors file: it is a zip archive")
 
 
 def test_missing_file_exits_2(tmp_path):
     missing = tmp_path / "nope.safetensors"
     result = invoke("inspect", missing)
     assert result.exit_code == 2
-    assert result.stderr == f"error: {missing}: cannot read: No such file or directory\n"
+    assert result.stderr == f"error: {missing}: cannot read: no such file or directory\n"
     result = invoke("verify", missing)
     assert result.exit_code == 2
-    assert result.stderr == f"ERROR {missing}: cannot read: No such file or directory\n"
+    assert result.stderr == f"error: {missing}: cannot read: no such file or directory\n"
 
 
 def test_file_truncated_after_opening(ours, monkeypatch):
@@ -265,7 +264,7 @@ def test_unexpected_errors_are_one_line_not_a_traceback(ours, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(inspect_cli, "SafetensorsFile", boom)
+    monkeypatch.setattr(reader.SafetensorsFile, "__init__", boom)
     result = invoke("inspect", ours)
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {ours}: internal error RuntimeError: kaboom")
@@ -300,7 +299,8 @@ def test_verify_json(tmp_path, ours):
     result = invoke("verify", "--json", ours, garbage)
     assert result.exit_code == 1
     report = json.loads(result.stdout)
-    assert report["valid"] is False
+    assert (report["command"], report["ok"], report["exit_code"]) == ("verify", False, 1)
+    assert report["error"] == result.stderr.strip().removeprefix("error: ")
     good, bad = report["files"]
     assert good["status"] == "ok" and good["error"] is None and good["file_size"] == ours.stat().st_size
     assert good["tensors"] == len(safeckpt.SafetensorsFile(ours).keys())
@@ -323,7 +323,7 @@ def test_verify_directory(tmp_path, ours, theirs):
 
 # --- help, version, console script ---------------------------------------------
 
-@pytest.mark.parametrize("name", [command.name for command in COMMANDS])
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_has_help_with_examples_and_exit_codes(name):
     result = invoke(name, "--help")
     assert result.exit_code == 0
@@ -345,7 +345,7 @@ def test_console_script(ours, tmp_path):
     garbage.write_bytes(b"\x00" * 3)
     result = run_script("verify", garbage)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"INVALID {garbage}: file is 3 bytes") and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {garbage}: file is 3 bytes") and "Traceback" not in result.stderr
     assert run_script("inspect", tmp_path / "missing").returncode == 2
     assert run_script("--version").stdout.strip() == f"safeckpt, version {safeckpt.__version__}"
 

@@ -38,7 +38,7 @@ def checkpoint(tmp_path):
 
 
 def test_registered():
-    assert "convert" in main.commands and convert_cli.command in COMMANDS
+    assert "convert" in COMMANDS and main.get_command(None, "convert") is convert_cli.command
 
 
 def test_convert_prints_a_summary(tmp_path, checkpoint):
@@ -56,7 +56,8 @@ def test_json_report(tmp_path, checkpoint):
                     "--verify", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["converted"] is True and report["verified"] is True and report["cast"] == "BF16"
+    assert report["command"] == "convert" and report["ok"] is True and report["error"] is None
+    assert report["verified"] is True and report["cast"] == "BF16"
     assert report["index"].endswith("model.safetensors.index.json") and len(report["outputs"]) > 1
     index = json.loads(Path(report["index"]).read_text())
     assert sorted(index["weight_map"]) == sorted(checkpoint[1])
@@ -101,11 +102,14 @@ def test_malicious_source_is_refused(tmp_path):
     malicious_torch_file(tmp_path / "evil.bin", canary)
     result = invoke("convert", tmp_path / "evil.bin", tmp_path / "out.safetensors")
     assert result.exit_code == 2
-    assert result.stderr.startswith("REFUSED ") and "posix.system" in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'evil.bin'}: refusing to convert")
+    assert "posix.system" in result.stderr
     assert "--allow-unsafe-structure" in result.stderr and len(result.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.bin"] and not canary.exists()
     result = invoke("convert", tmp_path / "evil.bin", tmp_path / "out.safetensors", "--json")
-    assert result.exit_code == 2 and json.loads(result.stdout)["scan"]["verdict"] == "malicious"
+    report = json.loads(result.stdout)
+    assert result.exit_code == 2 and report["scan"]["verdict"] == "malicious" and report["ok"] is False
+    assert report["error_type"] == "UnsafeFileError" and "--allow-unsafe-structure" in report["error"]
     result = invoke("convert", tmp_path / "evil.bin", tmp_path / "out.safetensors", "--allow-unsafe-structure")
     assert result.exit_code == 0, result.output
     assert "malicious" in result.stdout and not canary.exists()
@@ -113,7 +117,7 @@ def test_malicious_source_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["missing.bin", "o.safetensors"], "missing.bin: No such file or directory"),
+    (["missing.bin", "o.safetensors"], "missing.bin: cannot read: no such file or directory"),
     (["{src}", "o.safetensors", "--dtype", "int3"], "cannot cast to 'int3'"),
     (["{src}", "o.safetensors", "--shard-size", "lots"], "is not a size"),
     (["{src}", "o.safetensors", "--select", "nothing*"], "nothing to convert"),
@@ -122,7 +126,7 @@ def test_errors_exit_2_with_one_line(tmp_path, checkpoint, monkeypatch, args, me
     monkeypatch.chdir(tmp_path)
     result = invoke("convert", *[a.format(src=checkpoint[0]) for a in args])
     assert result.exit_code == 2
-    assert result.stderr.startswith("ERROR ") and message in result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -158,3 +162,14 @@ def test_raw_dump_with_a_template(tmp_path):
                                "--json").stdout)
     assert report["format"] == "raw" and report["totals"]["tensors"] == 2
     assert invoke("convert", tmp_path / "dump.bin", tmp_path / "no.safetensors").exit_code == 2
+
+
+def test_a_model_folders_other_files_are_listed(tmp_path):
+    import numpy as np
+    folder = tmp_path / "model"
+    folder.mkdir()
+    safeckpt.save_file({"w": np.ones(2, np.float32)}, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"hidden": 2}')
+    result = invoke("convert", folder, tmp_path / "out/")
+    assert result.exit_code == 0, result.output
+    assert f"copied beside it: {tmp_path / 'out' / 'config.json'}" in result.stdout

@@ -35,7 +35,7 @@ def test_demo_runs_green(tmp_path):
                     "$ safeckpt merge run/step-*/tensors.safetensors -o averaged.safetensors",
                     "$ safeckpt verify truncated.safetensors"):
         assert command in out, command
-    assert "posix.system" in out and "INVALID truncated.safetensors:" in result.stderr  # errors go to stderr
+    assert "posix.system" in out and "error: truncated.safetensors:" in result.stderr  # errors go to stderr
     assert list(tmp_path.iterdir()) == [], "the demo removes its files unless --keep"
 
 

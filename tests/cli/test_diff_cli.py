@@ -97,10 +97,12 @@ def test_errors_exit_2_with_one_line(pair, args):
     (directory / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     result = invoke(*[directory / a if a.endswith(".safetensors") else a for a in args])
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("ERROR ") and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
     as_json = invoke(*[directory / a if a.endswith(".safetensors") else a for a in args], "--json")
-    assert as_json.exit_code == 2 and "error" in json.loads(as_json.stdout)
+    report = json.loads(as_json.stdout)
+    assert as_json.exit_code == 2 and report["exit_code"] == 2 and report["ok"] is False
+    assert report["error"] == result.stderr.strip().removeprefix("error: ")
 
 
 def test_plot_is_written(pair, tmp_path):

@@ -69,7 +69,8 @@ def test_ls_reports_a_damaged_checkpoint_and_exits_1(run):
     result = invoke("ls", run)
     assert result.exit_code == 1
     assert list(rows(result.stdout)) == ["9", "10", "1000"]
-    assert "DAMAGED step 100" in result.stderr and "manifest.json" in result.stderr
+    assert result.stderr.startswith("error: step 100 (") and ": damaged: " in result.stderr
+    assert "manifest.json" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_ls_changes_nothing_and_takes_no_lock(run):

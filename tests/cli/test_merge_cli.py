@@ -130,8 +130,9 @@ def test_malicious_input_refused(tmp_path, checkpoints):
     evil, canary = tmp_path / "evil.pt", tmp_path / "canary"
     malicious_torch_file(evil, canary)
     result = invoke(evil, evil, "-o", tmp_path / "o.safetensors", "--json")
-    assert result.exit_code == 2 and "REFUSED" in result.stderr
-    assert json.loads(result.stdout)["scan"]["verdict"] == "malicious"
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {evil}: refusing to merge")
+    report = json.loads(result.stdout)
+    assert report["scan"]["verdict"] == "malicious" and report["error_type"] == "UnsafeFileError"
     assert not (tmp_path / "o.safetensors").exists() and not canary.exists()
     result = invoke(evil, evil, "-o", tmp_path / "o.safetensors", "--allow-unsafe-structure")
     assert result.exit_code == 0, result.output

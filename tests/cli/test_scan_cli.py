@@ -68,7 +68,7 @@ def test_unreadable_files_exit_2(files, tmp_path):
     for path in (files["broken.pkl"], tmp_path / "missing.pt"):
         result = invoke("scan", path)
         assert result.exit_code == 2, result.output
-        assert result.stderr.startswith(f"ERROR {path}: ") and len(result.stderr.splitlines()) == 1
+        assert result.stderr.startswith(f"error: {path}: ") and len(result.stderr.splitlines()) == 1
         assert rows(result.stdout)[2][2] == "error"
     if os.geteuid() != 0:  # root reads anything
         locked = tmp_path / "locked.pt"

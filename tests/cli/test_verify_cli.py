@@ -77,7 +77,7 @@ def test_write_then_verify_then_a_flipped_byte(model):
     flip_inside(model, "b.bias")
     result = invoke(model)
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr.startswith(f"INVALID {model}: tensor 'b.bias': the tensor's bytes differ")
+    assert result.stderr.startswith(f"error: {model}: tensor 'b.bias': the tensor's bytes differ")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -88,7 +88,8 @@ def test_json(model, tmp_path):
     result = invoke("--json", model, missing)
     assert result.exit_code == 2
     document = json.loads(result.stdout)
-    assert document["valid"] is False and document["exit_code"] == 2
+    assert (document["command"], document["ok"], document["exit_code"]) == ("verify", False, 2)
+    assert str(missing) in document["error"] and "c.ids" in document["error"]
     damaged, gone = document["files"]
     assert damaged["file"] == str(model) and damaged["status"] == "invalid" and damaged["exit_code"] == 1
     assert damaged["hashes"] == "failed" and damaged["failed_tensor"] == "c.ids"

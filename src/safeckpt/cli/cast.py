@@ -8,22 +8,24 @@ are counted per tensor and printed (and in --json); --strict makes them an error
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 
-from ..ops.cast import cast
-from ..ops.convert import ConvertReport
 from . import convert as convert_cli
-from . import output
+from . import output, short_help
+
+if TYPE_CHECKING:
+    from ..ops.convert import ConvertReport
 
 EXIT_CODES = ("\b\nExit codes:\n  0  written (overflow and underflow, if any, are reported as warnings)\n"
               "  1  written, but with --strict some values overflowed or underflowed the target\n"
-              "  2  not written: the source is unsafe, unreadable or malformed, a verification failed,\n"
-              "     or the command line is wrong")
+              "  2  not written: the source is unsafe, unreadable or malformed, the output exists (see\n"
+              "     --force) or is an input or cannot be written, a verification failed, or the\n"
+              "     command line is wrong")
 
 
-@click.command("cast", short_help="Cast floating tensors to bf16, fp16, fp32 or fp8.", epilog=EXIT_CODES)
+@click.command("cast", cls=output.Command, short_help=short_help("cast"), epilog=EXIT_CODES)
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--dtype", required=True, metavar="DTYPE",
@@ -37,9 +39,11 @@ EXIT_CODES = ("\b\nExit codes:\n  0  written (overflow and underflow, if any, ar
 @click.option("--strict", is_flag=True, help="Exit 1 when any value overflowed or underflowed the target.")
 @click.option("--allow-unsafe-structure", is_flag=True,
               help="Cast even if the scan finds malicious content (it is never executed).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help=convert_cli.FORCE_HELP)
+@click.option("--json", "as_json", is_flag=True, help=convert_cli.JSON_HELP.replace(
+    "cast is the target dtype (null: none)", "cast is the target dtype"))
 def command(src: str, dst: str, dtype: str, select: tuple[str, ...], exclude: tuple[str, ...],
-            shard_size: Optional[str], verify: bool, strict: bool, allow_unsafe_structure: bool,
+            shard_size: Optional[str], verify: bool, strict: bool, allow_unsafe_structure: bool, force: bool,
             as_json: bool) -> None:
     """Write SRC (any format safeckpt reads) as safetensors at DST with its floating tensors cast.
 
@@ -55,9 +59,17 @@ def command(src: str, dst: str, dtype: str, select: tuple[str, ...], exclude: tu
       safeckpt cast model.safetensors model-fp8.safetensors --dtype fp8 --select '*.mlp.*' --json
     """
     def work(progress: output.ProgressBar) -> ConvertReport:
-        return cast(src, dst, dtype, select=select or None, exclude=exclude or None, shard_size=shard_size,
-                    verify=verify, allow_unsafe_structure=allow_unsafe_structure, progress=progress)
+        from ..ops.cast import cast
 
-    report = convert_cli.run(work, src, as_json, verb="cast")
+        return cast(src, dst, dtype, select=select or None, exclude=exclude or None, shard_size=shard_size,
+                    verify=verify, allow_unsafe_structure=allow_unsafe_structure, progress=progress,
+                    overwrite=force)
+
+    report = convert_cli.run(work, dst, as_json, verb="cast")
+    code = output.EXIT_OK
     if strict and (report.overflow or report.underflow):
-        raise SystemExit(output.EXIT_INVALID)
+        code = output.EXIT_INVALID
+        tensors = len(set(report.overflow) | set(report.underflow))
+        output.error_line(f"--strict: values overflowed or underflowed {report.cast} in {tensors} "
+                          f"tensor{'s' if tensors > 1 else ''} (written: {', '.join(report.outputs)})")
+    output.finish(code, convert_cli.report_dict(report))

@@ -8,33 +8,29 @@ draws a progress bar on stderr when the work takes more than a second.
 from __future__ import annotations
 
 import contextlib
-import json
-import warnings
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import click
 
-from ..errors import SafeckptError, UnsafeFileError
-from ..ops.convert import ConvertReport, convert
-from ..sources import open_source
-from . import output
+from . import output, short_help
 from .output import grouped, human_bytes, printable
+
+if TYPE_CHECKING:
+    from ..ops.convert import ConvertReport
 
 # Rows of the overflow table and names of skipped tensors shown (all of them with --json).
 SHOWN_ROWS = 20
 
 EXIT_CODES = ("\b\nExit codes:\n  0  converted (and verified, with --verify)\n"
               "  2  not converted: the source is unsafe (see --allow-unsafe-structure), unreadable or\n"
-              "     malformed, a verification failed, or the command line is wrong; nothing is written")
+              "     malformed, the output exists (see --force) or is an input or cannot be written,\n"
+              "     a verification failed, or the command line is wrong; nothing is written")
 
-
-def _failure(exc: BaseException, src: str) -> str:
-    """One line for a failed conversion; OSErrors name the file they are about (source or output)."""
-    if isinstance(exc, SafeckptError):
-        return output.one_line(str(exc))
-    if isinstance(exc, OSError):
-        return output.one_line(f"{exc.filename or src}: {exc.strerror or exc}")
-    return output.describe_failure(exc, src)[1]
+JSON_HELP = ("Print one JSON document: {command, ok, exit_code, error, error_type, warnings, source, source_format, "
+             "outputs, index, tensors, bytes_written, aliases, skipped, cast, overflow, underflow, verified, "
+             "seconds, scan_verdict, notes, copied}; cast is the target dtype (null: none); copied, a model folder's other "
+             "files copied beside the output; a refused source adds scan.")
+FORCE_HELP = "Replace DST if it exists (never an input); without it an existing DST is refused."
 
 
 def _summary(report: ConvertReport, verb: str = "converted") -> None:
@@ -58,8 +54,11 @@ def _summary(report: ConvertReport, verb: str = "converted") -> None:
         shown = ", ".join(printable(n) for n in report.skipped[:5])
         console.print(f"skipped {len(report.skipped)} source tensors ({shown}"
                       f"{', ...' if len(report.skipped) > 5 else ''})", markup=False)
-    for note in report.notes:
-        console.print(f"note: {note}", markup=False)
+    if report.copied:
+        console.print(f"copied beside it: {', '.join(printable(p) for p in report.copied[:5])}"
+                      f"{', ...' if len(report.copied) > 5 else ''}", markup=False)
+    for note in output.cli_notes(report.notes):
+        console.print(output.NOTE_PREFIX + note, markup=False)
     for counts, what in ((report.overflow, "overflowed (now ±inf, or ±max for F8_E4M3)"),
                          (report.underflow, "underflowed (non-zero values now ±0)")):
         if counts:
@@ -68,8 +67,7 @@ def _summary(report: ConvertReport, verb: str = "converted") -> None:
             output.print_counts(console, counts, SHOWN_ROWS)
 
 
-@click.command("convert", short_help="Convert any checkpoint to safetensors; nothing in it is executed.",
-               epilog=EXIT_CODES)
+@click.command("convert", cls=output.Command, short_help=short_help("convert"), epilog=EXIT_CODES)
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--shard-size", metavar="SIZE",
@@ -92,10 +90,11 @@ def _summary(report: ConvertReport, verb: str = "converted") -> None:
 @click.option("--template", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               help="Read SRC as a raw dump (arrays back to back, no header) whose tensors, dtypes and "
                    "shapes are named by FILE: a JSON template or an existing .safetensors file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str], select: tuple[str, ...],
             exclude: tuple[str, ...], extract: str, drop_ema: bool, ema_only: bool, verify: bool,
-            allow_unsafe_structure: bool, no_source_hash: bool, template: Optional[str],
+            allow_unsafe_structure: bool, no_source_hash: bool, template: Optional[str], force: bool,
             as_json: bool) -> None:
     """Convert SRC (PyTorch .bin/.pt/.pth, Lightning or SD .ckpt, npz, sharded folder, safetensors,
     ...) into safetensors at DST, a file or a directory.
@@ -105,7 +104,8 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
     runs code; a source the scan finds malicious is refused unless
     --allow-unsafe-structure. Tied weights are stored once, as save_model does. The
     metadata records format=pt, the source's name, format and sha256, and the
-    checkpoint's non-tensor data (epoch, hyper-parameters) as JSON.
+    checkpoint's non-tensor data (epoch, hyper-parameters) as JSON. DST is
+    never an input, and an existing DST is replaced only with --force.
 
     \b
     Examples:
@@ -116,46 +116,46 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
       safeckpt convert dump.bin model.safetensors --template layout.json
     """
     if drop_ema and ema_only:
-        output.exit_with(output.EXIT_ERROR, "error: --drop-ema and --ema-only exclude each other")
+        output.fail(output.EXIT_ERROR, "--drop-ema and --ema-only exclude each other")
     ema = "drop" if drop_ema else "only" if ema_only else None
 
     def work(progress: output.ProgressBar) -> ConvertReport:
+        from ..ops.convert import convert
+        from ..sources import open_source
+
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(open_source(src, template=template)) if template else src
             return convert(source, dst, shard_size=shard_size, dtype=dtype, select=select or None,
                            exclude=exclude or None, extract=None if extract.lower() == "none" else extract,
                            ema=ema, verify=verify, allow_unsafe_structure=allow_unsafe_structure,
-                           source_hash=not no_source_hash, progress=progress)
+                           source_hash=not no_source_hash, progress=progress, overwrite=force)
 
-    run(work, src, as_json)
+    report = run(work, dst, as_json)
+    output.finish(output.EXIT_OK, report_dict(report))
 
 
-def run(work: Callable[[output.ProgressBar], ConvertReport], src: str, as_json: bool,
+def report_dict(report: ConvertReport) -> dict[str, Any]:
+    """The report's fields for --json (notes in the command line's words)."""
+    return dict(report.to_dict(), notes=output.cli_notes(report.notes))
+
+
+def run(work: Callable[[output.ProgressBar], ConvertReport], dst: str, as_json: bool,
         verb: str = "converted") -> ConvertReport:
-    """Run a conversion with a progress bar; print its report, or one line and exit 2 on failure."""
+    """Run a conversion with a progress bar and print its summary (unless --json); a failure is
+    one error line (and the envelope) and exit 2."""
+    from ..errors import UnsafeFileError
+
     bar = output.ProgressBar({"converted": "converting", "cast": "casting"}.get(verb, verb), enabled=not as_json)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # overflow is printed from the report
-            report = work(bar)
+        report = work(bar)
     except UnsafeFileError as exc:
         bar.close()
-        if as_json:
-            click.echo(json.dumps({verb: False, "error": str(exc), "error_type": "UnsafeFileError",
-                                   "scan": exc.report.to_dict() if hasattr(exc.report, "to_dict") else None},
-                                  indent=2))
-        output.exit_with(output.EXIT_ERROR, output.one_line(f"REFUSED {exc}"))
+        output.fail(output.EXIT_ERROR, str(exc), exc=exc,
+                    scan=exc.report.to_dict() if hasattr(exc.report, "to_dict") else None)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line and exit 2
         bar.close()
-        if isinstance(exc, KeyboardInterrupt):
-            output.exit_with(output.EXIT_ERROR, "interrupted: nothing was written")
-        message = _failure(exc, src)
-        if as_json:
-            click.echo(json.dumps({verb: False, "error": message, "error_type": type(exc).__name__}, indent=2))
-        output.exit_with(output.EXIT_ERROR, f"ERROR {message}")
+        output.fail_with(exc, writing=dst, code=output.EXIT_ERROR)
     bar.close()
-    if as_json:
-        click.echo(json.dumps(dict(report.to_dict(), **{verb: True}), indent=2))
-    else:
+    if not as_json:
         _summary(report, verb)
     return report

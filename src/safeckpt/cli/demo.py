@@ -13,14 +13,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import click
-from rich.console import Console
-from rich.text import Text
 
 from .._version import __version__
-from . import demo_story, output
+from . import demo_story, output, short_help
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 class Story:
     """Prints steps, commands and checks; counts failed checks."""
@@ -34,20 +36,28 @@ class Story:
         self._marks = ("✓", "✗") if utf else ("+", "x")
 
     def step(self, title: str) -> None:
+        from rich.text import Text
+
         self.steps += 1
         self.console.print()
         self.console.print(Text(f"{self.steps}. {title}", style="bold"))
 
     def shell(self, *commands: str) -> None:
+        from rich.text import Text
+
         for command in commands:
             self.console.print(Text(f"$ {command}", style="cyan"))
 
     def python(self, *lines: str) -> None:
+        from rich.text import Text
+
         for i, line in enumerate(lines):
             self.console.print(Text(f"{'>>>' if i == 0 or not line.startswith(' ') else '...'} {line}",
                                     style="cyan"))
 
     def say(self, text: str, style: Optional[str] = None) -> None:
+        from rich.text import Text
+
         self.console.print(Text(text, style=style or ""))
 
     def cli(self, *args: str) -> int:
@@ -55,15 +65,14 @@ class Story:
         from . import main  # at call time: the command group imports this module
 
         try:
-            main.main(list(args), prog_name="safeckpt", standalone_mode=False)
+            result = main.main(list(args), prog_name="safeckpt", standalone_mode=False)
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else output.EXIT_ERROR
-        except click.ClickException as exc:
-            exc.show()
-            return exc.exit_code
-        return output.EXIT_OK
+        return result if isinstance(result, int) else output.EXIT_OK
 
     def check(self, passed: bool, what: str) -> bool:
+        from rich.text import Text
+
         self.checks += 1
         if passed:
             self.console.print(Text(f"  {self._marks[0]} {what}", style="green"))
@@ -88,8 +97,7 @@ EXIT_CODES = output.exit_codes_help(
     error="PyTorch is not installed (pip install torch), or the command line is wrong")
 
 
-@click.command("demo", short_help="Tour safeckpt end to end on a tiny model, checking each step.",
-               epilog=EXIT_CODES)
+@click.command("demo", cls=output.Command, short_help=short_help("demo"), epilog=EXIT_CODES)
 @click.option("--dir", "parent", type=click.Path(file_okay=False, path_type=Path),
               help="Create the demo's directory here instead of the system temporary directory.")
 @click.option("--keep", is_flag=True, help="Keep the files the demo wrote (their directory is printed).")
@@ -114,14 +122,13 @@ def command(parent: Optional[Path], keep: bool) -> None:
     try:
         import torch
     except ImportError:
-        output.exit_with(output.EXIT_ERROR, "error: the demo needs PyTorch: pip install torch")
+        output.fail(output.EXIT_ERROR, "the demo needs PyTorch: pip install torch")
     try:
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix="safeckpt-demo-", dir=parent))
     except OSError as exc:
-        output.exit_with(output.EXIT_ERROR, f"error: cannot create the demo's directory in {parent}: "
-                                            f"{exc.strerror or exc}")
+        output.fail(output.EXIT_ERROR, f"cannot create the demo's directory in {parent}: {output.os_reason(exc)}")
     console = output.make_console()
     story = Story(console)
     story.say(f"safeckpt {__version__} demo", "bold")

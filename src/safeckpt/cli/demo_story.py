@@ -174,7 +174,7 @@ def _planted_payload(story) -> None:
         refused = False
     except Exception as exc:  # noqa: BLE001 - the refusal is the expected outcome
         refused = type(exc).__name__ == "UnsafeFileError"
-        story.say(output.one_line(f"REFUSED {exc}")[:150] + " ...", "red")
+        story.say((output.ERROR_PREFIX + output.one_line(output.cli_spelling(str(exc))))[:150] + " ...", "red")
     story.check(refused and not Path("planted.safetensors").exists(), "convert refuses it; nothing is written")
     story.check(not canary.exists(), f"scanning and converting never created {canary}")
 

@@ -9,26 +9,36 @@ per-layer chart with --plot, and turns the result into an exit code.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-from typing import Optional
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
-from ..errors import SafeckptError
-from ..ops.diff import STATUSES, DiffEntry, DiffReport, diff
-from . import output
+from . import output, short_help
 from .output import Column, grouped, human_bytes, printable
+
+if TYPE_CHECKING:
+    from ..ops.diff import DiffEntry, DiffReport
 
 # Rows of the table without --all.
 SHOWN_ROWS = 50
 
 EXIT_CODES = ("\b\nExit codes:\n"
-              "  0  identical (every tensor bit-identical, the same names); with --atol/--rtol:\n"
-              "     every tensor within tolerance and no structural difference\n"
-              "  1  the checkpoints differ (with --atol/--rtol: a tensor beyond tolerance, or a\n"
-              "     name only on one side, a new shape or dtype, a renamed tensor)\n"
+              "  0  identical (every tensor bit-identical, the same names), or the same values in\n"
+              "     another dtype; with --atol/--rtol: every tensor within tolerance (a dtype change\n"
+              "     too) and no structural difference\n"
+              "  1  the checkpoints differ (with --atol/--rtol: a tensor beyond tolerance, or a name\n"
+              "     only on one side, a new shape, a renamed tensor); with --strict-dtype also any\n"
+              "     dtype change\n"
               "  2  a file is missing, unreadable or malformed, or the command line is wrong")
+
+JSON_HELP = ("Print one JSON document: {command, ok, exit_code, error, error_type, warnings, a, b, format_a, format_b, "
+             "identical, within_tolerance, atol, rtol, strict_dtype, summary, bytes_compared, seconds, notes, "
+             "entries: [{name, status, dtype_a, dtype_b, shape_a, shape_b, numel, max_abs, mean_abs, rel_l2, cosine, "
+             "changed_elements, nonfinite_mismatch, within_tolerance, beyond_tolerance, renamed_to, note}], "
+             "dtype_changes: [{dtype_a, dtype_b, tensors}], plot}; non-finite numbers as \"inf\", \"-inf\", "
+             "\"nan\".")
 
 COLUMNS = (Column("tensor"), Column("status"), Column("dtype / shape"), Column("max abs", right=True),
            Column("mean abs", right=True), Column("rel L2", right=True), Column("cosine", right=True))
@@ -36,12 +46,15 @@ _LABELS = {"equal": "equal", "changed": "changed", "dtype": "dtype changed", "sh
            "renamed": "renamed", "only_a": "only in A", "only_b": "only in B"}
 
 
-@click.command("diff", short_help="Compare two checkpoints tensor by tensor (any formats).", epilog=EXIT_CODES)
+@click.command("diff", cls=output.Command, short_help=short_help("diff"), epilog=EXIT_CODES)
 @click.argument("a", type=click.Path(path_type=str))
 @click.argument("b", type=click.Path(path_type=str))
 @click.option("--atol", type=float, metavar="X",
               help="Absolute tolerance: an element fails when |a-b| > atol + rtol*|a| (A is the reference).")
 @click.option("--rtol", type=float, metavar="X", help="Relative tolerance (see --atol).")
+@click.option("--strict-dtype", is_flag=True,
+              help="Fail (exit 1) on any dtype change. Without it a tensor in another dtype is compared by "
+                   "its values: within --atol/--rtol, or equal after the cast without them.")
 @click.option("--plot", "plot_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               help="Draw the relative change per layer to FILE (.png, .svg, .pdf); needs matplotlib.")
 @click.option("--extract", default="auto", show_default=True, metavar="KEY|auto|none",
@@ -51,11 +64,10 @@ _LABELS = {"equal": "equal", "changed": "changed", "dtype": "dtype changed", "sh
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, equal ones included, not only the "
                                                      f"first {SHOWN_ROWS} differences.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (non-finite numbers as "
-                                                     "\"inf\", \"-inf\", \"nan\").")
-def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], plot_path: Optional[str],
-            extract: str, select: tuple[str, ...], exclude: tuple[str, ...], show_all: bool,
-            as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], strict_dtype: bool,
+            plot_path: Optional[str], extract: str, select: tuple[str, ...], exclude: tuple[str, ...],
+            show_all: bool, as_json: bool) -> None:
     """Compare checkpoint B with checkpoint A (the reference), tensor by tensor.
 
     A and B may be in any format safeckpt reads (safetensors, PyTorch .bin/.pt,
@@ -64,8 +76,10 @@ def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], plot_p
     changed, dtype changed, shape changed, renamed (same bytes under a new
     name), or only in A / only in B. For changed values: max and mean |a-b|,
     relative L2 ||a-b||/||a|| and cosine similarity, computed in float64
-    (bf16 and fp8 are read exactly). Tensors stream one at a time; nothing
-    in either file is executed.
+    (bf16 and fp8 are read exactly). A tensor whose dtype changed is compared
+    by its values too, so a cast passes the gate when it is within
+    --atol/--rtol; --strict-dtype fails on any dtype change. Tensors stream
+    one at a time; nothing in either file is executed.
 
     \b
     Examples:
@@ -76,15 +90,17 @@ def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], plot_p
       safeckpt diff base.safetensors tuned.safetensors --plot diff.png
       safeckpt diff step-100/tensors.safetensors step-200/tensors.safetensors --select 'model/*'
     """
+    from ..ops.diff import diff
+
     if plot_path is not None:
-        _check_matplotlib(as_json)
+        _check_matplotlib()
     bar = output.ProgressBar("comparing", enabled=not as_json)
     try:
         report = diff(a, b, atol=atol, rtol=rtol, extract=None if extract.lower() == "none" else extract,
-                      select=select or None, exclude=exclude or None, progress=bar)
+                      select=select or None, exclude=exclude or None, progress=bar, strict_dtype=strict_dtype)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line and exit 2
         bar.close()
-        _fail(exc, a, b, as_json)
+        _fail(exc, a, b)
     bar.close()
     if plot_path is not None:
         from ..ops.plot import plot_diff
@@ -92,37 +108,31 @@ def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], plot_p
         try:
             plot_diff(report, plot_path)
         except Exception as exc:  # noqa: BLE001 - a failed plot is an error like any other
-            _fail(exc, plot_path, plot_path, as_json)
-    if as_json:
-        click.echo(json.dumps(dict(report.to_dict(), plot=plot_path), indent=2))
-    else:
+            output.fail_with(exc, writing=plot_path, code=output.EXIT_ERROR)
+    if not as_json:
         _print(report, show_all, plot_path)
-    raise SystemExit(output.EXIT_OK if report.within_tolerance else output.EXIT_INVALID)
+    code = output.EXIT_OK if report.within_tolerance else output.EXIT_INVALID
+    output.finish(code, dict(report.to_dict(), notes=output.cli_notes(report.notes),
+                             dtype_changes=dtype_changes(report), plot=plot_path))
 
 
-def _check_matplotlib(as_json: bool) -> None:
+def _check_matplotlib() -> None:
     if importlib.util.find_spec("matplotlib") is None:  # before the work, not after it
         from ..ops.plot import INSTALL_HINT
 
-        _report_error(f"--plot needs matplotlib: {INSTALL_HINT}", "SafeckptError", as_json)
+        output.fail(output.EXIT_ERROR, f"--plot needs matplotlib: {INSTALL_HINT}")
 
 
-def _fail(exc: BaseException, a: str, b: str, as_json: bool) -> None:
-    if isinstance(exc, KeyboardInterrupt):
-        output.exit_with(output.EXIT_ERROR, "interrupted")
-    if isinstance(exc, SafeckptError) and exc.path is None:  # about the options, not a file
-        message = output.one_line(str(exc))
-    elif isinstance(exc, OSError) and not exc.filename:
-        message = output.one_line(f"{a}, {b}: {exc.strerror or exc}")
-    else:
-        message = output.describe_failure(exc, exc.filename if isinstance(exc, OSError) else a)[1]
-    _report_error(message, type(exc).__name__, as_json)
+def _fail(exc: BaseException, a: str, b: str) -> None:
+    if isinstance(exc, OSError) and not exc.filename and not getattr(exc, "path", None):
+        output.fail_with(exc, f"{a}, {b}", code=output.EXIT_ERROR)  # which of the two is not known
+    output.fail_with(exc, code=output.EXIT_ERROR)  # a library error names its file; one without a path is about the options
 
 
-def _report_error(message: str, kind: str, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"error": message, "error_type": kind}, indent=2))
-    output.exit_with(output.EXIT_ERROR, f"ERROR {message}")
+def dtype_changes(report: DiffReport) -> list[dict[str, Any]]:
+    """[{dtype_a, dtype_b, tensors}]: the tensors kept under the same name in another dtype."""
+    counts = Counter((e.dtype_a, e.dtype_b) for e in report.entries if e.status == "dtype")
+    return [{"dtype_a": a, "dtype_b": b, "tensors": n} for (a, b), n in counts.items()]
 
 
 # --- the human-readable report -----------------------------------------------------
@@ -131,8 +141,8 @@ def _print(report: DiffReport, show_all: bool, plot_path: Optional[str]) -> None
     console = output.make_console()
     console.print(f"A: {printable(report.a)} ({report.format_a})\nB: {printable(report.b)} ({report.format_b})",
                   markup=False)
-    for note in report.notes:
-        console.print(f"note: {note}", markup=False)
+    for note in output.cli_notes(report.notes):
+        console.print(output.NOTE_PREFIX + note, markup=False)
     console.print(summary_line(report), markup=False)
     rows = sorted(report.entries if show_all else report.differences, key=_order)
     shown = rows if show_all else rows[:SHOWN_ROWS]
@@ -147,6 +157,12 @@ def _print(report: DiffReport, show_all: bool, plot_path: Optional[str]) -> None
         console.print(f"{_tensors(len(nonfinite))} NaN or inf where the other side has another value "
                       f"(e.g. {printable(nonfinite[0].name)}: {grouped(nonfinite[0].nonfinite_mismatch)})",
                       markup=False)
+    changes = dtype_changes(report)
+    if changes:
+        listed = ", ".join(f"{c['dtype_a']} -> {c['dtype_b']} ({_count(c['tensors'])})" for c in changes)
+        judged = "each fails the gate (--strict-dtype)" if report.strict_dtype else \
+            "compared by value (--strict-dtype would fail them)"
+        console.print(f"dtype changed: {listed}; {judged}", markup=False)
     console.print(verdict_line(report), markup=False)
     if plot_path is not None:
         console.print(f"plot: {printable(plot_path)}", markup=False)
@@ -154,6 +170,8 @@ def _print(report: DiffReport, show_all: bool, plot_path: Optional[str]) -> None
 
 def summary_line(report: DiffReport) -> str:
     """'291 tensors (1.2 GiB compared): 280 equal, 10 changed, 1 only in A'."""
+    from ..ops.diff import STATUSES
+
     counts = report.summary
     parts = [f"{grouped(counts[s])} {_LABELS[s]}" for s in STATUSES if counts[s]]
     return (f"{grouped(len(report.entries))} tensors ({human_bytes(report.bytes_compared)} compared in "
@@ -162,19 +180,35 @@ def summary_line(report: DiffReport) -> str:
 
 def verdict_line(report: DiffReport) -> str:
     """The line that explains the exit code."""
-    if not report.tolerance:
-        return "IDENTICAL" if report.identical else "DIFFERENT"
     limits = ", ".join(f"{k}={v:g}" for k, v in (("atol", report.atol), ("rtol", report.rtol)) if v is not None)
+    recast = sum(e.status == "dtype" for e in report.entries)
     if report.within_tolerance:
-        return f"WITHIN TOLERANCE ({limits})"
-    beyond = [e for e in report.entries if e.within_tolerance is False]
-    structural = [e for e in report.differences if e.status not in ("changed", "equal")]
+        if report.identical:
+            return "IDENTICAL"
+        if not report.tolerance:
+            return f"SAME VALUES, {_count(recast)} in another dtype"
+        return f"WITHIN TOLERANCE ({limits})" + (f", {_count(recast)} in another dtype" if recast else "")
     reasons = []
+    beyond = [e for e in report.entries if e.status in ("changed", "dtype") and e.within_tolerance is False]
     if beyond:
-        reasons.append(f"{len(beyond)} tensor{'s' if len(beyond) > 1 else ''} beyond tolerance")
+        reasons.append(f"{_count(len(beyond))} beyond tolerance")
+    structural = [e for e in report.differences if e.status not in ("changed", "equal", "dtype")]
     if structural:
         reasons.append(f"{len(structural)} structural difference{'s' if len(structural) > 1 else ''}")
+    if not report.tolerance:
+        other = [e for e in report.entries if e.status == "changed"
+                 or e.status == "dtype" and (e.changed_elements or e.nonfinite_mismatch)]
+        if other:
+            reasons.insert(0, f"{_count(len(other))} with other values")
+    if report.strict_dtype and recast:
+        reasons.append(f"{_count(recast)} in another dtype (--strict-dtype)")
+    if not report.tolerance:
+        return "DIFFERENT" + (f": {', '.join(reasons)}" if reasons else "")
     return f"NOT WITHIN TOLERANCE ({limits}): " + ", ".join(reasons)
+
+
+def _count(tensors: int) -> str:
+    return f"{grouped(tensors)} tensor{'s' if tensors != 1 else ''}"
 
 
 def _tensors(count: int) -> str:

@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
-from rich.console import Console
 
-from ..format.dtypes import DTYPES
-from ..format.header import collector_paused
-from ..format.reader import SafetensorsFile
-from ..format.storage import open_regular_file
-from ..ops.layout import group_tensors, module_totals
-from ..ops.scan import SEVERITIES, scan
-from ..ops.selection import choose_tensors
-from ..sources import open_source
-from ..sources.base import TensorSource
-from ..sources.detect import SNIFF_BYTES, sniff
-from ..sources.safetensors_source import SafetensorsSource
-from ..sources.sharded import ShardedSource, find_index, read_index
-from . import output
+from . import output, short_help
 from .output import Column, grouped, human_bytes, human_count, printable
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..sources.base import TensorSource
 
 TENSOR_COLUMNS = (Column("name"), Column("dtype"), Column("shape"), Column("parameters", right=True),
                   Column("bytes", right=True))
@@ -61,6 +52,9 @@ MODULE_ROWS = 50
 _SHARD_SNIFF_BYTES = 16
 # Formats that hold no pickles (nothing to scan): safetensors' header is checked by reading it.
 _NOT_SCANNED = ("safetensors", "raw", "sharded")
+# A file named so is read as safetensors whatever its first bytes (as `verify` does), so that a
+# damaged one gets the reader's precise reason; other unknown content gets `open_source`'s words.
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def describe(path: "os.PathLike | str", template: Optional[str] = None, *,
@@ -79,6 +73,8 @@ def describe(path: "os.PathLike | str", template: Optional[str] = None, *,
     >>> describe("last.ckpt")["scan"]["verdict"]
     'safe'
     """
+    from ..format.header import collector_paused
+
     with collector_paused():  # a report makes objects per tensor and no cycles (see collector_paused)
         report = _describe(os.fspath(path), template)
         if tensors:
@@ -89,6 +85,9 @@ def describe(path: "os.PathLike | str", template: Optional[str] = None, *,
 
 
 def _describe(path: str, template: Optional[str]) -> dict[str, Any]:
+    from ..sources.detect import sniff
+    from ..sources.sharded import find_index
+
     if template is None:
         if os.path.isdir(path):
             index = find_index(path)
@@ -96,11 +95,14 @@ def _describe(path: str, template: Optional[str]) -> dict[str, Any]:
                 return _describe_sharded(path, index)
         else:
             kind = sniff(_head(path))
-            # Unrecognised content goes to the safetensors reader, whose errors say what the file is.
-            if kind in (None, "safetensors"):
+            if kind == "safetensors" or (kind is None and path.endswith(SAFETENSORS_SUFFIX)):
+                # A file that looks like safetensors, or is named so: the reader's errors say
+                # precisely what is wrong with it (truncated, a gap, an LFS pointer, ...).
                 return _describe_safetensors(path)
             if kind == "json":
                 return _describe_sharded(path, path)
+    # Anything else is opened as every command opens it, so unknown content gets the words
+    # `convert` and the others give ("not a checkpoint format safeckpt reads: ...").
     return _describe_source(path, template)
 
 
@@ -114,11 +116,16 @@ def _tensor_list(infos: Any, with_offsets: bool) -> list[dict[str, Any]]:
 
 
 def _head(path: str) -> bytes:
+    from ..format.storage import open_regular_file
+    from ..sources.detect import SNIFF_BYTES
+
     with open_regular_file(path) as f:
         return f.read(SNIFF_BYTES)
 
 
 def _describe_safetensors(path: str) -> dict[str, Any]:
+    from ..format.reader import SafetensorsFile
+
     # pread: the header is read with two small reads; the data is never mapped or read.
     with SafetensorsFile(path, backend="pread") as file:
         header = file.header
@@ -127,6 +134,8 @@ def _describe_safetensors(path: str) -> dict[str, Any]:
 
 
 def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
+    from ..sources import open_source
+
     with open_source(path, template=template) as source:
         if source.format != "safetensors":
             report = _source_report(path, source, os.path.getsize(source.path))
@@ -138,6 +147,8 @@ def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
 
 
 def _describe_sharded(path: str, index: str) -> dict[str, Any]:
+    from ..sources.sharded import ShardedSource, read_index
+
     with ShardedSource(index, _open_shard) as source:
         shards = source.shards
         report = _source_report(path, source, sum(os.path.getsize(s.path) for s in shards.values()))
@@ -160,6 +171,11 @@ def _describe_sharded(path: str, index: str) -> dict[str, Any]:
 
 
 def _open_shard(path: str) -> TensorSource:
+    from ..format.storage import open_regular_file
+    from ..sources import open_source
+    from ..sources.detect import sniff
+    from ..sources.safetensors_source import SafetensorsSource
+
     with open_regular_file(path) as f:
         head = f.read(_SHARD_SNIFF_BYTES)
     if sniff(head) == "safetensors":
@@ -168,13 +184,15 @@ def _open_shard(path: str) -> TensorSource:
 
 
 def _source_report(path: str, source: TensorSource, size: int) -> dict[str, Any]:
+    from ..ops.selection import choose_tensors
+
     # Lightning / SD checkpoints keep the weights under "state_dict": modules are counted inside it.
     prefix = choose_tensors(source, extract="auto").extracted
     report = _report(path, source.format, source.describe(), size, source.metadata, source.infos,
                      prefix=prefix, aliases=source.aliases)
     report["structure"] = without_tensors(source.tree)
     report["aliases"] = dict(source.aliases)
-    report["notes"] = list(source.notes)
+    report["notes"] = output.cli_notes(source.notes)
     report["unknown_globals"] = _unknown_globals([source])
     return report
 
@@ -204,6 +222,10 @@ def scan_summary(paths: list[str]) -> dict[str, Any]:
     >>> scan_summary(["model.ckpt"])
     {'verdict': 'safe', 'files': 1, 'findings': [], 'findings_total': 0, 'error': None}
     """
+    from dataclasses import asdict
+
+    from ..ops.scan import SEVERITIES, scan
+
     reports = [scan(p) for p in paths]
     verdict = max((r.verdict for r in reports), key=("safe", "suspicious", "malicious").index)
     findings = [dict(asdict(f), file=r.path) for r in reports for f in r.findings]
@@ -221,6 +243,9 @@ def _report(path: str, format: str, description: str, file_size: int, metadata: 
             header_size: Any = None, prefix: Optional[str] = None,
             aliases: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The report without its list of tensors; `infos` is kept under "_infos" for `describe`."""
+    from ..format.dtypes import DTYPES
+    from ..ops.layout import group_tensors, module_totals
+
     groups = group_tensors(infos)
     by_dtype: dict[str, dict[str, int]] = {}
     for group in groups:  # every tensor is in one group: totals per dtype add up the groups
@@ -450,13 +475,28 @@ def _print_structure(console: Console, report: dict[str, Any]) -> None:
                       + ", ".join(map(printable, report["unknown_globals"][:20])), markup=False)
     structure = report.get("structure")
     if structure:
-        lines = json.dumps(structure, indent=2, default=str).splitlines()
+        lines = json.dumps(short_keys(structure), indent=2, default=str, ensure_ascii=False).splitlines()
         console.print("structure (everything that is not a tensor):", markup=False)
         for line in lines[:STRUCTURE_LINES]:
             console.print("  " + printable(line), markup=False)
         if len(lines) > STRUCTURE_LINES:
             console.print(f"  ... {len(lines) - STRUCTURE_LINES} more lines (--json shows all)",
                           markup=False)
+
+
+def short_keys(tree: Any) -> Any:
+    """The structure with long object keys shortened for printing (`output.short_key`: Lightning's
+    ``ModelCheckpoint{'monitor': 'val_loss', ...}``); a key whose short form another key
+    of the same dict already has stays whole."""
+    if isinstance(tree, list):
+        return [short_keys(item) for item in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out: dict[Any, Any] = {}
+    for key, value in tree.items():
+        short = output.short_key(key) if isinstance(key, str) else key
+        out[key if short in out or short in tree and short != key else short] = short_keys(value)
+    return out
 
 
 def _shape(shape: list[int]) -> str:
@@ -470,14 +510,15 @@ EXIT_CODES = output.exit_codes_help(
     error="the file is missing or cannot be read, or the command line is wrong")
 
 
-@click.command("inspect", short_help="Show the tensors, layers, dtypes, sizes and metadata of a checkpoint.",
-               epilog=EXIT_CODES)
+@click.command("inspect", cls=output.Command, short_help=short_help("inspect"), epilog=EXIT_CODES)
 @click.argument("file", metavar="PATH", type=click.Path(path_type=str))
 @click.option("--template", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               help="Read PATH as a raw dump (arrays back to back) laid out as the template says: a "
                    "JSON template or an existing .safetensors file.")
 @click.option("--flat", is_flag=True, help="One row per tensor, repeated layers not folded.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document instead of tables: the envelope {command, ok, exit_code, error, "
+                   "error_type, warnings} with the fields below.")
 def command(file: str, template: Optional[str], flat: bool, as_json: bool) -> None:
     """Show what PATH holds: tensors, layers, parameters, dtypes, metadata; nothing is loaded.
 
@@ -501,7 +542,8 @@ def command(file: str, template: Optional[str], flat: bool, as_json: bool) -> No
     asks to build.
 
     \b
-    --json prints {file, format, description, file_size, tensors: [{name,
+    --json prints {command, ok, exit_code, error, error_type, warnings} (on
+    errors too, with file) and {file, format, description, file_size, tensors: [{name,
     dtype, shape, parameters, bytes}], totals_by_dtype, share_by_dtype,
     totals, metadata, groups: [{pattern, count, dtype, shape, parameters,
     bytes, indices}], modules: [{name, tensors, parameters, bytes, share,
@@ -527,17 +569,18 @@ def command(file: str, template: Optional[str], flat: bool, as_json: bool) -> No
         report = describe(file, template, tensors=as_json or flat)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         code, message = output.describe_failure(exc, file)
-        output.exit_with(code, f"error: {message}{_verdict_of_unreadable(file, template, code)}")
-    if as_json:
-        output.write_json(report)
-    else:
+        output.fail(code, message + _verdict_of_unreadable(file, template, code), exc=exc, file=file)
+    if not as_json:
         print_description(output.make_console(), report, flat=flat)
+    output.finish(output.EXIT_OK, report)
 
 
 def _verdict_of_unreadable(path: str, template: Optional[str], code: int) -> str:
     """What the scan says of a pickle-based file that could not be described (a hostile one often can't)."""
     if code != output.EXIT_INVALID or template is not None or not os.path.isfile(path):
         return ""
+    from ..sources.detect import sniff
+
     try:
         if sniff(_head(path)) in (None, "safetensors", "json"):
             return ""

@@ -8,15 +8,15 @@ it is safe on a directory a run is writing.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 from typing import Any, Optional
 
 import click
 
+# this module is imported only when `ls` runs: the training machinery comes with it
 from ..training.manager import Listing, inspect_directory
 from ..training.policy import MODES, best
-from . import output
+from . import output, short_help
 from .output import Column, human_bytes, printable
 
 COLUMNS = (Column("step", right=True), Column("time"), Column("size", right=True), Column("metrics"),
@@ -69,17 +69,18 @@ def _format_metric(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-@click.command("ls", short_help="List the training checkpoints in a directory.",
+@click.command("ls", cls=output.Command, short_help=short_help("ls"),
                epilog=output.exit_codes_help(
                    ok="listed (an empty directory too)",
                    invalid="a checkpoint's manifest is damaged (listed on stderr; never restored)",
-                   error="the directory is missing or cannot be read"))
+                   error="the directory is missing or cannot be read, or the command line is wrong"))
 @click.argument("directory", type=str)
 @click.option("--monitor", metavar="METRIC", help="Rank 'best' by this metric (default: the one the run recorded).")
 @click.option("--mode", type=click.Choice(MODES), help="Whether lower (min) or higher (max) METRIC is better.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document: {directory, monitor, mode, latest, best, checkpoints: [{step, "
-                   "time, size, path, metrics, latest, best}], damaged: [{step, path, error}]}.")
+              help="Print one JSON document: {command, ok, exit_code, error, error_type, warnings, directory, "
+                   "monitor, mode, latest, best, checkpoints: [{step, time, size, path, metrics, latest, best}], "
+                   "damaged: [{step, path, error}]}.")
 def command(directory: str, monitor: Optional[str], mode: Optional[str], as_json: bool) -> None:
     """List the checkpoints a CheckpointManager committed in DIRECTORY.
 
@@ -97,15 +98,14 @@ def command(directory: str, monitor: Optional[str], mode: Optional[str], as_json
     try:
         report = describe(directory, monitor, mode)
     except Exception as exc:  # noqa: BLE001 - every failure is a one-line message
-        output.exit_with(*output.describe_failure(exc, directory))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    elif report["checkpoints"]:
-        output.print_table(output.make_console(), COLUMNS, [_row(entry) for entry in report["checkpoints"]])
-        if report["monitor"] and report["best"] is None:
-            click.echo(f"no checkpoint has a value of {report['monitor']!r} that is not NaN", err=True)
-    else:
-        click.echo(f"{printable(directory)}: no committed checkpoints", err=True)
+        output.fail_with(exc, directory, directory=directory)
+    if not as_json:
+        if report["checkpoints"]:
+            output.print_table(output.make_console(), COLUMNS, [_row(entry) for entry in report["checkpoints"]])
+            if report["monitor"] and report["best"] is None:
+                output.warning_line(f"no checkpoint has a value of {report['monitor']!r} that is not NaN")
+        else:
+            output.warning_line(f"{printable(directory)}: no committed checkpoints")
     for bad in report["damaged"]:
-        click.echo(f"DAMAGED step {bad['step']}: {bad['error']}", err=True)
-    raise SystemExit(output.EXIT_INVALID if report["damaged"] else output.EXIT_OK)
+        output.error_line(f"step {bad['step']} ({bad['path']}): damaged: {bad['error']}")
+    output.finish(output.EXIT_INVALID if report["damaged"] else output.EXIT_OK, report)

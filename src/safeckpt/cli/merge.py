@@ -9,15 +9,14 @@ takes more than a second, and turns failures into exit codes.
 
 from __future__ import annotations
 
-import json
-import warnings
 from typing import Optional
 
 import click
 
-from ..errors import SafeckptError, UnsafeFileError
-from ..ops.merge import DEFAULT_DENSITY, METHODS, IncompatibleInputsError, MergeReport, merge
-from . import output
+from ..errors import IncompatibleInputsError, UnsafeFileError
+# --method's choices come from the op: this module is imported only when `merge` runs
+from ..ops.merge import DEFAULT_DENSITY, METHODS, MergeReport, merge
+from . import output, short_help
 from .output import grouped, human_bytes, printable
 
 # Rows of the overflow table and names listed in a line (all of them with --json).
@@ -28,7 +27,13 @@ EXIT_CODES = ("\b\nExit codes:\n  0  merged (and verified, with --verify)\n"
               "  1  the inputs cannot be merged: tensors whose shapes differ, or tensors missing from\n"
               "     some inputs (see --allow-missing); the offenders are listed, nothing is written\n"
               "  2  an input is unsafe (see --allow-unsafe-structure), missing, unreadable or malformed,\n"
-              "     or the options are wrong (e.g. slerp of three models); nothing is written")
+              "     the output exists (see --force) or is an input or cannot be written, or the\n"
+              "     options are wrong (e.g. slerp of three models); nothing is written")
+
+JSON_HELP = ("Print one JSON document: {command, ok, exit_code, error, error_type, warnings, method, inputs, base, "
+             "parameters, outputs, index, tensors, merged, copied, missing, differing, aliases, cast, overflow, "
+             "bytes_written, verified, seconds, scan_verdicts, notes}; inputs that cannot be merged add "
+             "offenders, a refused input adds scan.")
 
 
 def _weights(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[float]]:
@@ -69,27 +74,15 @@ def _summary(report: MergeReport) -> None:
     if report.missing:
         console.print(f"not in every input (merged over those that have them): {_names(list(report.missing))}",
                       markup=False)
-    for note in report.notes:
-        console.print(f"note: {note}", markup=False)
+    for note in output.cli_notes(report.notes):
+        console.print(output.NOTE_PREFIX + note, markup=False)
     if report.overflow:
         console.print(f"warning: values overflowed their dtype in {len(report.overflow)} tensors "
                       "(now ±inf, or ±max for F8_E4M3):", markup=False)
         output.print_counts(console, report.overflow, SHOWN_ROWS)
 
 
-def _fail(code: int, exc: BaseException, message: str, as_json: bool) -> None:
-    if as_json:
-        report = {"ok": False, "error": message, "error_type": type(exc).__name__}
-        if isinstance(exc, IncompatibleInputsError):
-            report["offenders"] = exc.offenders
-        if isinstance(exc, UnsafeFileError) and hasattr(exc.report, "to_dict"):
-            report["scan"] = exc.report.to_dict()
-        click.echo(json.dumps(report, indent=2))
-    output.exit_with(code, message)
-
-
-@click.command("merge", short_help="Merge checkpoints (average, EMA, slerp, task arithmetic, TIES, DARE).",
-               epilog=EXIT_CODES)
+@click.command("merge", cls=output.Command, short_help=short_help("merge"), epilog=EXIT_CODES)
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", "dst", required=True, metavar="DST", type=click.Path(path_type=str),
               help="The merged model: a .safetensors file, or a directory (sharded with --shard-size).")
@@ -124,11 +117,13 @@ def _fail(code: int, exc: BaseException, message: str, as_json: bool) -> None:
 @click.option("--verify", is_flag=True, help="Re-read the output and compare it with a second computation.")
 @click.option("--allow-unsafe-structure", is_flag=True,
               help="Merge even if the scan finds malicious content in an input (it is never executed).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists (never an input); without it an existing "
+                                             "DST is refused.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def command(sources: tuple[str, ...], dst: str, method: str, weights: Optional[list[float]], no_normalize: bool,
             decay: Optional[float], t: Optional[float], base: Optional[str], lambda_: Optional[float],
             density: Optional[float], seed: Optional[int], dtype: Optional[str], allow_missing: bool,
-            shard_size: Optional[str], extract: str, verify: bool, allow_unsafe_structure: bool,
+            shard_size: Optional[str], extract: str, verify: bool, allow_unsafe_structure: bool, force: bool,
             as_json: bool) -> None:
     """Merge the checkpoints SOURCES (any formats safeckpt reads, mixed) into one safetensors model.
 
@@ -151,32 +146,23 @@ def command(sources: tuple[str, ...], dst: str, method: str, weights: Optional[l
     """
     bar = output.ProgressBar("merging", enabled=not as_json)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # overflow is printed from the report
-            report = merge(list(sources), dst, method, weights, base=base,
-                           normalize=False if no_normalize else None, decay=decay, t=t, lambda_=lambda_,
-                           density=density, seed=seed, dtype=dtype, allow_missing=allow_missing,
-                           shard_size=shard_size, extract=None if extract.lower() == "none" else extract,
-                           allow_unsafe_structure=allow_unsafe_structure, verify=verify, progress=bar)
+        report = merge(list(sources), dst, method, weights, base=base,
+                       normalize=False if no_normalize else None, decay=decay, t=t, lambda_=lambda_,
+                       density=density, seed=seed, dtype=dtype, allow_missing=allow_missing,
+                       shard_size=shard_size, extract=None if extract.lower() == "none" else extract,
+                       allow_unsafe_structure=allow_unsafe_structure, verify=verify, progress=bar,
+                       overwrite=force)
     except IncompatibleInputsError as exc:
         bar.close()
-        _fail(output.EXIT_INVALID, exc, output.one_line(f"ERROR {exc}"), as_json)
+        output.fail(output.EXIT_INVALID, str(exc), exc=exc, offenders=exc.offenders)
     except UnsafeFileError as exc:
         bar.close()
-        _fail(output.EXIT_ERROR, exc, output.one_line(f"REFUSED {exc}"), as_json)
+        output.fail(output.EXIT_ERROR, str(exc), exc=exc,
+                    scan=exc.report.to_dict() if hasattr(exc.report, "to_dict") else None)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line and exit 2
         bar.close()
-        if isinstance(exc, KeyboardInterrupt):
-            output.exit_with(output.EXIT_ERROR, "interrupted: nothing was written")
-        if isinstance(exc, SafeckptError):
-            message = output.one_line(str(exc))
-        elif isinstance(exc, OSError):
-            message = output.one_line(f"{exc.filename or dst}: {exc.strerror or exc}")
-        else:
-            message = output.describe_failure(exc, dst)[1]
-        _fail(output.EXIT_ERROR, exc, f"ERROR {message}", as_json)
+        output.fail_with(exc, writing=dst, code=output.EXIT_ERROR)
     bar.close()
-    if as_json:
-        click.echo(json.dumps(dict(report.to_dict(), ok=True), indent=2))
-    else:
+    if not as_json:
         _summary(report)
+    output.finish(output.EXIT_OK, dict(report.to_dict(), notes=output.cli_notes(report.notes)))

@@ -2,23 +2,22 @@
 
 A thin command over `safeckpt.ops.verify.verify` (which says what is checked;
 `safeckpt.ops.manifest` says how manifests look): this module only prints one line per checked file, sharded
-model or training checkpoint (OK on stdout; INVALID / ERROR with the reason on
+model or training checkpoint (OK on stdout; an error line with the reason on
 stderr), or one JSON document, and draws a progress bar while hashing.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 
-from ..errors import SafeckptError
-from ..ops.verify import VerifyReport, read_lfs_pointer, verify
-from . import output
+from . import output, short_help
 from .output import grouped, printable
+
+if TYPE_CHECKING:
+    from ..ops.verify import VerifyReport
 
 STATUS_BY_CODE = {output.EXIT_OK: "ok", output.EXIT_INVALID: "invalid", output.EXIT_ERROR: "error"}
 
@@ -31,46 +30,18 @@ EXIT_CODES = ("\b\nExit codes:\n"
               "  2  a PATH is missing or cannot be read, the LFS pointer file is malformed, or\n"
               "     the command line is wrong")
 
-JSON_HELP = ("Print one JSON document: {valid, exit_code, notes, files: [{file, kind, format, status, exit_code, "
-             "tensors, parameters, file_size, files, manifest, hashes, error, error_type, failed_file, "
-             "failed_tensor, problems, missing, extra, sha256, lfs, hashed_bytes, seconds, notes}]}; hashes is "
-             "verified, written, missing (no manifest), failed or unchecked.")
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    """The verdict on one file; `exit_code` is the command's exit code for it alone."""
-
-    file: str
-    status: str  # "ok", "invalid" or "error" (could not be read)
-    exit_code: int
-    tensors: Optional[int] = None
-    parameters: Optional[int] = None
-    file_size: Optional[int] = None
-    error: Optional[str] = None  # the one-line reason, naming the file
-    error_type: Optional[str] = None  # the exception class, e.g. "GapError", "FileNotFoundError"
-
-    def line(self) -> str:
-        """What the command prints for this file."""
-        if self.status == "ok":
-            return (f"OK {printable(self.file)}: {grouped(self.tensors or 0)} tensors, "
-                    f"{grouped(self.parameters or 0)} parameters, {grouped(self.file_size or 0)} bytes")
-        return f"{self.status.upper()} {self.error}"
-
-
-def check_file(path: "os.PathLike | str") -> FileCheck:
-    """Validate one file (its structure, and its hashes if it has a manifest); never raises for bad input.
-
-    >>> check_file("model.safetensors").status
-    'ok'
-    """
-    report = run_verify(os.fspath(path))
-    return FileCheck(report.path, report.status, report.exit_code, report.tensors, report.parameters,
-                     report.size, report.error, report.error_type)
+JSON_HELP = ("Print one JSON document: {command, ok, exit_code, error, error_type, warnings, notes, files: [{file, "
+             "kind, format, status, exit_code, tensors, parameters, file_size, files, manifest, hashes, error, "
+             "error_type, failed_file, failed_tensor, problems, missing, extra, sha256, lfs, hashed_bytes, seconds, "
+             "notes}]}; status is ok, invalid or error; hashes is verified, written, missing (no manifest), failed "
+             "or unchecked.")
 
 
 def run_verify(path: str, **options) -> VerifyReport:
     """`verify(path, **options)`, with an unexpected error (a bug) turned into an "error" report."""
+    from ..errors import SafeckptError
+    from ..ops.verify import VerifyReport, verify
+
     try:
         return verify(path, **options)
     except SafeckptError:
@@ -104,6 +75,7 @@ def leaf_dict(report: VerifyReport) -> dict:
     """A leaf report as JSON: `file` is the PATH checked, `file_size` its bytes (as before manifests)."""
     out = report.to_dict()
     out.pop("children")
+    out["notes"] = output.cli_notes(out.get("notes") or ())
     return {"file": out.pop("path"), "kind": out.pop("kind"), "status": out.pop("status"),
             "exit_code": out.pop("exit_code"), "format": out.pop("format"), "tensors": out.pop("tensors"),
             "parameters": out.pop("parameters"), "file_size": out.pop("size"), **out}
@@ -113,17 +85,16 @@ def _print_human(reports: list[VerifyReport]) -> None:
     leaves = [leaf for report in reports for leaf in report.leaves()]
     for report in reports:
         for note in report.notes if report.children else ():
-            click.echo(output.one_line(f"note: {note}"))
+            output.note_line(note)
     for leaf in leaves:
         if leaf.status == "ok":
             click.echo(ok_line(leaf))
         else:
-            for problem in leaf.problems or [leaf.error or f"{leaf.path}: failed"]:
-                click.echo(output.one_line(f"{leaf.status.upper()} {problem}"), err=True)
+            _problems([leaf])
         for file, digest in leaf.sha256.items():
             click.echo(f"{digest}  {printable(file)}")
         for note in leaf.notes:
-            click.echo(output.one_line(f"note: {note}"))
+            output.note_line(note)
     if len(leaves) > 1:
         click.echo(f"{sum(leaf.status == 'ok' for leaf in leaves)} of {len(leaves)} valid")
     unhashed = [leaf for leaf in leaves if leaf.status == "ok" and leaf.hashes == "missing"]
@@ -135,14 +106,15 @@ def _print_human(reports: list[VerifyReport]) -> None:
                    "on them to record their hashes)")
 
 
-def _usage_error(message: str, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"valid": False, "exit_code": output.EXIT_ERROR, "error": message}, indent=2))
-    output.exit_with(output.EXIT_ERROR, f"ERROR {message}")
+def _problems(leaves: list[VerifyReport]) -> None:
+    """One error line per problem of each file that is not intact."""
+    for leaf in leaves:
+        if leaf.status != "ok":
+            for problem in leaf.problems or [leaf.error or f"{leaf.path}: failed"]:
+                output.error_line(problem)
 
 
-@click.command("verify", short_help="Check checkpoints' structure and BLAKE3 hashes; write hash manifests.",
-               epilog=EXIT_CODES)
+@click.command("verify", cls=output.Command, short_help=short_help("verify"), epilog=EXIT_CODES)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--write", is_flag=True,
               help="Record the BLAKE3 hash of each file and of each tensor in a manifest beside PATH "
@@ -171,8 +143,8 @@ def command(paths: tuple[str, ...], write: bool, sha256: bool, lfs_pointer: Opti
     manifest. Training checkpoints carry their manifest.json already.
 
     Prints "OK PATH: N tensors, P parameters, B bytes" on stdout for an intact
-    PATH; "INVALID PATH: reason" or "ERROR PATH: reason" on stderr otherwise.
-    With several, the exit code is the worst one.
+    PATH; "error: PATH: reason" on stderr otherwise (the exit code says
+    invalid or unreadable). With several, the exit code is the worst one.
 
     \b
     Examples:
@@ -184,14 +156,19 @@ def command(paths: tuple[str, ...], write: bool, sha256: bool, lfs_pointer: Opti
       safeckpt verify model.safetensors --lfs-pointer model.safetensors.pointer
       safeckpt verify --json downloads/
     """
+    from ..errors import SafeckptError
+    from ..ops.verify import read_lfs_pointer
+
     pointer = None
     if lfs_pointer is not None:
         if len(paths) != 1 or os.path.isdir(paths[0]):
-            _usage_error("--lfs-pointer compares one file: give exactly one PATH, a file", as_json)
+            output.fail(output.EXIT_ERROR, "--lfs-pointer compares one file: give exactly one PATH, a file",
+                        notes=[], files=[])
         try:
             pointer = read_lfs_pointer(lfs_pointer)
         except (SafeckptError, OSError) as exc:
-            _usage_error(output.describe_failure(exc, lfs_pointer)[1], as_json)
+            code, message = output.describe_failure(exc, lfs_pointer)
+            output.fail(output.EXIT_ERROR, message, exc=exc, notes=[], files=[])
     bar = output.ProgressBar("hashing", enabled=not as_json)
     try:
         reports = [run_verify(path, write=write, sha256=sha256, lfs_pointer=pointer, progress=bar)
@@ -199,14 +176,10 @@ def command(paths: tuple[str, ...], write: bool, sha256: bool, lfs_pointer: Opti
     finally:
         bar.close()
     code = max(report.exit_code for report in reports)
+    leaves = [leaf for report in reports for leaf in report.leaves()]
     if as_json:
-        leaves = [leaf for report in reports for leaf in report.leaves()]
-        notes = [note for report in reports if report.children for note in report.notes]
-        click.echo(json.dumps({"valid": code == output.EXIT_OK, "exit_code": code, "notes": notes,
-                               "files": [leaf_dict(leaf) for leaf in leaves]}, indent=2))
-        for leaf in leaves:
-            for problem in leaf.problems if leaf.status != "ok" else ():
-                click.echo(output.one_line(f"{leaf.status.upper()} {problem}"), err=True)
+        _problems(leaves)
     else:
         _print_human(reports)
-    raise SystemExit(code)
+    notes = [note for report in reports if report.children for note in report.notes]
+    output.finish(code, {"notes": output.cli_notes(notes), "files": [leaf_dict(leaf) for leaf in leaves]})

@@ -1,9 +1,12 @@
 """numpy basic indexing over tensor bytes that are not in memory yet.
 
 `normalize_index` turns any basic index (ints, negative ints, slices with any
-step, `...`) into one selector per axis, checked against the shape. `gather`
-then reads only the bytes the selection needs: one read of the bounding span
-when that span is small, otherwise one read per selected row, recursively.
+step, `...`, and the empty list, which selects nothing along the first axis as
+in numpy) into one selector per axis, checked against the shape. Lists of
+indices (numpy's advanced indexing) are refused, as safetensors refuses them.
+`gather` then reads only the bytes the selection needs: one read of the
+bounding span when that span is small, otherwise one read per selected row,
+recursively.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ _SPAN_FLOOR = 1 << 20
 
 def normalize_index(index, shape: tuple[int, ...], path=None, tensor=None) -> list[Selector]:
     """One int or range per axis; raise SliceError like numpy would."""
+    if isinstance(index, list):
+        if index:
+            raise errors.SliceError(
+                f"lists of indices ({_shown(index)}: numpy advanced indexing) are not supported; index with "
+                "ints and slices, or read the tensor with get_tensor() and index that", path=path, tensor=tensor)
+        index = slice(0, 0)
     items = list(index) if isinstance(index, tuple) else [index]
     ellipses = sum(1 for item in items if item is Ellipsis)
     if ellipses > 1:
@@ -55,12 +64,18 @@ def _selector(item, dim: int, axis: int, path, tensor) -> Selector:
         position = operator.index(item)
     except TypeError:
         raise errors.SliceError(
-            f"unsupported index {item!r} on axis {axis}: only ints, slices and '...' are supported",
+            f"unsupported index {_shown(item)} on axis {axis}: only ints, slices and '...' are supported",
             path=path, tensor=tensor) from None
     if not -dim <= position < dim:
         raise errors.SliceError(
             f"index {position} is out of bounds for axis {axis} with size {dim}", path=path, tensor=tensor)
     return position % dim
+
+
+def _shown(item, limit: int = 40) -> str:
+    """`item` for a message, cut short: an index may be a list of a million ints."""
+    text = repr(item)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def result_shape(selectors: list[Selector]) -> tuple[int, ...]:

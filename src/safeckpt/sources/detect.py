@@ -87,11 +87,25 @@ def open_source(path: "os.PathLike | str", *, template: Optional[object] = None)
     return opener(path, head)
 
 
+# First bytes of common files that are not checkpoints, named when one is refused.
+_NOT_CHECKPOINTS = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"%PDF-", "PDF"), (b"\x7fELF", "an ELF executable"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"), (b"Rar!\x1a\x07", "RAR"),
+    (b"\x89HDF\r\n\x1a\n", "HDF5, such as a Keras .h5"),
+)
+
+
 def _refuse(path: str, head: bytes) -> None:
     from ..format.header import sniff_other_format
+    named = next((name for magic, name in _NOT_CHECKPOINTS if head.startswith(magic)), None)
     other = sniff_other_format(head)
-    detail = other[1] if other and other[0] not in ("zip", "pickle", "npy", "gguf") else \
-        f"it starts with {head[:16]!r}"
+    if named is not None:
+        detail = f"it starts with {head[:16]!r} ({named})"
+    elif other and other[0] not in ("zip", "pickle", "npy", "gguf"):
+        detail = other[1]
+    else:
+        detail = f"it starts with {head[:16]!r}"
     if not head:
         detail = "the file is empty"
     raise errors.UnknownFormatError(
