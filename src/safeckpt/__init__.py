@@ -28,7 +28,7 @@ _LAZY = {
     "diff": ".ops.diff", "DiffReport": ".ops.diff",
     "merge": ".ops.merge", "MergeReport": ".ops.merge",
     "CheckpointManager": ".training.manager", "CheckpointInfo": ".training.manager",
-    "SafetensorError": ".errors",
+    "SafetensorError": ".errors", "_safe_open_handle": ".api",
     "TensorSpec": ".tensor_spec",
     "serialize": ".tensor_spec",
     "serialize_file": ".tensor_spec",

@@ -166,6 +166,26 @@ class safe_open:
         self.close()
 
 
+def _safe_open_handle(f: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap") -> safe_open:
+    """`safe_open` over an open binary file, as safetensors' `_safe_open_handle`: the file its name gives.
+
+    The object needs the `name` and `fileno()` of a file opened from a path; a name
+    that no longer leads to that same file (renamed, replaced) is refused.
+
+    >>> with open("model.safetensors", "rb") as f, _safe_open_handle(f, "np") as handle:
+    ...     handle.keys()
+    """
+    name = getattr(f, "name", None)
+    if not isinstance(name, (str, bytes, os.PathLike)) or not hasattr(f, "fileno"):
+        raise errors.SafeckptError(f"expected a binary file opened from a path (with .name and .fileno()), got "
+                                   f"{type(f).__name__}")
+    path = os.fsdecode(name)
+    if not os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+        raise errors.SafeckptError("the open file is no longer the file of that name (renamed or replaced "
+                                   "meanwhile): open it again", path=path)
+    return safe_open(path, framework, device, backend=backend)
+
+
 def load_file(path: PathLike, *, framework: str = "numpy", device: Any = "cpu", copy: bool = False,
               backend: str = "mmap") -> Dict[str, Any]:
     """Load every tensor of a safetensors file.
