@@ -66,7 +66,8 @@ class LazyGroup(output.OneLineErrors, click.Group):
                "own fields}, on errors too.")
 @click.version_option(__version__, "-V", "--version", prog_name="safeckpt")
 def main() -> None:
-    """Safe, fast, portable model weights: inspect and verify safetensors files.
+    """Safe, fast, portable model weights: read any checkpoint without running it, scan, convert, compare,
+    merge, cast and verify.
 
     No command ever executes file content. Every command takes --help, and
     --json where it prints results, for scripts.
@@ -74,7 +75,8 @@ def main() -> None:
     \b
     Examples:
       safeckpt inspect model.safetensors
-      safeckpt verify model.safetensors
+      safeckpt scan pytorch_model.bin
+      safeckpt convert pytorch_model.bin model.safetensors
       safeckpt demo
     """
 

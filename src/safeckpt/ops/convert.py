@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .. import errors
+from .._version import __version__
 from ..format import writer
 from ..format.dtypes import DTYPES
 from ..format.storage import open_regular_file
@@ -343,11 +344,10 @@ def _holds_weights(path: str) -> bool:
 def _metadata(source: TensorSource, choice: Choice, target: Optional[str], ema: Optional[str],
               user: Optional[dict[str, str]], aliases: dict[str, str], source_hash: bool,
               notes: list[str]) -> dict[str, str]:
-    import safeckpt  # at call time: the package imports this module while it initialises
 
     meta: dict[str, str] = dict(source.metadata or {})
     meta.setdefault("format", "pt")
-    meta["safeckpt.version"] = safeckpt.__version__
+    meta["safeckpt.version"] = __version__
     meta["safeckpt.source"] = os.path.basename(source.path.rstrip("/" + os.sep)) or source.path
     meta["safeckpt.source_format"] = source.format
     if source_hash:

@@ -91,6 +91,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .. import errors
+from .._version import __version__
 from ..errors import IncompatibleInputsError
 from ..format import writer
 from ..format.dtypes import DTYPES
@@ -504,7 +505,6 @@ def _listing(lines: list[str]) -> str:
 
 def _metadata(spec: _Spec, inputs: list[_Input], base: Optional[_Input], target: Optional[str],
               user: Optional[dict[str, str]], aliases: dict[str, str]) -> dict[str, str]:
-    import safeckpt  # at call time: the package imports this module while it initialises
 
     def name(inp: _Input) -> str:
         return os.path.basename(inp.path.rstrip("/" + os.sep)) or inp.path
@@ -514,7 +514,7 @@ def _metadata(spec: _Spec, inputs: list[_Input], base: Optional[_Input], target:
         record["base"] = name(base)
     if target is not None:
         record["dtype"] = target
-    meta = {"format": "pt", "safeckpt.version": safeckpt.__version__,
+    meta = {"format": "pt", "safeckpt.version": __version__,
             METADATA_KEY: json.dumps(record, separators=(",", ":"), ensure_ascii=False)}
     meta.update(user or {})
     for dropped, kept in aliases.items():

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from .._version import __version__
 from ..errors import CheckpointError, CheckpointNotFoundError, IntegrityError, SafeckptError
 from ..format.dtypes import DTYPES, storage_dtype
 from ..format.reader import parse_bytes_header, to_logical
@@ -512,8 +513,7 @@ def _write_error(exc: OSError, step: int, where: str) -> CheckpointError:
 
 def library_versions() -> dict[str, str]:
     """Versions recorded with each checkpoint: safeckpt, Python, numpy, and torch/jax when loaded."""
-    import safeckpt
-    versions = {"safeckpt": safeckpt.__version__, "python": platform.python_version(), "numpy": np.__version__}
+    versions = {"safeckpt": __version__, "python": platform.python_version(), "numpy": np.__version__}
     for module in ("torch", "jax"):
         if module in sys.modules:
             versions[module] = str(getattr(sys.modules[module], "__version__", "unknown"))
