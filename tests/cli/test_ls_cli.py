@@ -93,6 +93,7 @@ def test_ls_of_an_empty_or_missing_directory(tmp_path):
 
 
 def test_ls_of_a_memory_url():
+    pytest.importorskip("fsspec")
     url = f"memory://ls-{uuid.uuid4().hex[:8]}"
     with CheckpointManager(url) as mgr:
         mgr.save(42, {"w": np.ones(3, np.float32)}, metrics={"loss": 1.5})

@@ -17,7 +17,6 @@ import pytest
 
 import safeckpt
 from safeckpt.format.dtypes import DTYPES
-import safeckpt.torch
 from safeckpt import errors
 from safeckpt.ops import cast as casting
 from safeckpt.ops import convert as convert_module
@@ -28,6 +27,8 @@ from safeckpt.sources.detect import open_source
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open as hf_safe_open  # noqa: E402
+
+import safeckpt.torch  # noqa: E402
 
 
 def files_in(directory: Path) -> list[str]:
