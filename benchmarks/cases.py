@@ -433,12 +433,13 @@ def _inspect_ours(as_json: bool) -> Callable[[dict], Op]:
         from rich.console import Console
 
         from safeckpt.cli import output
-        from safeckpt.cli.inspect import describe, print_description
+        from safeckpt.cli.inspect import presented, print_description
+        from safeckpt.ops.inspect import describe
 
         warm(cfg, path(cfg, MANY))
 
         def op():
-            report = describe(path(cfg, MANY), tensors=as_json)
+            report = presented(describe(path(cfg, MANY), tensors=as_json))
             with open(os.devnull, "w") as sink:
                 if as_json:
                     output.write_json(report, sink)

@@ -81,7 +81,7 @@ def test_opening_and_converting_the_corpus_never_runs_it(corpus, tmp_path):
             for name in src.keys():
                 src.read(name)
 
-    from safeckpt.cli.inspect import describe
+    from safeckpt.ops.inspect import describe
 
     steps = {"open_source": read_all, "inspect": describe,
              "convert": lambda path: convert(path, tmp_path / "out.safetensors", overwrite=True),

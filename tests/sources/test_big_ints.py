@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import safeckpt
-from safeckpt.cli.inspect import describe
+from safeckpt.ops.inspect import describe
 from safeckpt.sources import base
 
 torch = pytest.importorskip("torch")

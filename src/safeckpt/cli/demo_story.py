@@ -180,12 +180,12 @@ def _planted_payload(story) -> None:
 
 
 def _inspect(story) -> None:
-    from . import inspect
+    from ..ops.inspect import describe
 
     story.step("Inspect the Lightning checkpoint (structure only; nothing runs)")
     story.shell("safeckpt inspect tinylm.ckpt")
     code = story.cli("inspect", "tinylm.ckpt")
-    report = inspect.describe("tinylm.ckpt")
+    report = describe("tinylm.ckpt")
     patterns = [group["pattern"] for group in report.get("groups", [])]
     story.check(code == output.EXIT_OK and any("{0..%d}" % (LAYERS - 1) in p for p in patterns),
                 f"the {LAYERS} blocks fold into one row per weight")

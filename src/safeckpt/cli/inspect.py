@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
+from ..ops.inspect import describe, read_head, scan_summary
 from . import output, short_help
 from .output import Column, grouped, human_bytes, human_count, printable
 
@@ -43,256 +44,10 @@ CHECKPOINT_LINES = 40
 # Top-level keys whose contents are hyper-parameters, listed near the top key by key.
 HYPERPARAMETER_KEYS = ("hyper_parameters", "hparams", "hyper_params", "hparams_initial", "args", "config",
                        "cfg")
-# Scan findings kept in --json, and shown in the human form (most severe first).
-JSON_FINDINGS = 20
+# Scan findings shown in the human form (most severe first; --json has JSON_FINDINGS).
 SHOWN_FINDINGS = 5
 # Module rows printed (all of them with --json).
 MODULE_ROWS = 50
-# Bytes of a shard read to tell a safetensors shard (read by its header alone) from others.
-_SHARD_SNIFF_BYTES = 16
-# Formats that hold no pickles (nothing to scan): safetensors' header is checked by reading it.
-_NOT_SCANNED = ("safetensors", "raw", "sharded")
-# A file named so is read as safetensors whatever its first bytes (as `verify` does), so that a
-# damaged one gets the reader's precise reason; other unknown content gets `open_source`'s words.
-SAFETENSORS_SUFFIX = ".safetensors"
-
-
-def describe(path: "os.PathLike | str", template: Optional[str] = None, *,
-             tensors: bool = True) -> dict[str, Any]:
-    """Everything `inspect` shows, as a JSON-able dict; tensor data is never read.
-
-    A safetensors file is described from its validated header alone; a sharded
-    model (its folder or index JSON) from its index and its shards' headers; any
-    other format `open_source` reads (PyTorch, Lightning, npz, ...) from its
-    structure, which nothing executes, and pickle-based files are scanned.
-    ``tensors=False`` leaves out the list of every tensor (the groups, modules
-    and totals say the rest): half the memory for a header of a million tensors.
-
-    >>> describe("model.safetensors")["totals"]["parameters"]
-    1228800
-    >>> describe("last.ckpt")["scan"]["verdict"]
-    'safe'
-    """
-    from ..format.header import collector_paused
-
-    with collector_paused():  # a report makes objects per tensor and no cycles (see collector_paused)
-        report = _describe(os.fspath(path), template)
-        if tensors:
-            report["tensors"] = _tensor_list(report.pop("_infos"), "header_size" in report)
-        else:
-            del report["_infos"]
-        return report
-
-
-def _describe(path: str, template: Optional[str]) -> dict[str, Any]:
-    from ..sources.detect import sniff
-    from ..sources.sharded import find_index
-
-    if template is None:
-        if os.path.isdir(path):
-            index = find_index(path)
-            if index is not None:
-                return _describe_sharded(path, index)
-        else:
-            kind = sniff(_head(path))
-            if kind == "safetensors" or (kind is None and path.endswith(SAFETENSORS_SUFFIX)):
-                # A file that looks like safetensors, or is named so: the reader's errors say
-                # precisely what is wrong with it (truncated, a gap, an LFS pointer, ...).
-                return _describe_safetensors(path)
-            if kind == "json":
-                return _describe_sharded(path, path)
-    # Anything else is opened as every command opens it, so unknown content gets the words
-    # `convert` and the others give ("not a checkpoint format safeckpt reads: ...").
-    return _describe_source(path, template)
-
-
-def _tensor_list(infos: Any, with_offsets: bool) -> list[dict[str, Any]]:
-    """One entry per tensor; a safetensors header's entries (`with_offsets`) add their data_offsets."""
-    if with_offsets:
-        return [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
-                 "bytes": info.nbytes, "data_offsets": list(info.data_offsets)} for name, info in infos.items()]
-    return [{"name": name, "dtype": info.dtype, "shape": list(info.shape), "parameters": info.numel,
-             "bytes": info.nbytes} for name, info in infos.items()]
-
-
-def _head(path: str) -> bytes:
-    from ..format.storage import open_regular_file
-    from ..sources.detect import SNIFF_BYTES
-
-    with open_regular_file(path) as f:
-        return f.read(SNIFF_BYTES)
-
-
-def _describe_safetensors(path: str) -> dict[str, Any]:
-    from ..format.reader import SafetensorsFile
-
-    # pread: the header is read with two small reads; the data is never mapped or read.
-    with SafetensorsFile(path, backend="pread") as file:
-        header = file.header
-    return _report(path, "safetensors", "safetensors file", header.data_start + header.data_size,
-                   header.metadata, header.tensors, header_size=header.data_start)
-
-
-def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
-    from ..sources import open_source
-
-    with open_source(path, template=template) as source:
-        if source.format != "safetensors":
-            report = _source_report(path, source, os.path.getsize(source.path))
-            if source.format not in _NOT_SCANNED:
-                report["scan"] = scan_summary([source.path])
-            return report
-        model_file = source.path
-    return _describe_safetensors(model_file)  # a model folder's single file: its header is enough
-
-
-def _describe_sharded(path: str, index: str) -> dict[str, Any]:
-    from ..sources.sharded import ShardedSource, read_index
-
-    with ShardedSource(index, _open_shard) as source:
-        shards = source.shards
-        report = _source_report(path, source, sum(os.path.getsize(s.path) for s in shards.values()))
-        counts: dict[str, list[int]] = {name: [0, 0] for name in shards}
-        for name, shard_name in read_index(index)["weight_map"].items():
-            counts[shard_name][0] += 1
-            counts[shard_name][1] += source.infos[name].nbytes
-        report["shards"] = [{"file": name, "format": shard.format, "tensors": counts[name][0],
-                             "bytes": counts[name][1], "file_size": os.path.getsize(shard.path)}
-                            for name, shard in sorted(shards.items())]
-        total_size = source.index_metadata.get("total_size")
-        tensor_bytes = source.total_bytes
-        report["index"] = {"file": index, "total_size": total_size, "tensor_bytes": tensor_bytes,
-                           "matches": None if not isinstance(total_size, int) else total_size == tensor_bytes}
-        report["unknown_globals"] = _unknown_globals(shards.values())
-        pickled = [s.path for s in shards.values() if s.format not in _NOT_SCANNED]
-        if pickled:
-            report["scan"] = scan_summary(pickled)
-    return report
-
-
-def _open_shard(path: str) -> TensorSource:
-    from ..format.storage import open_regular_file
-    from ..sources import open_source
-    from ..sources.detect import sniff
-    from ..sources.safetensors_source import SafetensorsSource
-
-    with open_regular_file(path) as f:
-        head = f.read(_SHARD_SNIFF_BYTES)
-    if sniff(head) == "safetensors":
-        return SafetensorsSource(path, backend="pread")
-    return open_source(path)
-
-
-def _source_report(path: str, source: TensorSource, size: int) -> dict[str, Any]:
-    from ..ops.selection import choose_tensors
-
-    # Lightning / SD checkpoints keep the weights under "state_dict": modules are counted inside it.
-    prefix = choose_tensors(source, extract="auto").extracted
-    report = _report(path, source.format, source.describe(), size, source.metadata, source.infos,
-                     prefix=prefix, aliases=source.aliases)
-    report["structure"] = without_tensors(source.tree)
-    report["aliases"] = dict(source.aliases)
-    report["notes"] = output.cli_notes(source.notes)
-    report["unknown_globals"] = _unknown_globals([source])
-    return report
-
-
-def _unknown_globals(sources: Any) -> list[str]:
-    return sorted({f"{g.module}.{g.name}" for source in sources for g in getattr(source, "globals", ())
-                   if not g.allowed})
-
-
-def without_tensors(tree: Any) -> Any:
-    """The structure with tensor references and containers of only tensors left out."""
-    if isinstance(tree, dict):
-        if "__tensor__" in tree:
-            return None
-        kept = {k: without_tensors(v) for k, v in tree.items()}
-        kept = {k: v for k, v in kept.items() if v is not None}
-        return kept or None
-    if isinstance(tree, list):
-        kept_list = [without_tensors(v) for v in tree]
-        return None if all(v is None for v in kept_list) and tree else kept_list
-    return tree
-
-
-def scan_summary(paths: list[str]) -> dict[str, Any]:
-    """The worst scan verdict over `paths` and the most severe findings (what --json shows).
-
-    >>> scan_summary(["model.ckpt"])
-    {'verdict': 'safe', 'files': 1, 'findings': [], 'findings_total': 0, 'error': None}
-    """
-    from dataclasses import asdict
-
-    from ..ops.scan import SEVERITIES, scan
-
-    reports = [scan(p) for p in paths]
-    verdict = max((r.verdict for r in reports), key=("safe", "suspicious", "malicious").index)
-    findings = [dict(asdict(f), file=r.path) for r in reports for f in r.findings]
-    findings.sort(key=lambda f: -SEVERITIES.get(f["severity"], 0))  # stable: file order within a severity
-    errors = [f"{r.path}: {r.error}" for r in reports if r.error is not None]
-    return {"verdict": verdict, "files": len(paths), "findings": findings[:JSON_FINDINGS],
-            "findings_total": len(findings), "error": "; ".join(errors) or None}
-
-
-def _share(part: int, total: int) -> float:
-    return part / total if total else 0.0
-
-
-def _report(path: str, format: str, description: str, file_size: int, metadata: Any, infos: Any,
-            header_size: Any = None, prefix: Optional[str] = None,
-            aliases: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """The report without its list of tensors; `infos` is kept under "_infos" for `describe`."""
-    from ..format.dtypes import DTYPES
-    from ..ops.layout import group_tensors, module_totals
-
-    groups = group_tensors(infos)
-    by_dtype: dict[str, dict[str, int]] = {}
-    for group in groups:  # every tensor is in one group: totals per dtype add up the groups
-        totals = by_dtype.setdefault(group.dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
-        totals["tensors"] += group.count
-        totals["parameters"] += group.parameters
-        totals["bytes"] += group.bytes
-    for name in aliases or ():  # a tied tensor's values are counted once, under the name it is tied to
-        info = infos[name]
-        totals = by_dtype[info.dtype]
-        totals["tensors"] -= 1
-        totals["parameters"] -= info.numel
-        totals["bytes"] -= info.nbytes
-    by_dtype = {dtype: totals for dtype, totals in by_dtype.items() if totals["tensors"]}
-    parameters = sum(t["parameters"] for t in by_dtype.values())
-    # In the order the format writes dtypes: widest first.
-    dtype_order = sorted(by_dtype, key=lambda n: -DTYPES[n].rank)
-    report = {
-        "file": path,
-        "format": format,
-        "description": description,
-        "file_size": file_size,
-        "_infos": infos,
-        "totals_by_dtype": {name: by_dtype[name] for name in dtype_order},
-        "share_by_dtype": {name: _share(by_dtype[name]["parameters"], parameters) for name in dtype_order},
-        "totals": {"tensors": len(infos), "tied": len(aliases or ()), "parameters": parameters,
-                   "parameters_human": human_count(parameters),
-                   "bytes": sum(t["bytes"] for t in by_dtype.values())},
-        "metadata": metadata,
-        "groups": [{"pattern": g.pattern, "count": g.count, "dtype": g.dtype, "shape": list(g.shape),
-                    "parameters": g.parameters, "bytes": g.bytes, "indices": [list(i) for i in g.indices]}
-                   for g in groups],
-        "modules_prefix": prefix,
-        "modules": [_module(m, parameters) for m in module_totals(infos, prefix=prefix)],
-    }
-    if header_size is not None:
-        # with the 8-byte length prefix: header_size + bytes = file_size
-        report["header_size"] = header_size
-    return report
-
-
-def _module(module: Any, total: int) -> dict[str, Any]:
-    entry = {"name": module.name, "tensors": module.tensors, "parameters": module.parameters,
-             "bytes": module.bytes, "share": _share(module.parameters, total)}
-    if module.children:
-        entry["children"] = [_module(child, total) for child in module.children]
-    return entry
 
 
 # --- the human form -----------------------------------------------------------------
@@ -566,13 +321,21 @@ def command(file: str, template: Optional[str], flat: bool, as_json: bool) -> No
       safeckpt inspect download.pt --json | jq .scan.verdict
     """
     try:
-        report = describe(file, template, tensors=as_json or flat)
+        report = presented(describe(file, template, tensors=as_json or flat))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         code, message = output.describe_failure(exc, file)
         output.fail(code, message + _verdict_of_unreadable(file, template, code), exc=exc, file=file)
     if not as_json:
         print_description(output.make_console(), report, flat=flat)
     output.finish(output.EXIT_OK, report)
+
+
+def presented(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as the CLI shows it: notes in the CLI's spelling, the parameter count in words too."""
+    if "notes" in report:
+        report["notes"] = output.cli_notes(report["notes"])
+    report["totals"]["parameters_human"] = human_count(report["totals"]["parameters"])
+    return report
 
 
 def _verdict_of_unreadable(path: str, template: Optional[str], code: int) -> str:
@@ -582,7 +345,7 @@ def _verdict_of_unreadable(path: str, template: Optional[str], code: int) -> str
     from ..sources.detect import sniff
 
     try:
-        if sniff(_head(path)) in (None, "safetensors", "json"):
+        if sniff(read_head(path)) in (None, "safetensors", "json"):
             return ""
         summary = scan_summary([path])
     except Exception:  # noqa: BLE001 - the description's own error is the one to report

@@ -54,12 +54,14 @@ def verdict_of(report: ScanReport) -> str:
 def overall_verdict(reports: list[ScanReport], code: int) -> str:
     """The verdict over every PATH, consistent with the exit code: "malicious" wins, then
     "error" (exit 2), then the worst of the rest."""
+    from ..ops.scan import VERDICT_RANK  # loaded by the scan that made the reports
+
     verdicts = [r.verdict for report in reports for r in report.walk()]
     if "malicious" in verdicts:
         return "malicious"
     if code == output.EXIT_ERROR:
         return "error"
-    return max(verdicts, key=("safe", "suspicious").index, default="safe")
+    return max(verdicts, key=VERDICT_RANK.__getitem__, default="safe")
 
 
 def report_dict(report: ScanReport) -> dict[str, Any]:

@@ -16,9 +16,6 @@ from typing import Optional
 from .. import errors
 from ..sources.base import TensorSource
 
-_RANK = {"safe": 0, "suspicious": 1, "malicious": 2}
-
-
 def open_checked(path: "os.PathLike | str", allow_unsafe: bool, action: str = "convert") -> TensorSource:
     """`open_source(path)`; a file that is both malformed and hostile is reported as hostile."""
     from ..sources import open_source  # at call time: detect grows with every format
@@ -47,12 +44,12 @@ def check_safety(paths: list[str], allow: bool, action: str = "convert"):
     >>> check_safety(["model.pt"], allow=False).verdict
     'safe'
     """
-    from .scan import scan  # at call time: scan imports every source module
+    from .scan import VERDICT_RANK, scan  # at call time: scan imports every source module
 
     worst: Optional[object] = None
     for path in paths:
         report = scan(path)
-        if worst is None or _RANK.get(report.verdict, 1) > _RANK.get(worst.verdict, 1):
+        if worst is None or VERDICT_RANK.get(report.verdict, 1) > VERDICT_RANK.get(worst.verdict, 1):
             worst = report
         if report.verdict == "malicious" and not allow:
             found = [f for f in report.findings if f.severity == "malicious"] or report.findings

@@ -11,9 +11,9 @@
 """
 
 from .paths import MAX_DIRECTORY_FILES, scan
-from .report import SEVERITIES, Finding, ScanReport
+from .report import SEVERITIES, VERDICT_RANK, Finding, ScanReport
 from .rules import DENYLIST, NESTED_LOADERS, grade_global
 from .scanner import MAX_DEPTH, scan_bytes
 
 __all__ = ["Finding", "ScanReport", "scan", "scan_bytes", "grade_global", "DENYLIST",
-           "NESTED_LOADERS", "SEVERITIES", "MAX_DEPTH", "MAX_DIRECTORY_FILES"]
+           "NESTED_LOADERS", "SEVERITIES", "VERDICT_RANK", "MAX_DEPTH", "MAX_DIRECTORY_FILES"]
