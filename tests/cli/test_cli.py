@@ -8,7 +8,6 @@ import mmap
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,22 +143,18 @@ def test_inspect_reads_only_the_header(tmp_path, monkeypatch):
     assert 0 < sum(requested) <= header_size + 64  # 64: the head sniffed for other formats
 
 
-def test_inspect_100k_tensors_is_fast(tmp_path):
+def test_inspect_100k_tensors_lists_every_one(tmp_path):  # its speed: the benchmarks' header.inspect rows
     n = 100_000
     header = {f"model.layers.{i}.weight": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
               for i in range(n)}
     path = tmp_path / "many.safetensors"
     path.write_bytes(safetensors_bytes(header, bytes(4 * n)))
-    start = time.perf_counter()
     result = invoke("inspect", path, "--flat")
-    elapsed = time.perf_counter() - start
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert sum(line.startswith("model.layers.") for line in lines) == n
     assert f"model.layers.{n - 1}.weight   F32     [1]" in result.stdout
     assert table_rows(result.stdout)["F32"] == ["F32", "100,000", "100,000", "400,000"]
-    # rich alone would take ~30 s for this table; header parsing is most of the rest.
-    assert elapsed < 15, f"inspect took {elapsed:.1f} s on {n} tensors"
 
 
 def test_plain_table_is_what_rich_prints():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,9 @@ def invoke(*args):
 
 def test_demo_runs_green(tmp_path):
     pytest.importorskip("torch")
-    start = time.perf_counter()
     result = subprocess.run([str(CONSOLE_SCRIPT), "demo", "--dir", str(tmp_path)], capture_output=True,
-                            text=True, timeout=180)
-    elapsed = time.perf_counter() - start
+                            text=True, timeout=180)  # about 15 s here: the timeout only stops a hang
     assert result.returncode == 0, result.stdout + result.stderr
-    assert elapsed < 120  # about 15 s here; the issue asks for under a minute on a quiet machine
     out = result.stdout
     assert "checks passed" in out and "✗" not in out
     for command in ("$ safeckpt scan planted.pt", "$ safeckpt inspect tinylm.ckpt",

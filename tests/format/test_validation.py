@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import struct
-import time
 import tracemalloc
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -384,15 +383,12 @@ def test_huge_header_length_is_refused_before_allocating(tmp_path, entry_point, 
     read, where = ENTRY_POINTS[entry_point]
     tracemalloc.start()
     try:
-        started = time.perf_counter()
         with pytest.raises(error) as info:
             read(path)
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"allocated {peak} bytes to refuse a {length}-byte header"
-    assert elapsed < 0.5
     assert where(path) in str(info.value) and str(length) in str(info.value)
 
 
