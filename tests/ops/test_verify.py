@@ -15,7 +15,7 @@ from safeckpt import errors
 from safeckpt.ops import range_hash
 from safeckpt.ops.verify import (LfsPointer, load_manifest, manifest_path, parse_lfs_pointer, read_lfs_pointer,
                                  sha256_file, verify)
-from safeckpt.ops.integrity import root_hash
+from safeckpt.format.integrity import root_hash
 from safeckpt.sources.base import mapped
 
 torch = pytest.importorskip("torch")

@@ -533,7 +533,7 @@ def test_write_stream_writes_the_bytes_save_writes_through_short_writes(model_li
 
 def test_hashing_writer_hashes_the_file_and_each_range_whatever_the_chunks():
     import blake3
-    from safeckpt.ops.integrity import PARALLEL_BYTES, HashingWriter
+    from safeckpt.format.integrity import PARALLEL_BYTES, HashingWriter
 
     data = np.random.default_rng(0).integers(0, 256, 3 * PARALLEL_BYTES + 123, dtype=np.uint8).tobytes()
     ranges = [("header", 0, 100), ("a", 100, 100), ("b", 100, PARALLEL_BYTES + 7), ("c", PARALLEL_BYTES + 7, len(data))]
@@ -547,7 +547,7 @@ def test_hashing_writer_hashes_the_file_and_each_range_whatever_the_chunks():
 
 
 def test_any_changed_byte_of_a_manifest_is_caught_even_if_the_json_still_means_the_same():
-    from safeckpt.ops.integrity import decode_manifest, encode_manifest
+    from safeckpt.format.integrity import decode_manifest, encode_manifest
 
     document = {"format": "safeckpt-checkpoint", "schema_version": 1, "step": 12, "metrics": {"loss": 0.5}}
     raw = encode_manifest(document)

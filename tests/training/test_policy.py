@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from safeckpt.errors import CheckpointError
-from safeckpt.training.policy import (CheckpointInfo, Retention, Schedule, best, by_step, check_step,
-                                      checkpoint_name, partials_to_remove, ranked_best, should_save,
-                                      step_from_name, temporaries_to_remove, temporary_name, to_delete, to_keep)
+from safeckpt.format.checkpoint_dir import CheckpointInfo, by_step, checkpoint_name, step_from_name
+from safeckpt.format.checkpoint_storage import temporary_name
+from safeckpt.training.policy import (Retention, Schedule, best, check_step, partials_to_remove, ranked_best,
+                                      should_save, temporaries_to_remove, to_delete, to_keep)
 
 OUR_FILES = ("tensors.safetensors", "state.json")
 
@@ -175,7 +176,7 @@ def test_keep_best_without_monitor_says_how_to_fix_it():
 # --- leftovers of a crash ------------------------------------------------------------------
 
 def test_only_our_temporaries_are_chosen_for_cleaning():
-    ours = temporary_name(1200, "0123456789ab")
+    ours = temporary_name(checkpoint_name(1200), "0123456789ab")
     assert ours == ".tmp-step-00001200-0123456789ab"
     foreign = [".tmp", ".tmp-", ".tmp-mine", ".tmp-step-1", ".tmp-step-00001200-XYZ", "tmp-step-00001200-abcdef12",
                ".tmp-step-00001200-0123456789ab.bak", "step-00001200", ".safeckpt.lock", "notes.txt",

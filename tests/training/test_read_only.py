@@ -25,7 +25,7 @@ pytest.importorskip("torch")  # the writer processes save torch states
 import fault_child as fc  # noqa: E402
 from safeckpt import CheckpointManager  # noqa: E402
 from safeckpt.errors import CheckpointError, CheckpointNotFoundError, IntegrityError  # noqa: E402
-from safeckpt.training.storage import LocalStorage  # noqa: E402
+from safeckpt.format.checkpoint_storage import LocalStorage  # noqa: E402
 
 # Kills of the writer while this process reads; each cycle lasts about a tenth of a second.
 WRITER_KILLS = 24

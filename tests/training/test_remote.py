@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 fsspec = pytest.importorskip("fsspec")
 
 from safeckpt.errors import CheckpointError, IntegrityError  # noqa: E402
-from safeckpt.training.manager import CheckpointManager, inspect_directory  # noqa: E402
+from safeckpt.format.checkpoint_dir import inspect_directory  # noqa: E402
+from safeckpt.training.manager import CheckpointManager  # noqa: E402
 
 BUCKET = "checkpoints"
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import click
 
 # this module is imported only when `ls` runs: the training machinery comes with it
-from ..training.manager import Listing, inspect_directory
+from ..format.checkpoint_dir import Listing, inspect_directory
 from ..training.policy import MODES, best
 from . import output, short_help
 from .output import Column, human_bytes, printable

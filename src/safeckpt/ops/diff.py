@@ -85,9 +85,9 @@ import numpy as np
 
 from .. import errors
 from ..format.dtypes import DTYPES
+from ..format.integrity import hash_bytes
 from ..sources.base import TensorInfo, TensorSource
 from .diff_sums import DOT_PIECE, Sums, Tolerance, bits_equal, part_sums
-from .integrity import hash_bytes
 from .selection import choose_tensors, matches, name_globs, tied_names
 
 __all__ = ["DiffEntry", "DiffReport", "diff", "STATUSES"]

@@ -8,7 +8,7 @@
   shard it names.
 
 (A training checkpoint has its ``manifest.json`` already, written by each save: see
-`safeckpt.ops.integrity`.) Manifests are JSON as `safeckpt.ops.integrity.encode_manifest`
+`safeckpt.format.checkpoint_dir`.) Manifests are JSON as `safeckpt.format.integrity.encode_manifest`
 writes it: one member a line, ending with the hash of every byte before it, so an edited
 manifest is detected (here by encoding the parsed document again: any byte that differs
 from what safeckpt wrote shows)::
@@ -49,7 +49,7 @@ from .. import errors
 from ..format.storage import open_regular_file
 from ..format.writer import atomic_output, write_all
 from ..sources.sharded import find_index
-from .integrity import HASH, RANGES, SELF_HASH_KEY, check_schema_version, encode_manifest
+from ..format.integrity import HASH, RANGES, SELF_HASH_KEY, check_schema_version, encode_manifest
 
 MANIFEST_SUFFIX = ".blake3.json"
 MANIFEST_FORMAT = "safeckpt-hashes"

@@ -15,7 +15,8 @@ How
 Each file's structure is checked as `safeckpt.ops.verify_file` says, then its hashes
 are compared with the manifest beside PATH (`safeckpt.ops.manifest` says where it is
 and what it records), or written there with ``write=True``. A training checkpoint has
-its ``manifest.json`` already (written by each save, see `safeckpt.ops.integrity`): it
+its ``manifest.json`` already (written by each save; `safeckpt.format.checkpoint_dir` says
+what the directory holds, `safeckpt.format.integrity` how a manifest is encoded): it
 is checked, never written here. Hashing runs on all cores in bounded memory
 (`safeckpt.ops.range_hash`).
 
@@ -40,13 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .. import errors
+from ..format import integrity
+from ..format.checkpoint_dir import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, inspect_directory, step_from_name
+from ..format.integrity import RANGES
 from ..format.storage import check_regular, open_regular_file
 from ..sources.base import mapped
 from ..sources import open_source
 from ..sources.detect import sniff
 from ..sources.sharded import find_index
-from . import integrity
-from .integrity import RANGES
 from .lfs import LfsPointer, Sha256Jobs, parse_lfs_pointer, read_lfs_pointer, sha256_file
 from .manifest import MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, entry_ok, load_manifest, manifest_path, write_manifest
 from .range_hash import Meter, Progress
@@ -54,10 +56,6 @@ from .verify_file import check_entry, check_ranges, file_entry, open_layout, rea
 
 # Files looked at in a plain folder.
 MAX_DIRECTORY_FILES = 100_000
-# The training checkpoint's files (see safeckpt.training.manager).
-CHECKPOINT_MANIFEST = "manifest.json"
-CHECKPOINT_TENSORS = "tensors.safetensors"
-CHECKPOINT_STATE = "state.json"
 
 _STATUS_CODES = {"ok": 0, "invalid": 1, "error": 2}
 
@@ -219,10 +217,9 @@ def _verify_path(path: str, options: _Options) -> VerifyReport:
 
 
 def _verify_directory(path: str, options: _Options) -> VerifyReport:
-    from ..training.policy import step_from_name
     names = os.listdir(path)
-    if CHECKPOINT_MANIFEST in names and (step_from_name(os.path.basename(os.path.normpath(path))) is not None
-                                         or CHECKPOINT_TENSORS in names or CHECKPOINT_STATE in names):
+    if MANIFEST_FILE in names and (step_from_name(os.path.basename(os.path.normpath(path))) is not None
+                                   or TENSORS_FILE in names or STATE_FILE in names):
         return _verify_checkpoint(path, None, options)
     if any(step_from_name(name) is not None and os.path.isdir(os.path.join(path, name)) for name in names):
         return _verify_manager_directory(path, options)
@@ -389,7 +386,6 @@ def _compare_pointer_oid(report: VerifyReport, path: str, pointer: LfsPointer) -
 
 def _verify_manager_directory(path: str, options: _Options) -> VerifyReport:
     """Every committed step of a CheckpointManager directory (listed as the manager lists them)."""
-    from ..training.manager import inspect_directory
     report = VerifyReport(path, "checkpoints", format="safeckpt-checkpoint", hashes="unchecked")
     try:
         listing = inspect_directory(path)
@@ -405,7 +401,7 @@ def _verify_manager_directory(path: str, options: _Options) -> VerifyReport:
     for damaged in listing.damaged:
         shown = _shown(path, damaged.path)
         child = VerifyReport(shown, "checkpoint", format="safeckpt-checkpoint", hashes="failed",
-                             manifest=os.path.join(shown, CHECKPOINT_MANIFEST))
+                             manifest=os.path.join(shown, MANIFEST_FILE))
         child.fail(damaged.error, shown)
         children.append((damaged.step, child))
     report.children = [child for _, child in sorted(children, key=lambda item: (item[0], item[1].path))]
@@ -417,7 +413,7 @@ def _verify_manager_directory(path: str, options: _Options) -> VerifyReport:
 
 def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -> VerifyReport:
     """One step directory: its manifest.json (decoded by `integrity`), then each file it records."""
-    manifest_file = os.path.join(path, CHECKPOINT_MANIFEST)
+    manifest_file = os.path.join(path, MANIFEST_FILE)
     report = VerifyReport(path, "checkpoint", format="safeckpt-checkpoint", manifest=manifest_file)
     if options.write:
         report.notes.append("CheckpointManager writes a step's manifest.json when it saves it; --write leaves "
@@ -427,14 +423,14 @@ def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -
             with open_regular_file(manifest_file) as file:
                 manifest = integrity.decode_manifest(file.read(MAX_MANIFEST_BYTES + 1), manifest_file)
         files = manifest.get("files")
-        if not isinstance(files, dict) or not isinstance(files.get(CHECKPOINT_TENSORS), dict):
-            raise errors.IntegrityError(f"records no {CHECKPOINT_TENSORS}: move this directory away",
+        if not isinstance(files, dict) or not isinstance(files.get(TENSORS_FILE), dict):
+            raise errors.IntegrityError(f"records no {TENSORS_FILE}: move this directory away",
                                         path=manifest_file)
         names = [name for name in files if "/" not in name and "\\" not in name and name not in ("", ".", "..")]
         if not all(isinstance(files[name], dict) and entry_ok(files[name]) for name in names):
             raise errors.IntegrityError("lacks what a manifest records (a size and hash for each file): move this "
                                         "directory away", path=manifest_file)
-        extra = sorted(set(os.listdir(path)) - set(names) - {CHECKPOINT_MANIFEST})
+        extra = sorted(set(os.listdir(path)) - set(names) - {MANIFEST_FILE})
     except (errors.SafeckptError, OSError) as exc:
         report.hashes = "failed"
         report.fail(exc, manifest_file)
@@ -463,7 +459,7 @@ def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -
 
 
 def _check_checkpoint_file(report: VerifyReport, name: str, path: str, entry: dict, meter: Meter) -> None:
-    if name != CHECKPOINT_TENSORS or entry.get("hashed") != RANGES:
+    if name != TENSORS_FILE or entry.get("hashed") != RANGES:
         with mapped(path) as data:
             size = len(data)
             integrity.check_file(data, entry, path)

@@ -21,13 +21,13 @@ import numpy as np
 
 from .. import errors
 from ..format.dtypes import dtype_for_numpy
+from ..format.integrity import HASH, RANGES, new_hasher, root_hash
 from ..format.reader import SafetensorsFile
 from ..format.storage import open_regular_file
 from ..format.writer import tensor_chunks
 from ..sources.base import TensorSource, mapped
 from ..sources import open_source
 from ..sources.detect import SNIFF_BYTES, sniff
-from .integrity import HASH, RANGES, new_hasher, root_hash
 from .lfs import refuse_pointer
 from .range_hash import Meter, range_digests
 

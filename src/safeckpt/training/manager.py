@@ -1,16 +1,14 @@
 """CheckpointManager: save training state on a schedule, keep what the policy keeps, restore it verified.
 
-The manager orchestrates; the pieces live elsewhere: `policy` decides when to
-save and what to keep, `storage` moves bytes (a local directory or an fsspec
-URL) and commits, `integrity` hashes and writes the manifest, `state` turns
-a state tree into tensors plus a JSON document and back.
-
-A checkpoint is a directory named after its step::
-
-    step-00001200/
-      tensors.safetensors   the state's tensors (any safetensors reader opens it)
-      state.json            the tree's skeleton and scalars, step, time, metrics, versions
-      manifest.json         written last: sizes and BLAKE3 hashes (per file, per tensor)
+The manager orchestrates: when to save, what to keep, one save in flight at a
+time, one writer per directory, which checkpoint a restore takes. The pieces
+live elsewhere: `policy` decides when to save and what to keep;
+`safeckpt.format.checkpoint_dir` is the directory's layout (a directory per
+step holding ``tensors.safetensors``, ``state.json`` and ``manifest.json``,
+written last), which it lists, writes, reads and checks;
+`safeckpt.format.checkpoint_storage` moves the bytes (a local directory or an
+fsspec URL) and commits; `state` turns a state tree into tensors plus a JSON
+document and back.
 
 Only a checkpoint whose manifest is complete and intact is listed; ordering
 is by the step inside the manifest, never by the name.
@@ -31,43 +29,25 @@ listing.
 from __future__ import annotations
 
 import errno
-import json
-import math
-import platform
-import sys
 import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-import numpy as np
-
-from .._version import __version__
 from ..errors import CheckpointError, CheckpointNotFoundError, IntegrityError, SafeckptError
-from ..format.dtypes import DTYPES, storage_dtype
-from ..format.reader import parse_bytes_header, to_logical
-from ..format.writer import header_for, layout, prepare, write_stream
-from ..ops import integrity
-from ..ops.integrity import HASH, HashingWriter, check_file, decode_manifest, encode_manifest, hash_bytes
-from .policy import (CheckpointInfo, Retention, Schedule, best, by_step, check_step, checkpoint_name,
-                     partials_to_remove, should_save, step_from_name, temporaries_to_remove, to_delete)
+from ..format.checkpoint_dir import (OUR_FILES, CheckpointCheck, CheckpointInfo, Listing, check_checkpoint,
+                                     checkpoint_name, clean_metrics, directory_name, is_committed, list_directory,
+                                     read_checkpoint, write_checkpoint)
+from ..format.checkpoint_storage import open_directory
+from .policy import (Retention, Schedule, best, check_step, partials_to_remove, should_save,
+                     temporaries_to_remove, to_delete)
 from .state import join_state, snapshot, split_state
-from .storage import open_storage
 
-TENSORS_FILE = "tensors.safetensors"
-STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
-# The manifest first: removing it un-commits the checkpoint before its data goes.
-OUR_FILES = (MANIFEST_FILE, TENSORS_FILE, STATE_FILE)
 # A restore whose checkpoint is pruned meanwhile chooses again; each retry means the writer
 # committed and pruned once more, so only a writer pruning faster than we read exhausts these.
 RESTORE_ATTEMPTS = 5
-STATE_FORMAT = "safeckpt-state"
-STATE_SCHEMA_VERSION = 1
-# Non-finite metrics are stored as these strings, so that both JSON files stay standard JSON.
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # What to do about a failed write, by errno; the message ends with it.
 _WRITE_FIXES = {
     errno.ENOSPC: "free disk space (or lower keep_last), then save again",
@@ -79,40 +59,6 @@ _WRITE_FIXES = {
 }
 
 Which = Union[str, int]
-
-
-@dataclass(frozen=True)
-class Damaged:
-    """A directory named like a checkpoint whose manifest is damaged: never listed, never deleted."""
-
-    step: int
-    path: str
-    error: IntegrityError
-
-
-@dataclass(frozen=True)
-class Listing:
-    """What a checkpoint directory holds."""
-
-    checkpoints: list[CheckpointInfo]  # committed and intact manifests, by step
-    damaged: list[Damaged] = field(default_factory=list)
-    partials: dict[str, list[str]] = field(default_factory=dict)  # step-* without a manifest -> files
-    manifests: dict[str, dict] = field(default_factory=dict)  # path -> parsed manifest
-    monitor: Optional[str] = None  # recorded by the newest checkpoint
-    mode: str = "min"
-
-
-@dataclass(frozen=True)
-class CheckpointCheck:
-    """The verdict on one checkpoint; `file` and `tensor` say where a mismatch is."""
-
-    step: int
-    path: str
-    ok: bool
-    error: Optional[str] = None
-    error_type: Optional[str] = None
-    file: Optional[str] = None
-    tensor: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -174,8 +120,8 @@ class CheckpointManager:
         self.schedule = Schedule(every_n_steps=every_n_steps, every_seconds=every_seconds)
         self.async_save = bool(async_save)
         self.read_only = bool(read_only)
-        self._storage = open_storage(directory, storage_options, create=not self.read_only,
-                                     missing_ok=self.read_only)
+        self._storage = open_directory(directory, storage_options, create=not self.read_only,
+                                       missing_ok=self.read_only)
         self.directory = self._storage.url
         self._lock = None if self.read_only else self._storage.lock()
         self._closed = False
@@ -249,8 +195,8 @@ class CheckpointManager:
         name = checkpoint_name(step)
         if not self._storage.exists(name):
             return
-        listing = scan(self._storage)
-        where = _display(self._storage, name)
+        listing = list_directory(self._storage)
+        where = self._storage.display(name)
         if any(info.step == step for info in listing.checkpoints):
             raise CheckpointError(f"step {step} is already saved; checkpoints are never overwritten: save under "
                                   "a new step, or delete this directory first", path=where)
@@ -275,8 +221,8 @@ class CheckpointManager:
         staging = None
         try:
             staging = self._storage.begin(name)
-            files, manifest_size = _write_files(staging, step, now, metrics, tensors, document,
-                                                self.retention)
+            info = write_checkpoint(staging, step, now, metrics, tensors, document, self.retention.monitor,
+                                    self.retention.mode)
             staging.commit()
         except BaseException as exc:
             if staging is not None:
@@ -285,15 +231,14 @@ class CheckpointManager:
                 where = staging.final if staging is not None else self.directory
                 raise _write_error(exc, step, where) from exc
             raise
-        size = manifest_size + sum(entry["size"] for entry in files.values())
-        return CheckpointInfo(step, now, decode_metrics(metrics), staging.final, size)
+        return info
 
     def _prune(self, saved: CheckpointInfo) -> None:
         with self._mutex:
             protected = self._protected | {saved.path}
-        for victim in to_delete(scan(self._storage).checkpoints, self.retention, protected):
+        for victim in to_delete(list_directory(self._storage).checkpoints, self.retention, protected):
             try:
-                self._storage.remove_checkpoint(_basename(victim.path), OUR_FILES)
+                self._storage.remove_checkpoint(directory_name(victim.path), OUR_FILES)
             except OSError as exc:
                 warnings.warn(f"{victim.path}: could not delete this pruned checkpoint ({exc}); it stays on "
                               "disk: delete it by hand", stacklevel=2)
@@ -307,7 +252,7 @@ class CheckpointManager:
         >>> [info.step for info in mgr.list()]
         [9, 10, 100, 1000]
         """
-        return scan(self._storage).checkpoints
+        return list_directory(self._storage).checkpoints
 
     def restore(self, which: Which = "latest", target: Any = None, verify: bool = True) -> Any:
         """The state saved in a checkpoint: "latest", "best" or a step.
@@ -332,7 +277,7 @@ class CheckpointManager:
         self._check_open()
         which = _check_which(which)
         for _ in range(RESTORE_ATTEMPTS):
-            listing = scan(self._storage)
+            listing = list_directory(self._storage)
             info = self._choose(listing, which)
             with self._mutex:  # before reading: a background prune must not take it meanwhile
                 self._protected.add(info.path)
@@ -369,7 +314,7 @@ class CheckpointManager:
         >>> report = mgr.verify(); report.ok, [c.error for c in report.failures]
         """
         self._check_open()
-        listing = scan(self._storage)
+        listing = list_directory(self._storage)
         checks = [check_checkpoint(self._storage, info, listing.manifests[info.path])
                   for info in listing.checkpoints]
         checks += [CheckpointCheck(d.step, d.path, False, str(d.error), type(d.error).__name__,
@@ -429,7 +374,7 @@ class CheckpointManager:
         for name in temporaries_to_remove(name for name, is_dir in names.items() if is_dir):
             self._storage.remove_temporary(name, OUR_FILES)
         if self._storage.remote:
-            listing = scan(self._storage)
+            listing = list_directory(self._storage)
             newest = listing.checkpoints[-1].step if listing.checkpoints else None
             for name in partials_to_remove(listing.partials, newest, OUR_FILES[1:]):
                 self._storage.remove_checkpoint(name, OUR_FILES)
@@ -464,44 +409,7 @@ class _SaveJob:
         self.manager._prune(saved)
 
 
-# --- writing --------------------------------------------------------------------------
-
-def _write_files(staging, step: int, now: float, metrics: dict, tensors: Mapping[str, Any], document: dict,
-                 retention: Retention) -> tuple[dict, int]:
-    """tensors.safetensors, state.json, then manifest.json; returns the file entries and manifest size."""
-    where = staging.where(TENSORS_FILE)
-    ordered = layout([prepare(name, array, where) for name, array in tensors.items()])
-    metadata = {"step": str(step)}
-    header_size = len(header_for(ordered, metadata))
-    ranges, position = [("", 0, header_size)], header_size
-    for tensor in ordered:
-        ranges.append((tensor.name, position, position + tensor.nbytes))
-        position += tensor.nbytes
-    with staging.open(TENSORS_FILE) as out, HashingWriter(out, ranges, whole_file=False) as writer:
-        write_stream(ordered, writer, metadata)
-    hashes = writer.range_hashes()
-    tensors_entry = {
-        "size": writer.size, HASH: writer.hexdigest(), "hashed": integrity.RANGES,
-        "header": {"range": [0, header_size], HASH: hashes[0]},
-        "tensors": {name: {"range": [begin, end], HASH: digest}
-                    for (name, begin, end), digest in zip(ranges[1:], hashes[1:])},
-    }
-    versions = library_versions()
-    state_bytes = json.dumps({"format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION, "step": step,
-                              "time": now, "metrics": metrics, "versions": versions, "state": document},
-                             ensure_ascii=False, allow_nan=False).encode("utf-8")
-    with staging.open(STATE_FILE) as out:
-        out.write(state_bytes)
-    files = {TENSORS_FILE: tensors_entry, STATE_FILE: {"size": len(state_bytes), HASH: hash_bytes(state_bytes)}}
-    monitor = {"name": retention.monitor, "mode": retention.mode} if retention.monitor else None
-    manifest = encode_manifest({
-        "format": integrity.MANIFEST_FORMAT, "schema_version": integrity.MANIFEST_SCHEMA_VERSION,
-        "step": step, "time": now, "metrics": metrics, "monitor": monitor, "versions": versions, "hash": HASH,
-        "files": files})
-    with staging.open(MANIFEST_FILE) as out:
-        out.write(manifest)
-    return files, len(manifest)
-
+# --- helpers ----------------------------------------------------------------------------
 
 def _write_error(exc: OSError, step: int, where: str) -> CheckpointError:
     reason = exc.strerror or str(exc)
@@ -509,117 +417,6 @@ def _write_error(exc: OSError, step: int, where: str) -> CheckpointError:
     fix = _WRITE_FIXES.get(exc.errno, "check that the directory is writable and has room, then save again")
     return CheckpointError(f"cannot save step {step}: {reason}{f' ({code})' if code else ''}; nothing was "
                            f"committed and earlier checkpoints are untouched: {fix}", path=where)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions recorded with each checkpoint: safeckpt, Python, numpy, and torch/jax when loaded."""
-    versions = {"safeckpt": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for module in ("torch", "jax"):
-        if module in sys.modules:
-            versions[module] = str(getattr(sys.modules[module], "__version__", "unknown"))
-    return versions
-
-
-def clean_metrics(metrics: Optional[Mapping[str, Any]]) -> dict:
-    """Metrics as JSON: str keys, int or float values (numpy and torch scalars too);
-    NaN and infinities as the strings "NaN", "Infinity", "-Infinity"."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise CheckpointError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
-    cleaned = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"metric names must be strings, got {key!r}")
-        if hasattr(value, "item") and not isinstance(value, (int, float)):  # numpy and torch scalars
-            try:
-                value = value.item()
-            except (TypeError, ValueError, RuntimeError) as exc:  # more than one value
-                raise CheckpointError(f"metric {key!r} must be a single number ({exc})") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CheckpointError(f"metric {key!r} must be a number, got {type(value).__name__} {value!r}; "
-                                  "pass float(value)")
-        if isinstance(value, int):
-            cleaned[key] = value
-            continue
-        number = float(value)
-        if math.isnan(number):
-            cleaned[key] = "NaN"
-        elif math.isinf(number):
-            cleaned[key] = "Infinity" if number > 0 else "-Infinity"
-        else:
-            cleaned[key] = number
-    return cleaned
-
-
-def decode_metrics(metrics: Mapping[str, Any]) -> dict:
-    """The inverse of `clean_metrics`: the strings for non-finite values become floats again."""
-    return {key: _NON_FINITE[value] if isinstance(value, str) and value in _NON_FINITE else value
-            for key, value in metrics.items()}
-
-
-# --- reading --------------------------------------------------------------------------
-
-def scan(storage) -> Listing:
-    """Read the manifests of a checkpoint directory: committed, damaged, partial."""
-    committed, damaged, partials, manifests = [], [], {}, {}
-    for name, is_dir in storage.entries().items():
-        step = step_from_name(name) if is_dir else None
-        if step is None:
-            continue
-        files = storage.files(name)
-        path = _display(storage, name)
-        if MANIFEST_FILE not in files:
-            partials[name] = files
-            continue
-        manifest_path = _display(storage, name, MANIFEST_FILE)
-        try:
-            raw = storage.read_bytes(name, MANIFEST_FILE)
-            manifest = decode_manifest(raw, manifest_path)
-            info = _info_from_manifest(manifest, path, len(raw), manifest_path)
-            if info.step != step:
-                raise IntegrityError(f"records step {info.step} but its directory is named for step {step}; "
-                                     "directories must keep their names: rename it back", path=manifest_path)
-        except FileNotFoundError:  # deleted meanwhile (pruned by another thread)
-            continue
-        except IntegrityError as exc:
-            damaged.append(Damaged(step, path, exc))
-            continue
-        committed.append(info)
-        manifests[path] = manifest
-    committed = by_step(committed)
-    monitor, mode = None, "min"
-    if committed:
-        recorded = manifests[committed[-1].path].get("monitor") or {}
-        monitor, mode = recorded.get("name"), recorded.get("mode", "min")
-    return Listing(committed, sorted(damaged, key=lambda d: (d.step, d.path)), partials, manifests, monitor, mode)
-
-
-def inspect_directory(directory, storage_options: Optional[Mapping[str, Any]] = None) -> Listing:
-    """List a checkpoint directory without opening a manager: no lock, nothing cleaned or created.
-
-    >>> [info.step for info in inspect_directory("checkpoints").checkpoints]
-    [100, 200]
-    """
-    return scan(open_storage(directory, storage_options, create=False))
-
-
-def _info_from_manifest(manifest: Mapping[str, Any], path: str, manifest_size: int,
-                        manifest_path: str) -> CheckpointInfo:
-    try:
-        step = manifest["step"]
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step is {step!r}")
-        files = manifest["files"]
-        size = manifest_size + sum(int(files[name]["size"]) for name in (TENSORS_FILE, STATE_FILE))
-        for name in (TENSORS_FILE, STATE_FILE):
-            if not isinstance(files[name][HASH], str):
-                raise TypeError(f"{name} has no hash")
-        return CheckpointInfo(step, float(manifest["time"]), decode_metrics(manifest.get("metrics") or {}),
-                              path, size)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"lacks what a manifest records ({exc}); move this directory away",
-                             path=manifest_path) from None
 
 
 def _check_which(which: Which) -> Which:
@@ -663,53 +460,6 @@ def _choose(listing: Listing, which: Which, monitor: Optional[str], mode: str) -
     raise CheckpointNotFoundError(f"no checkpoint of step {which}; saved steps: {directory_steps}")
 
 
-def read_checkpoint(storage, info: CheckpointInfo, manifest: Mapping[str, Any],
-                    verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """A checkpoint's tensors (numpy arrays sharing one owned buffer) and state document."""
-    name = _basename(info.path)
-    files = manifest["files"]
-    state_path, tensors_path = _display(storage, name, STATE_FILE), _display(storage, name, TENSORS_FILE)
-    raw_state = _read(storage.read_bytes, name, STATE_FILE, state_path)
-    if verify:
-        check_file(raw_state, files[STATE_FILE], state_path)
-    buffer = _read(storage.read_array, name, TENSORS_FILE, tensors_path)
-    if verify:
-        check_file(buffer, files[TENSORS_FILE], tensors_path)
-    try:
-        stored = json.loads(raw_state.decode("utf-8"))
-        document = stored["state"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"is not a safeckpt state file ({exc}); restore with verify=True to find the "
-                              "damage", path=state_path) from None
-    header = parse_bytes_header(buffer, tensors_path)
-    tensors = {}
-    for tensor, entry in header.tensors.items():
-        begin = header.data_start + entry.data_offsets[0]
-        dtype = DTYPES[entry.dtype]
-        tensors[tensor] = to_logical(buffer[begin:begin + entry.nbytes].view(storage_dtype(dtype)), dtype,
-                                     entry.shape)
-    return tensors, document
-
-
-def check_checkpoint(storage, info: CheckpointInfo, manifest: Mapping[str, Any]) -> CheckpointCheck:
-    """Compare every file of a checkpoint with its manifest; never raises for damage."""
-    name = _basename(info.path)
-    try:
-        for filename in (STATE_FILE, TENSORS_FILE):
-            path = _display(storage, name, filename)
-            try:
-                with storage.mapped(name, filename) as data:
-                    check_file(data, manifest["files"][filename], path)
-            except FileNotFoundError:
-                raise IntegrityError("is missing; the checkpoint is incomplete: restore another step",
-                                     path=path) from None
-    except (SafeckptError, OSError) as exc:
-        return CheckpointCheck(info.step, info.path, False, str(exc), type(exc).__name__,
-                               getattr(exc, "path", None) or getattr(exc, "filename", None),
-                               getattr(exc, "tensor", None))
-    return CheckpointCheck(info.step, info.path, True)
-
-
 def _check_target(target: Any, document: Mapping[str, Any], path: str) -> None:
     """Every tensor of `target` is in the checkpoint with the same shape and dtype, and vice versa."""
     _, expected = split_state(target)
@@ -732,22 +482,7 @@ def _check_target(target: Any, document: Mapping[str, Any], path: str) -> None:
 
 def _vanished(storage, path: str) -> bool:
     """Whether the checkpoint at `path` is no longer committed: its manifest, which goes first, is gone."""
-    return MANIFEST_FILE not in storage.files(_basename(path))
-
-
-def _read(read, name: str, filename: str, path: str):
-    try:
-        return read(name, filename)
-    except FileNotFoundError:
-        raise IntegrityError("is missing; the checkpoint is incomplete: restore another step", path=path) from None
-
-
-def _display(storage, *parts: str) -> str:
-    return storage.display(*parts) if storage.remote else storage.path(*parts)
-
-
-def _basename(path: str) -> str:
-    return path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    return not is_committed(storage, directory_name(path))
 
 
 def _steps_text(listing: Listing) -> str:

@@ -15,46 +15,20 @@ values, so each rule can be tested on its own:
   directory is never selected.
 
 Steps are integers everywhere: ordering never depends on directory names
-(``step-1000`` sorts before ``step-999`` as a string).
+(``step-1000`` sorts before ``step-999`` as a string). The names and the records
+(`CheckpointInfo`) are the checkpoint directory's: `safeckpt.format.checkpoint_dir`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Collection, Iterable, Mapping, Optional, Sequence
 
 from ..errors import CheckpointError
+from ..format.checkpoint_dir import CheckpointInfo, by_step, is_temporary_name, step_from_name
 
-CHECKPOINT_PREFIX = "step-"
-# Zero-padding keeps names readable in `ls`; ordering never relies on it.
-STEP_DIGITS = 8
-TEMP_PREFIX = ".tmp-"
 MODES = ("min", "max")
-
-_COMMITTED_NAME = re.compile(r"step-([0-9]+)")
-_TEMP_NAME = re.compile(r"\.tmp-step-([0-9]+)-[0-9a-f]{8,64}")
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of a step: ``checkpoint_name(1200) == "step-00001200"``."""
-    return f"{CHECKPOINT_PREFIX}{step:0{STEP_DIGITS}d}"
-
-
-def temporary_name(step: int, token: str) -> str:
-    """The name a checkpoint is written under before its commit (`token` is random hex)."""
-    return f"{TEMP_PREFIX}{checkpoint_name(step)}-{token}"
-
-
-def step_from_name(name: str) -> Optional[int]:
-    """The step a checkpoint directory name stands for, or None for any other name.
-
-    >>> step_from_name("step-00001200"), step_from_name("step-final")
-    (1200, None)
-    """
-    match = _COMMITTED_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
 
 
 def check_step(step) -> int:
@@ -65,33 +39,6 @@ def check_step(step) -> int:
     if step < 0:
         raise CheckpointError(f"step must be a non-negative integer, got {step}")
     return step
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint: what its manifest says, and where it is."""
-
-    step: int
-    time: float  # seconds since the epoch, when the save started
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    path: str = ""  # the directory (a local path or a URL)
-    size: int = 0  # bytes of all its files, manifest included
-
-    def score(self, monitor: str) -> Optional[float]:
-        """The monitored metric as a float; None when missing or NaN (never best)."""
-        value = self.metrics.get(monitor)
-        if value is None or isinstance(value, bool):
-            return None
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return None
-        return None if math.isnan(value) else value
-
-
-def by_step(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
-    """Oldest first, by the step number (ties by save time, then path)."""
-    return sorted(infos, key=lambda info: (info.step, info.time, info.path))
 
 
 # --- when to save -------------------------------------------------------------------
@@ -216,7 +163,7 @@ def temporaries_to_remove(names: Iterable[str]) -> list[str]:
     """Names of our uncommitted temporaries (``.tmp-step-00001200-<hex>``): a save
     that crashed before its rename. Nothing else matches.
     """
-    return sorted(name for name in names if _TEMP_NAME.fullmatch(name))
+    return sorted(name for name in names if is_temporary_name(name))
 
 
 def partials_to_remove(partials: Mapping[str, Collection[str]], newest_committed_step: Optional[int],

@@ -1,9 +1,10 @@
-"""Where checkpoint bytes go: a local directory, or any fsspec URL (``s3://``, ``memory://``, ...).
+"""Where a checkpoint directory's bytes go: a local directory, or any fsspec URL (``s3://``, ``memory://``, ...).
 
-Both storages offer the same small interface to the manager: list the
-entries of the root, read a file (small ones as bytes, tensor files into
+`safeckpt.format.checkpoint_dir` says what a checkpoint directory holds; this
+module moves its bytes. Both storages offer the same small interface: list
+the entries of the root, read a file (small ones as bytes, tensor files into
 one owned numpy buffer), map a file for hashing, stage a new checkpoint and
-commit it, and remove a checkpoint.
+commit it, remove a checkpoint, and lock the directory for one writer.
 
 How a commit works differs, because object stores have no rename:
 
@@ -19,8 +20,13 @@ How a commit works differs, because object stores have no rename:
 Removal is the commit in reverse: the manifest goes first, so a crash while
 deleting never leaves a listed checkpoint with missing files.
 
-A reader (a read-only manager) uses only the listing and reading half: it
-never stages, removes or locks, so it can follow a directory a writer owns.
+A reader (a read-only manager, ``safeckpt verify``, ``safeckpt ls``) uses
+only the listing and reading half: it never stages, removes or locks, so it
+can follow a directory a writer owns.
+
+>>> storage = open_directory("checkpoints", create=False)
+>>> sorted(name for name, is_dir in storage.entries().items() if is_dir)
+['step-00000100', 'step-00000200']
 """
 
 from __future__ import annotations
@@ -30,17 +36,24 @@ import secrets
 import shutil
 import socket
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator, Mapping, Optional
+from typing import Any, BinaryIO, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
 from ..errors import CheckpointError, LockedError
-from ..format.storage import PreadStorage
-from ..format.writer import fsync_directory
-from ..sources.base import mapped
-from .policy import temporary_name
+from .storage import PreadStorage, open_storage as open_file_storage
+from .writer import fsync_directory
 
 LOCK_FILE = ".safeckpt.lock"
+# A checkpoint is written (and deleted) under a temporary sibling name: ``.tmp-<name>-<hex>``.
+TEMP_PREFIX = ".tmp-"
+
+
+def temporary_name(name: str, token: str) -> str:
+    """The name checkpoint directory `name` is written (or deleted) under before its rename
+    (`token` is random hex): ``temporary_name("step-00001200", "0123456789ab") ==
+    ".tmp-step-00001200-0123456789ab"``."""
+    return f"{TEMP_PREFIX}{name}-{token}"
 
 
 def is_url(directory) -> bool:
@@ -49,15 +62,15 @@ def is_url(directory) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def open_storage(directory, storage_options: Optional[Mapping[str, Any]] = None, *, create: bool = True,
-                 missing_ok: bool = False):
-    """The storage for a local path or an fsspec URL.
+def open_directory(directory, storage_options: Optional[Mapping[str, Any]] = None, *, create: bool = True,
+                   missing_ok: bool = False) -> "Storage":
+    """The storage of a checkpoint directory: a local path or an fsspec URL.
 
     `create=False` never creates the directory; a missing local one is then
     FileNotFoundError, or, with `missing_ok=True`, an empty directory until
     someone creates it (a reader that starts before its writer).
 
-    >>> open_storage("s3://bucket/run", {"anon": False}).url
+    >>> open_directory("s3://bucket/run", {"anon": False}).url
     's3://bucket/run'
     """
     if is_url(directory):
@@ -128,9 +141,12 @@ class LocalStorage:
 
     @contextmanager
     def mapped(self, *parts: str) -> Iterator[Any]:
-        """The file's bytes as a read-only buffer (a shared map: nothing is copied)."""
-        with mapped(self.path(*parts)) as data:
-            yield data
+        """The file's bytes, mapped (nothing is copied; the reader's own mmap backend)."""
+        storage = open_file_storage(self.path(*parts), "mmap")
+        try:
+            yield storage.view(0, storage.size)
+        finally:
+            storage.close()
 
     def begin(self, name: str) -> "LocalStaging":
         return LocalStaging(self, name)
@@ -146,7 +162,7 @@ class LocalStorage:
         if set(self.files(name)) - set(our_files) or not os.path.isdir(directory):
             _unlink_all(directory, our_files, fsync_after_first=True)
             return
-        temp = self.path(temporary_name(int(name.rsplit("-", 1)[1]), secrets.token_hex(6)))
+        temp = self.path(temporary_name(name, secrets.token_hex(6)))
         os.rename(directory, temp)
         fsync_directory(self.root)
         self.remove_temporary(os.path.basename(temp), our_files)
@@ -173,8 +189,7 @@ class LocalStaging:
         self.storage = storage
         self.name = name
         self.final = storage.path(name)
-        step = int(name.rsplit("-", 1)[1])
-        self.temp = storage.path(temporary_name(step, secrets.token_hex(6)))
+        self.temp = storage.path(temporary_name(name, secrets.token_hex(6)))
         os.mkdir(self.temp)
 
     def where(self, filename: str) -> str:
@@ -371,3 +386,8 @@ class FsspecStaging:
             except (FileNotFoundError, OSError):
                 pass
         self.storage._refresh(self.storage.path(self.name))
+
+
+# Either storage, for type hints: both have the same methods.
+Storage = Union[LocalStorage, FsspecStorage]
+Staging = Union[LocalStaging, FsspecStaging]
