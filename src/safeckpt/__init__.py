@@ -23,7 +23,7 @@ _LAZY = {
     "open_source": ".sources", "TensorSource": ".sources",
     "scan": ".ops.scan", "ScanReport": ".ops.scan",
     "convert": ".ops.convert", "ConvertReport": ".ops.convert",
-    "cast": ".ops.cast",
+    "cast": ".ops.convert",
     "verify": ".ops.verify", "VerifyReport": ".ops.verify",
     "diff": ".ops.diff", "DiffReport": ".ops.diff",
     "merge": ".ops.merge", "MergeReport": ".ops.merge",
@@ -55,8 +55,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .api import load, load_file, safe_open, save, save_file
     from .errors import HeaderError, SafeckptError, SafetensorError, SourceError, UnsafeFileError
     from .format import RawTensor, SafetensorsFile, TensorInfo
-    from .ops.cast import cast
-    from .ops.convert import ConvertReport, convert
+    from .ops.convert import ConvertReport, cast, convert
     from .ops.diff import DiffReport, diff
     from .ops.merge import MergeReport, merge
     from .ops.scan import ScanReport, scan

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import safeckpt
 from safeckpt.cli import main
-from safeckpt.ops.cast import cast
+from safeckpt.ops.convert import cast
 
 torch = pytest.importorskip("torch")
 

@@ -16,7 +16,7 @@ import pytest
 
 import safeckpt
 from safeckpt.errors import SafeckptError, UnsafeFileError
-from safeckpt.ops.cast import cast
+from safeckpt.ops.convert import cast
 from safeckpt.ops.diff import diff
 from safeckpt.ops.merge import merge
 from safeckpt.ops.verify import verify

@@ -59,7 +59,7 @@ def command(src: str, dst: str, dtype: str, select: tuple[str, ...], exclude: tu
       safeckpt cast model.safetensors model-fp8.safetensors --dtype fp8 --select '*.mlp.*' --json
     """
     def work(progress: output.ProgressBar) -> ConvertReport:
-        from ..ops.cast import cast
+        from ..ops.convert import cast
 
         return cast(src, dst, dtype, select=select or None, exclude=exclude or None, shard_size=shard_size,
                     verify=verify, allow_unsafe_structure=allow_unsafe_structure, progress=progress,

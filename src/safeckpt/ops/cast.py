@@ -21,15 +21,13 @@ and are never cast.
 >>> out, overflow
 (array([1., inf], dtype=float16), 1)
 
-`cast` is the ``safeckpt cast`` operation: `convert` with a target dtype, where
-`select` / `exclude` choose which floating tensors are cast (the others are
-copied as they are, so ``--exclude '*norm*'`` keeps norms in fp32).
+The ``safeckpt cast`` operation itself is `safeckpt.ops.convert.cast`: a
+conversion with a target dtype, which uses these pieces.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -200,28 +198,3 @@ def _fix_overflow(block: np.ndarray, out: np.ndarray, target: str) -> int:
         largest = out.dtype.type(float(ml_dtypes.finfo(out.dtype).max))
         out[clip] = np.where(np.signbit(block[clip]), -largest, largest)
     return overflow
-
-
-def cast(src: "os.PathLike | str", dst: "os.PathLike | str", dtype: str, *,
-         select: "Sequence[str] | str | None" = None, exclude: "Sequence[str] | str | None" = None,
-         shard_size: "int | str | None" = None, verify: bool = False, allow_unsafe_structure: bool = False,
-         progress: Optional[Callable[[int, int, str], None]] = None, overwrite: bool = False,
-         **convert_options: Any):
-    """Write `src` (any format safeckpt reads) as safetensors with its floating tensors cast to `dtype`.
-
-    `select` / `exclude` are globs on tensor names choosing which floating tensors
-    are cast; every other tensor (integers, bools, and those left out) is written
-    unchanged. Returns convert's `ConvertReport`, whose ``overflow`` and
-    ``underflow`` map each tensor to its count of values that became ±inf (±max for
-    F8_E4M3) or ±0. `dst` is never one of the inputs, and an existing `dst` is
-    replaced only with `overwrite`. Other keyword arguments go to `convert`.
-
-    >>> report = cast("model.safetensors", "model-bf16.safetensors", "bf16", exclude="*norm*")
-    >>> report.overflow
-    {}
-    """
-    from .convert import convert  # at call time: convert imports this module
-
-    return convert(src, dst, dtype=dtype, cast_select=select, cast_exclude=exclude, shard_size=shard_size,
-                   verify=verify, allow_unsafe_structure=allow_unsafe_structure, progress=progress,
-                   overwrite=overwrite, **convert_options)

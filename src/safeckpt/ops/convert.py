@@ -227,6 +227,29 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         copied=written.copied)
 
 
+def cast(src: "os.PathLike | str", dst: "os.PathLike | str", dtype: str, *,
+         select: "Sequence[str] | str | None" = None, exclude: "Sequence[str] | str | None" = None,
+         shard_size: "int | str | None" = None, verify: bool = False, allow_unsafe_structure: bool = False,
+         progress: Optional[Callable[[int, int, str], None]] = None, overwrite: bool = False,
+         **convert_options: Any):
+    """Write `src` (any format safeckpt reads) as safetensors with its floating tensors cast to `dtype`.
+
+    `select` / `exclude` are globs on tensor names choosing which floating tensors
+    are cast; every other tensor (integers, bools, and those left out) is written
+    unchanged. Returns convert's `ConvertReport`, whose ``overflow`` and
+    ``underflow`` map each tensor to its count of values that became ±inf (±max for
+    F8_E4M3) or ±0. `dst` is never one of the inputs, and an existing `dst` is
+    replaced only with `overwrite`. Other keyword arguments go to `convert`.
+
+    >>> report = cast("model.safetensors", "model-bf16.safetensors", "bf16", exclude="*norm*")
+    >>> report.overflow
+    {}
+    """
+    return convert(src, dst, dtype=dtype, cast_select=select, cast_exclude=exclude, shard_size=shard_size,
+                   verify=verify, allow_unsafe_structure=allow_unsafe_structure, progress=progress,
+                   overwrite=overwrite, **convert_options)
+
+
 # --- planning ---------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -21,15 +21,12 @@ import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from .. import errors
 from ..format.storage import open_regular_file
 from ..sources.base import mapped
 from .range_hash import Meter, PageDropper
-
-if TYPE_CHECKING:
-    from .verify import VerifyReport
 
 # Git LFS never reads a larger file as a pointer (its blob size cutoff).
 MAX_POINTER_BYTES = 1024
@@ -172,7 +169,7 @@ class Sha256Jobs:
 
     >>> with Sha256Jobs(["model.safetensors"], meter) as jobs:
     ...     ...  # the BLAKE3 pass
-    ...     report.sha256 = jobs.results(report)
+    ...     digests, failures = jobs.results()
     """
 
     def __init__(self, paths: Iterable[str], meter: Meter) -> None:
@@ -192,16 +189,16 @@ class Sha256Jobs:
                             for path in self.paths}
         return self
 
-    def results(self, report: "VerifyReport") -> dict[str, str]:
-        """Each file's hex sha256; a file that could not be read is a problem of `report`."""
-        out = {}
+    def results(self) -> tuple[dict[str, str], dict[str, Exception]]:
+        """Each file's hex sha256, and the error of each file that could not be read."""
+        digests: dict[str, str] = {}
+        failures: dict[str, Exception] = {}
         for path, future in self.futures.items():
             try:
-                out[path] = future.result()
+                digests[path] = future.result()
             except (OSError, errors.SafeckptError) as exc:
-                if report.status == "ok":  # else the file's own check has said what is wrong
-                    report.fail(exc, path)
-        return out
+                failures[path] = exc
+        return digests, failures
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:

@@ -329,7 +329,7 @@ def _verify_files(report: VerifyReport, folder: str, names: list[str], manifest:
                 report.fail(exc, path)
         if report.kind == "file":
             report.tensors, report.parameters = tensors, parameters
-        report.sha256 = jobs.results(report)
+        report.sha256 = _sha256_results(jobs, report)
     if options.pointer is not None:
         _compare_pointer_oid(report, first, options.pointer)
     if options.write:
@@ -454,7 +454,7 @@ def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -
             except (errors.SafeckptError, OSError) as exc:
                 report.hashes = "failed"
                 report.fail(exc, file_path)
-        report.sha256 = jobs.results(report)
+        report.sha256 = _sha256_results(jobs, report)
     return report
 
 
@@ -491,3 +491,13 @@ def _shown(directory: str, path: str) -> str:
 # The LFS and manifest names are re-exported: callers import them from here.
 __all__ = ["verify", "VerifyReport", "LfsPointer", "parse_lfs_pointer", "read_lfs_pointer", "sha256_file",
            "load_manifest", "manifest_path", "describe", "MANIFEST_SUFFIX"]
+
+
+def _sha256_results(jobs: Sha256Jobs, report: VerifyReport) -> dict[str, str]:
+    """The sha256 jobs' digests; a file they could not read is a problem of `report`, unless its
+    own check has already said what is wrong."""
+    digests, failures = jobs.results()
+    for path, exc in failures.items():
+        if report.status == "ok":
+            report.fail(exc, path)
+    return digests
