@@ -15,6 +15,7 @@ pytest.importorskip("psutil")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_the_table():
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--no-write"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

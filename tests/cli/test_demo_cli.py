@@ -18,6 +18,7 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_demo_runs_green(tmp_path):
     pytest.importorskip("torch")
     result = subprocess.run([str(CONSOLE_SCRIPT), "demo", "--dir", str(tmp_path)], capture_output=True,
@@ -35,6 +36,7 @@ def test_demo_runs_green(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the demo removes its files unless --keep"
 
 
+@pytest.mark.slow
 def test_demo_keep(tmp_path):
     pytest.importorskip("torch")
     result = invoke("demo", "--dir", tmp_path, "--keep")
@@ -46,6 +48,7 @@ def test_demo_keep(tmp_path):
     assert invoke("verify", workdir / "model.safetensors").exit_code == 0
 
 
+@pytest.mark.slow
 def test_demo_fails_when_a_check_fails(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     import safeckpt.torch as sct

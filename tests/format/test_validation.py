@@ -392,6 +392,7 @@ def test_huge_header_length_is_refused_before_allocating(tmp_path, entry_point, 
     assert where(path) in str(info.value) and str(length) in str(info.value)
 
 
+@pytest.mark.slow
 def test_header_of_exactly_the_limit_is_read(tmp_path):
     """100,000,000 bytes is allowed, as in Rust: a metadata value that fills it loads."""
     prefix = '{"__metadata__":{"pad":"'

@@ -51,6 +51,7 @@ def test_corpus_is_well_formed(corpus):
         assert not item.canary.exists()
 
 
+@pytest.mark.slow
 def test_each_item_runs_under_its_loader(tmp_path_factory, oracle):
     """(a) The real loader, in a subprocess and without the hook, creates each canary."""
     pytest.importorskip("torch")  # one of the loaders
@@ -148,6 +149,7 @@ def run_cli(*paths: Path) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CLI.exists(), reason="the safeckpt command is not installed next to python")
 def test_scan_command_grades_every_item_malicious(corpus):
     """(b) The command: one file per root cause alone, then every file in one call, then the directory."""

@@ -30,6 +30,7 @@ FLIPS = 300
 
 # --- crash -----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_sigkill_at_random_moments_keeps_the_last_committed_step(tmp_path: Path, async_save: bool) -> None:
     directory = tmp_path / "ckpt"

@@ -293,6 +293,7 @@ def test_verify_leaves_out_a_checkpoint_pruned_while_it_is_checked(tmp_path: Pat
 
 # --- a real writer, killed again and again ------------------------------------------------
 
+@pytest.mark.slow
 def test_a_reader_never_sees_a_partial_checkpoint_of_a_writer_killed_again_and_again(tmp_path: Path) -> None:
     """A child saves step after step (pruning to 3) and is SIGKILLed at random moments, then restarts
     from latest; meanwhile this process lists and restores latest and the oldest step, again and again.

@@ -63,6 +63,7 @@ def _bits(tensor: torch.Tensor) -> bytes:
 
 # --- the resume, in a new process --------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", run.CONFIGS)
 def test_a_run_resumed_in_a_new_process_is_bit_identical(config, tmp_path, settled):
     full, full_losses = uninterrupted(config)
