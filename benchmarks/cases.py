@@ -668,16 +668,6 @@ def diff_ours(cfg: dict) -> Op:
     return op
 
 
-@case("diff.numpy_only")
-def diff_numpy_only(cfg: dict) -> Op:
-    """The same diff without the compiled loop (`diff_sums.kernel` absent): what an install with
-    no C compiler gets."""
-    from safeckpt.ops import diff_sums
-
-    diff_sums.kernel = None
-    return diff_ours(cfg)
-
-
 @case("diff.read")
 def diff_read(cfg: dict) -> Op:
     """The read bandwidth of the two files: every byte copied from the page cache once."""

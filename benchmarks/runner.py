@@ -39,7 +39,7 @@ ORDER = [
     "convert.ours", "convert.ours_nohash", "convert.torch_safetensors",
     "ckpt.save.ours", "ckpt.save.plain_write", "ckpt.save.torch_save", "ckpt.async.ours",
     "ckpt.restore.ours", "ckpt.restore_verify.ours", "ckpt.restore.torch_load",
-    "diff.ours", "diff.numpy_only", "diff.read", "merge.ours", "merge.io", "verify.ours", "verify.sha256",
+    "diff.ours", "diff.read", "merge.ours", "merge.io", "verify.ours", "verify.sha256",
 ]
 assert set(ORDER) == set(CASES) - {"setup"}, "every case is run"
 

@@ -61,14 +61,14 @@ JSON (`DiffReport.to_dict`): non-finite floats are written as the strings
 
 How it is fast: tensors are read as zero-copy views and compared in parts.
 Bytes are compared first, and float math runs only once a part differs; the
-sums of a part come from `diff_sums.part_sums` (a fused compiled loop, one pass
-over both tensors, or numpy where the extension is not built), which releases
-the GIL. Tensors are cut into parts of at most `PART_ELEMENTS` and queued a few
-tensors ahead on a thread per core, so the threads share large tensors, take
-small ones in turn and never wait for each other; the calling thread collects
-results in order and gives back each finished tensor's pages while the threads
-work on. Partial sums are added in part order, so results do not depend on
-timing. Memory stays near one tensor's views plus a few blocks per thread.
+sums of a part come from `diff_sums.part_sums` (numpy on cache-sized blocks,
+BLAS for the dot products), which releases the GIL for its work. Tensors are
+cut into parts of at most `PART_ELEMENTS` and queued a few tensors ahead on a
+thread per core, so the threads share large tensors, take small ones in turn
+and never wait for each other; the calling thread collects results in order
+and gives back each finished tensor's pages while the threads work on. Partial
+sums are added in part order, so results do not depend on timing. Memory stays
+near one tensor's views plus a few blocks per thread.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ from .. import errors
 from ..format.dtypes import DTYPES
 from ..format.integrity import hash_bytes
 from ..sources.base import TensorInfo, TensorSource
-from .diff_sums import DOT_PIECE, Sums, Tolerance, bits_equal, part_sums
+from .diff_sums import Sums, Tolerance, bits_equal, part_sums
 from .selection import choose_tensors, matches, name_globs, tied_names
 
 __all__ = ["DiffEntry", "DiffReport", "diff", "STATUSES"]
@@ -535,11 +535,11 @@ class _Comparer:
 
     # -- splitting the work
     def _parts(self, n: int) -> list[slice]:
-        """Contiguous ranges of at most `PART_ELEMENTS` (whole rows for numpy's dot products): small
-        tensors are one part, large ones are shared by the threads."""
-        per = max(PART_ELEMENTS // DOT_PIECE * DOT_PIECE, DOT_PIECE)
+        """Contiguous ranges of at most `PART_ELEMENTS`: small tensors are one part, large ones
+        are shared by the threads."""
+        per = PART_ELEMENTS
         if self.threads > 1 and n > PART_ELEMENTS:  # large: at least a part per thread
-            per = min(per, max(-(-n // self.threads // DOT_PIECE) * DOT_PIECE, DOT_PIECE))
+            per = min(per, -(-n // self.threads))
         return [slice(start, min(start + per, n)) for start in range(0, max(n, 1), per)]
 
     # -- one part: bytes first, floats once they differ

@@ -7,32 +7,25 @@ pairs where both values are finite, their count, sum a*a, b*b, a*b, d*d
 and the non-finite pairs that do not match (a match is two NaNs or the same
 infinity). `ops.diff` turns these into max_abs, mean_abs, rel_l2 and cosine.
 
-Two implementations, same results to the rounding of the sums:
+How, with numpy alone: a part is cut into blocks of `BLOCK_ELEMENTS` floats,
+each widened to float64 once per side into one thread's scratch rows (bf16 by
+shifting its bits into the top half of a float32, 8-bit floats through a table
+of every bit pattern, the rest by numpy's casts), then reduced in place with
+nothing allocated: ||a||^2 and ||b||^2, a-b (over b), ||a-b||^2, then |a-b| and
+its max, sum and non-zeros. a.b is (||a||^2 + ||b||^2 - ||a-b||^2) / 2, whose
+error is a few ulps of ||a||^2 + ||b||^2: about
+1e-16 * (||a||/||b|| + ||b||/||a||) absolute on the cosine, negligible unless
+one norm is orders of magnitude below the other. Dot products go through BLAS,
+in rows of `DOT_PIECE` elements.
 
-- the fused loop of the compiled extension `_diffstats` (`_diffstats.c`, built
-  when safeckpt is installed where a C compiler is): one pass over both
-  tensors, reading f64, f32, f16 and bf16 straight from the file's pages
-  (other dtypes are widened to float64 a block at a time first). It is what
-  makes diff I/O-bound rather than CPU-bound.
-- numpy, where the extension is not built (and for complex values): each block
-  of `BLOCK_ELEMENTS` is widened to float64 once per side (fp16 and 8-bit
-  floats through a table of every bit pattern) and reduced in about nine numpy
-  passes. Dot products go through BLAS in rows of `DOT_PIECE` elements, short
-  enough that BLAS does not start threads of its own (they fight the diff's
-  threads for the cores) and many enough that numpy lets go of the GIL. Three
-  per block: ||a||^2 and ||b||^2 (one call for both) and ||a-b||^2; a.b is then
-  (||a||^2 + ||b||^2 - ||a-b||^2) / 2, whose error is a few ulps of
-  ||a||^2 + ||b||^2: about 1e-16 * (||a||/||b|| + ||b||/||a||) absolute on the
-  cosine, negligible unless one norm is orders of magnitude below the other.
-
-Both release the GIL for the work, so diff runs parts on every core.
+On a full block every numpy call lets go of the GIL for its work, so diff runs
+parts on every core.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -41,27 +34,19 @@ import numpy as np
 
 from .. import errors
 
-try:
-    from . import _diffstats as kernel
-except ImportError:  # built without a C compiler: numpy does the same work
-    kernel = None
-
 __all__ = ["Sums", "Tolerance", "part_sums", "bits_equal", "BLOCK_ELEMENTS", "DOT_PIECE"]
 
-# Elements widened to float64 at a time by one thread: its two float64 buffers stay in the
-# caches, and the dozen numpy calls per block cost little next to the work (measured: 64K to
-# 1M elements are within 20%, 256K the fastest).
+# Floats widened to float64 at a time by one thread (a complex value is two: keep it even). Not
+# sized for L2: numpy's loops run as fast from L3 (measured: 0.16 ns per element for |d| in a
+# 128 KiB block, 0.14 in 2 MiB), while each call costs microseconds, so 32K-element blocks made
+# a diff 40% slower than these 2 MiB rows.
 BLOCK_ELEMENTS = 256 * 1024
-# Length of the rows handed to BLAS for dot products (np.vecdot over a block cut into rows).
+# Length of the rows handed to BLAS for dot products (np.matmul over a block cut into rows).
 # Short rows for two reasons: OpenBLAS starts threads of its own for a dot of more than
 # 10,000 elements, and with diff's already on every core the two pools fighting made a diff
-# 10-30x slower; and numpy releases the GIL around a vecdot only for more than 500 rows
-# (with 8192-element rows the threads took turns). 256 costs 5% more than 8192 on one thread.
+# 10-30x slower; and numpy lets go of the GIL around a stack of dots only for more than 500
+# of them (with 8192-element rows the threads took turns).
 DOT_PIECE = 256
-
-_vecdot = getattr(np, "vecdot", None)  # numpy >= 2.0
-# The kernel reads these straight from memory, in this machine's byte order.
-_KERNEL_KINDS = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -99,33 +84,38 @@ class Sums:
     beyond: int = 0
 
     def add(self, other: "Sums") -> None:
-        for key in ("finite", "aa", "bb", "ab", "dd", "abs_sum", "changed", "nonfinite", "beyond"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
+        self.finite += other.finite
+        self.aa += other.aa
+        self.bb += other.bb
+        self.ab += other.ab
+        self.dd += other.dd
+        self.abs_sum += other.abs_sum
         self.abs_max = max(self.abs_max, other.abs_max)
+        self.changed += other.changed
+        self.nonfinite += other.nonfinite
+        self.beyond += other.beyond
 
 
 def part_sums(x: np.ndarray, y: np.ndarray, tolerance: Tolerance) -> Sums:
-    """The sums over two 1-D arrays of the same length (see the module docstring)."""
-    complex_pairs = x.dtype.kind == "c" or y.dtype.kind == "c"
-    if kernel is None or complex_pairs:
-        return _numpy_sums(x, y, tolerance)
-    limits = (tolerance.atol, tolerance.rtol) if tolerance.given else None
-    kind_x, kind_y = _kernel_kind(x), _kernel_kind(y)
-    if kind_x and kind_y:  # read in place: one pass over the file's pages
-        return Sums(*kernel.block_sums(_bits(x), kind_x, _bits(y), kind_y, limits))
+    """The sums over two 1-D arrays of the same length (see the module docstring).
+
+    >>> part_sums(np.array([1.0, 2.0]), np.array([1.0, 4.0]), Tolerance.of(None, None)).abs_max
+    2.0
+    """
+    pairs = x.dtype.kind == "c" or y.dtype.kind == "c"
+    xr, yr = _real_view(x, pairs), _real_view(y, pairs)
+    scratch = _scratch()
     sums = Sums()
-    buffers = _buffers()
-    for start in range(0, x.size, BLOCK_ELEMENTS):
-        xs, ys = x[start:start + BLOCK_ELEMENTS], y[start:start + BLOCK_ELEMENTS]
-        a, b = (xs, kind_x) if kind_x else (_to_float64(xs, buffers.rows[0, :xs.size]), "f64")
-        c, d = (ys, kind_y) if kind_y else (_to_float64(ys, buffers.rows[1, :ys.size]), "f64")
-        sums.add(Sums(*kernel.block_sums(_bits(a), b, _bits(c), d, limits)))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the careful path handles it
+        for start in range(0, xr.size, BLOCK_ELEMENTS):
+            stop = start + BLOCK_ELEMENTS
+            sums.add(_block(xr[start:stop], yr[start:stop], pairs, tolerance, scratch))
     return sums
 
 
 def bits_equal(x: np.ndarray, y: np.ndarray) -> bool:
     """Bit-identical values (byte order aside), compared a block at a time."""
-    flags = _buffers().flags
+    flags = _scratch().flags
     for start in range(0, x.size, BLOCK_ELEMENTS):
         xs, ys = x[start:start + BLOCK_ELEMENTS], y[start:start + BLOCK_ELEMENTS]
         if xs.dtype == ys.dtype and (xs.nbytes % 8 == 0):  # widest compare, same byte order
@@ -137,72 +127,56 @@ def bits_equal(x: np.ndarray, y: np.ndarray) -> bool:
     return True
 
 
-def _kernel_kind(x: np.ndarray) -> Optional[str]:
-    native = x.dtype.byteorder in "=|" or (x.dtype.byteorder == "<") == (sys.byteorder == "little")
-    return _KERNEL_KINDS.get(x.dtype.name) if native else None
-
-
-# --- the numpy path ----------------------------------------------------------------------
-
-class _Buffers:
-    """One thread's scratch space: float64 copies of A and of B (then A-B), flags, moduli."""
+class _Scratch:
+    """One thread's buffers, reused for every block: A and B (then A-B) as float64, the
+    float32s that bf16 widens through, complex moduli and flags."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.rows = np.empty((2, 2 * size))  # A and B: two floats per complex value
-        self.m = np.empty(size)
-        self.flags = np.empty(2 * size, dtype=bool)
+        self.rows = np.empty((2, size))
+        self.bf16 = np.empty(size, dtype=np.uint32)
+        self.m = np.empty(size // 2)
+        self.flags = np.empty(2 * size, dtype=bool)  # bits_equal: a complex value is two integers
 
 
 _local = threading.local()
 
 
-def _buffers() -> _Buffers:
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None or buffers.size != BLOCK_ELEMENTS:
-        buffers = _local.buffers = _Buffers(BLOCK_ELEMENTS)
-    return buffers
+def _scratch() -> _Scratch:
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.size != BLOCK_ELEMENTS:
+        scratch = _local.scratch = _Scratch(BLOCK_ELEMENTS)
+    return scratch
 
 
-def _numpy_sums(x: np.ndarray, y: np.ndarray, tolerance: Tolerance) -> Sums:
-    sums = Sums()
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the careful path handles it
-        for start in range(0, x.size, BLOCK_ELEMENTS):
-            _block(x[start:start + BLOCK_ELEMENTS], y[start:start + BLOCK_ELEMENTS], tolerance, sums)
-    return sums
-
-
-def _block(x: np.ndarray, y: np.ndarray, tolerance: Tolerance, sums: Sums) -> None:
-    pairs = x.dtype.kind == "c" or y.dtype.kind == "c"
-    xr, yr = _real_view(x, pairs), _real_view(y, pairs)
-    rows = _buffers().rows[:, :xr.size]  # A in row 0, B (then A-B) in row 1
-    a, d = rows[0], rows[1]
-    _to_float64(xr, a)
-    _to_float64(yr, d)
-    aa, bb = _squares(rows)
+def _block(x: np.ndarray, y: np.ndarray, pairs: bool, tolerance: Tolerance, scratch: _Scratch) -> Sums:
+    a, d = scratch.rows[0, :x.size], scratch.rows[1, :x.size]  # d holds B, then A-B
+    _to_float64(x, a, scratch)
+    _to_float64(y, d, scratch)
+    aa, bb = _dot(a, a), _dot(d, d)
     np.subtract(a, d, out=d)
     dd = _dot(d, d)
-    ab = (aa + bb - dd) / 2  # one pass fewer (see the module docstring on its accuracy)
     if not math.isfinite(aa + bb + dd):  # a NaN or inf somewhere: the careful path
-        _to_float64(yr, d)
-        _nonfinite_block(a, d, pairs, tolerance, sums)
-        return
-    sums.add(_finite_sums(a, d, pairs, tolerance, aa, bb, ab, dd, x.size))
+        _to_float64(y, d, scratch)
+        return _nonfinite_block(a, d, pairs, tolerance, scratch)
+    ab = (aa + bb - dd) / 2  # one pass fewer (see the module docstring on its accuracy)
+    return _finite_sums(a, d, pairs, tolerance, aa, bb, ab, dd, scratch)
 
 
 def _finite_sums(a: np.ndarray, d: np.ndarray, pairs: bool, tolerance: Tolerance, aa: float, bb: float,
-                 ab: float, dd: float, n: int) -> Sums:
+                 ab: float, dd: float, scratch: _Scratch) -> Sums:
     """Sums over finite pairs; `d` holds a - b (both are overwritten)."""
-    buffers = _buffers()
     if pairs:
-        magnitude = np.hypot(d[0::2], d[1::2], out=buffers.m[:n])
+        magnitude = np.hypot(d[0::2], d[1::2], out=scratch.m[:d.size // 2])
     else:
         magnitude = np.abs(d, out=d)
+    n = magnitude.size
     top = float(magnitude.max()) if n else 0.0
-    sums = Sums(n, aa, bb, ab, dd, float(magnitude.sum()), top,
-                _count_nonzero(magnitude, buffers.flags[:magnitude.size]))
+    # comparing, then counting bools, is twice as fast as counting the floats directly
+    changed = int(np.count_nonzero(np.not_equal(magnitude, 0, out=scratch.flags[:n])))
+    sums = Sums(n, aa, bb, ab, dd, float(magnitude.sum()), top, changed)
     if tolerance.given and top > tolerance.atol:
-        flags = buffers.flags[:n]
+        flags = scratch.flags[:n]
         if tolerance.rtol == 0:
             np.greater(magnitude, tolerance.atol, out=flags)
         else:
@@ -214,7 +188,8 @@ def _finite_sums(a: np.ndarray, d: np.ndarray, pairs: bool, tolerance: Tolerance
     return sums
 
 
-def _nonfinite_block(a: np.ndarray, b: np.ndarray, pairs: bool, tolerance: Tolerance, sums: Sums) -> None:
+def _nonfinite_block(a: np.ndarray, b: np.ndarray, pairs: bool, tolerance: Tolerance,
+                     scratch: _Scratch) -> Sums:
     """A block with NaN or inf (rare): stats over the finite pairs, the rest counted."""
     a2, b2 = (a.reshape(-1, 2), b.reshape(-1, 2)) if pairs else (a.reshape(-1, 1), b.reshape(-1, 1))
     both = np.isfinite(a2).all(axis=1) & np.isfinite(b2).all(axis=1)
@@ -223,9 +198,9 @@ def _nonfinite_block(a: np.ndarray, b: np.ndarray, pairs: bool, tolerance: Toler
     fa, fb = a2[both].reshape(-1), b2[both].reshape(-1)
     aa, bb, ab = _dot(fa, fa), _dot(fb, fb), _dot(fa, fb)
     fd = np.subtract(fa, fb)
-    part = _finite_sums(fa, fd, pairs, tolerance, aa, bb, ab, _dot(fd, fd), int(np.count_nonzero(both)))
-    part.nonfinite = mismatched
-    sums.add(part)
+    sums = _finite_sums(fa, fd, pairs, tolerance, aa, bb, ab, _dot(fd, fd), scratch)
+    sums.nonfinite = mismatched
+    return sums
 
 
 def _real_view(x: np.ndarray, pairs: bool) -> np.ndarray:
@@ -237,27 +212,30 @@ def _real_view(x: np.ndarray, pairs: bool) -> np.ndarray:
     return x.view(np.dtype(f"{x.dtype.byteorder}f{x.dtype.itemsize // 2}"))
 
 
-def _to_float64(values: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """`values` as float64 into `out` (returned); fp16 and 8-bit floats through a table of every
-    bit pattern (numpy and ml_dtypes convert those one value at a time: 4x slower for fp8, 1.6x
-    for fp16)."""
+def _to_float64(values: np.ndarray, out: np.ndarray, scratch: _Scratch) -> None:
+    """`values` as float64 into `out`. numpy and ml_dtypes convert bf16 and 8-bit floats one
+    value at a time (measured: 1.8x slower for bf16 than its bits as a float32, 2x for fp8
+    than a table)."""
+    if values.dtype.name == "bfloat16":  # the top half of a float32, in any byte order
+        wide = np.left_shift(_bits(values), 16, out=scratch.bf16[:values.size], dtype=np.uint32)
+        np.copyto(out, wide.view(np.float32))
+        return
     table = _float64_table(values.dtype)
     if table is None:
         np.copyto(out, values, casting="unsafe")
     else:  # "wrap": no bounds checks, and every bit pattern is in the table
         np.take(table, _bits(values), out=out, mode="wrap")
-    return out
 
 
 _TABLES: dict[np.dtype, Optional[np.ndarray]] = {}
 
 
 def _float64_table(dtype: np.dtype) -> Optional[np.ndarray]:
+    """Every bit pattern of an 8-bit float as float64 (None for other dtypes)."""
     if dtype not in _TABLES:
         table = None
-        if dtype.itemsize <= 2 and dtype.kind not in "biuc" and dtype.name != "bfloat16":  # bf16 casts fast
-            patterns = np.arange(1 << (8 * dtype.itemsize), dtype=np.uint32)
-            table = patterns.astype(_bits(np.empty(0, dtype)).dtype).view(dtype).astype(np.float64)
+        if dtype.itemsize == 1 and dtype.kind not in "biu":
+            table = np.arange(256, dtype=np.uint8).view(dtype).astype(np.float64)
         _TABLES[dtype] = table
     return _TABLES[dtype]
 
@@ -270,33 +248,10 @@ def _bits(x: np.ndarray) -> np.ndarray:
 
 
 def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    """x . y in float64, through BLAS in rows of `DOT_PIECE` (see the module docstring)."""
+    """x . y in float64, through BLAS in rows of `DOT_PIECE` (a stack of 1xk by kx1 products:
+    np.vecdot would do, but numpy 1.x lacks it)."""
     n = x.size
-    if n <= DOT_PIECE:
-        return float(np.dot(x, y))
     whole = n - n % DOT_PIECE
-    if _vecdot is not None:
-        total = float(_vecdot(x[:whole].reshape(-1, DOT_PIECE), y[:whole].reshape(-1, DOT_PIECE)).sum())
-    else:
-        total = math.fsum(float(np.dot(x[i:i + DOT_PIECE], y[i:i + DOT_PIECE]))
-                          for i in range(0, whole, DOT_PIECE))
+    rows = np.matmul(x[:whole].reshape(-1, 1, DOT_PIECE), y[:whole].reshape(-1, DOT_PIECE, 1))
+    total = float(rows.sum())
     return total + float(np.dot(x[whole:], y[whole:])) if whole < n else total
-
-
-def _squares(rows: np.ndarray) -> tuple[float, float]:
-    """The squared norms of both rows of a (2, n) array, in one BLAS call (see `_dot`)."""
-    n = rows.shape[1]
-    whole = n - n % DOT_PIECE
-    if _vecdot is None or whole == 0:
-        return _dot(rows[0], rows[0]), _dot(rows[1], rows[1])
-    pieces = rows[:, :whole].reshape(2, -1, DOT_PIECE)
-    totals = _vecdot(pieces, pieces).sum(axis=1)
-    if whole < n:
-        totals += np.einsum("ij,ij->i", rows[:, whole:], rows[:, whole:])
-    return float(totals[0]), float(totals[1])
-
-
-def _count_nonzero(values: np.ndarray, flags: np.ndarray) -> int:
-    """Non-zero entries of `values`, through a bool buffer: comparing, then counting bools, is
-    twice as fast as counting the floats (or their bits) directly."""
-    return int(np.count_nonzero(np.not_equal(values, 0, out=flags)))
