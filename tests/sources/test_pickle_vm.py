@@ -3,6 +3,7 @@ torch files give tensor records, malicious pickles run nothing, limits hold."""
 
 from __future__ import annotations
 
+import ast
 import collections
 import copyreg
 import io
@@ -713,3 +714,65 @@ def test_messages_about_shared_values_stay_short():
         assert len(repr(result.value)) < 400
     finally:
         signal.alarm(0)
+
+
+# --- opcode families: one handler each, arguments read as pickletools describes them ----------
+
+@pytest.mark.parametrize("data", [
+    b"]\x94h\x00\x86.",  # MEMOIZE, BINGET
+    b"]q\x07j\x07\x00\x00\x00\x86.",  # BINPUT, LONG_BINGET
+    b"]r\x07\x00\x01\x00g65543\n\x86.",  # LONG_BINPUT, GET
+    b"]p7\nh\x07\x86.",  # PUT, BINGET
+])
+def test_every_memo_opcode_shares_what_it_stored(data):
+    value = load(data).value
+    assert value == pickle.loads(data) == ([], []) and value[0] is value[1]
+
+
+@pytest.mark.parametrize("data", [
+    b"K\xff.", b"M\xff\xff.", b"J\xff\xff\xff\xff.", b"I-1\n.", b"L-1L\n.", b"\x8a\x01\xff.",
+    b"\x8b\x02\x00\x00\x00\x00\x80.", b"G\xbf\xf8\x00\x00\x00\x00\x00\x00.", b"F-1.5\n.",
+    b"C\x01\xff.", b"B\x01\x00\x00\x00\xff.",
+    b"\x8e\x01" + bytes(7) + b"\xff.", b"\x96\x01" + bytes(7) + b"\xff.", b"\x8c\x02\xc3\xa9.",
+    b"X\x02\x00\x00\x00\xc3\xa9.", b"\x8d\x02" + bytes(7) + b"\xc3\xa9.",
+])
+def test_every_value_opcode_reads_as_cpython_does(data):
+    value, expected = load(data).value, pickle.loads(data)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("body, kind", [
+    (b"G)R", "REDUCE"), (b"G)\x81", "NEWOBJ"), (b"G)}\x92", "NEWOBJ_EX"), (b"(Go", "OBJ")])
+def test_every_call_opcode_calls_nothing_and_says_which_it_was(body, kind):
+    def pickled(module: bytes, name: bytes) -> bytes:
+        named = b"\x8c" + bytes([len(module)]) + module + b"\x8c" + bytes([len(name)]) + name + b"\x93"
+        return b"\x80\x04" + body.replace(b"G", named) + b"."
+    value = load(pickled(b"os", b"getcwd")).value
+    assert isinstance(value, PlaceholderCall) and value.kind == kind
+    assert value.func.qualname == "os.getcwd" and value.args == ()
+    assert load(pickled(b"collections", b"OrderedDict")).value == collections.OrderedDict()
+
+
+@pytest.mark.parametrize("op", [op for op in pickletools.opcodes
+                                if op.arg is not None and op.arg.n != pickletools.UP_TO_NEWLINE])
+def test_every_fixed_width_argument_cut_short_names_its_opcode(op):
+    width = op.arg.n if op.arg.n > 0 else {-2: 1, -3: 4, -4: 4, -5: 8}[op.arg.n]
+    for cut in range(width):
+        raises_at(b"N" + op.code.encode("latin-1") + b"\x00" * cut, op.name, 1, match="truncated data")
+
+
+def _imports(module) -> set:
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    return ({node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names})
+
+
+def test_the_allowlist_and_its_records_sit_below_the_machine():
+    import safeckpt.sources.pickle_allowlist as allowlist
+    import safeckpt.sources.pickle_records as records
+    import safeckpt.sources.pickle_vm as machine
+
+    assert not any(name.endswith(("pickle_vm", "pickle_allowlist")) for name in _imports(records))
+    assert not any(name.endswith("pickle_vm") for name in _imports(allowlist))
+    # what other modules import from the machine is the same object
+    assert machine.ALLOWLIST is allowlist.ALLOWLIST and machine.TensorRef is records.TensorRef

@@ -25,23 +25,27 @@ An ``.npy`` file holds one array:
   memory order, or, when the dtype holds Python objects (``'|O'``), a pickle
   of the whole array (what ``numpy.save`` writes when pickles are allowed; protocol 3).
 
-numpy reads the header with ``ast.literal_eval`` and caps it at 10,000 bytes
-(``max_header_size``) so that parsing it cannot be turned into a denial of
-service. An ``.npz`` file (``numpy.savez``/``savez_compressed``) is a zip
-archive of ``NAME.npy`` members, stored or deflated.
+numpy reads the header with ``ast.literal_eval`` (literals only: nothing is
+evaluated) and caps it at 10,000 bytes (``max_header_size``) so that parsing it
+cannot be turned into a denial of service. An ``.npz`` file
+(``numpy.savez``/``savez_compressed``) is a zip archive of ``NAME.npy`` members,
+stored or deflated.
 
 What this module does
 ---------------------
-`read_npy_header` reads the header with a small parser of the literal grammar
-above (strings, ints, ``True``/``False``/``None``, tuples, lists, dicts): nothing
-is evaluated. Arrays of a dtype safetensors has (bool, ints, uints, float16/32/64,
-complex64) are tensors: zero-copy read-only views of the mapped file, Fortran
-arrays as transposed views; big-endian arrays are byte-swapped into little-endian
-copies when read. Object arrays' pickles go through `pickle_vm`: the arrays inside
-become tensors named by their dotted path and the rest goes into `tree`; the globals
-the pickle named are kept on the source (``globals``, ``pickle_findings``) for the
-scan. Structured, string, datetime and other dtypes are not tensors: the tree
-describes them and `notes` says so.
+`numpy_header` reads a header with numpy's own reader, the one ``numpy.load``
+uses, so that whoever reads an npy header here sees what numpy sees.
+`read_npy_header` adds our checks around it: the header's size against a limit
+before numpy parses it, truncation, and shapes that numpy's reader lets through
+but no array can have (bools as sizes, negative sizes, more than 64 dimensions,
+more bytes than any array). Arrays of a dtype safetensors has (bool, ints, uints,
+float16/32/64, complex64) are tensors: zero-copy read-only views of the mapped
+file, Fortran arrays as transposed views; big-endian arrays are byte-swapped into
+little-endian copies when read. Object arrays' pickles go through `pickle_vm`: the
+arrays inside become tensors named by their dotted path and the rest goes into
+`tree`; the globals the pickle named are kept on the source (``globals``,
+``pickle_findings``) for the scan. Structured, string, datetime and other dtypes
+are not tensors: the tree describes them and `notes` says so.
 
     >>> with NpzSource("weights.npz") as src:
     ...     w = src.read("layer0")
@@ -51,10 +55,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .. import errors
 from ..format.dtypes import dtype_for_numpy
@@ -62,26 +68,18 @@ from ..format.header import MAX_ARRAY_BYTES, MAX_NDIM  # numpy's limits on any a
 from . import pickle_vm
 from .base import TensorInfo, TensorSource, flatten
 from .base import describe_object as describe_pickle_record
-from .base import map_file, unmap
+from .base import ViewFile, map_file, unmap
 from .zip_archive import ZipArchive
 
 MAGIC = b"\x93NUMPY"
-# (major, minor) -> (bytes of the header length, the header's encoding)
-VERSIONS = {(1, 0): (2, "latin-1"), (2, 0): (4, "latin-1"), (3, 0): (4, "utf-8")}
-HEADER_KEYS = ("descr", "fortran_order", "shape")
+# (major, minor) -> bytes of the header length
+VERSIONS = {(1, 0): 2, (2, 0): 4, (3, 0): 4}
 
 # --- limits: each bounds something the file controls ------------------------------
-# Header bytes we parse. numpy refuses more than 10,000 by default (a guard against
+# Header bytes numpy may parse. numpy refuses more than 10,000 by default (a guard against
 # slow parsing); structured dtypes with many fields legitimately come close, so we allow
 # a little more. Lift it with ``max_header_size=`` for a file you trust.
 MAX_HEADER_SIZE = 65_536
-# Nesting of tuples/lists/dicts in a header: nested records are a few levels deep at
-# most, and a bound keeps the recursive parser far from Python's recursion limit.
-MAX_HEADER_NESTING = 32
-# Digits of one integer in a header: 2**64 has 20; Python's int() is quadratic on more.
-MAX_INT_DIGITS = 40
-# A type string (``'<f4'``, ``'<M8[ns]'``): anything longer is not one numpy writes.
-MAX_DESCR_LENGTH = 64
 # An object array's pickle is decompressed whole to be read; a compressed member may
 # not claim more than this (its bytes are all in memory at once).
 MAX_OBJECT_PICKLE_BYTES = 1 << 31
@@ -130,12 +128,74 @@ def is_npy(head: bytes) -> bool:
 
 # --- the header --------------------------------------------------------------------
 
+try:  # numpy >= 2.0 keeps the implementation in a private module
+    from numpy.lib._format_impl import _read_array_header
+except ImportError:  # numpy 1.24 - 1.26
+    from numpy.lib.format import _read_array_header  # type: ignore[attr-defined,no-redef]
+
+
+def _read_array_header_3_0(fp: Any, max_header_size: int) -> tuple:
+    # Version 3.0 (UTF-8 field names) has no public reader: read_array_header_1_0 and
+    # _2_0 are one-line wrappers of this private function, which numpy.load itself calls
+    # for every version, with this signature in every numpy we support (1.24 and later).
+    return _read_array_header(fp, (3, 0), max_header_size=max_header_size)
+
+
+# numpy's reader of each header version
+_NUMPY_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0,
+                  (3, 0): _read_array_header_3_0}
+
+
+def numpy_header(buf: Any, offset: int = 0, *, max_header_size: int = MAX_HEADER_SIZE) -> NpyHeader:
+    """The npy header at `offset` of `buf` (bytes, memoryview, mmap), read by numpy's own reader.
+
+    Only numpy's checks apply (`read_npy_header` adds ours). Whatever numpy refuses
+    raises ValueError with numpy's reason on one line.
+
+    >>> numpy_header(open("a.npy", "rb").read())
+    NpyHeader(dtype=dtype('float32'), shape=(3, 4), fortran_order=False, data_offset=128)
+    """
+    view = memoryview(buf).cast("B")[offset:]
+    try:
+        f = ViewFile(view)
+        version = npy_format.read_magic(f)
+        if version not in _NUMPY_READERS:
+            raise ValueError(f"npy format version {version[0]}.{version[1]} is not one numpy reads")
+        # (numpy warns, as numpy.load does, when a header was written by Python 2; the
+        # warning is let through: silencing it would change the process's warning filters)
+        shape, fortran_order, dtype = _NUMPY_READERS[version](f, max_header_size=max_header_size)
+        return NpyHeader(dtype, shape, fortran_order, offset + f.tell())
+    except Exception as exc:  # noqa: BLE001 - numpy parses text from the file: anything it raises is a refusal
+        raise ValueError(_numpy_reason(exc)) from None
+    finally:
+        view.release()  # (a mapping with views into it cannot be closed)
+
+
+_AST_NODE = re.compile(r"<ast\.(\w+) object at 0x[0-9a-fA-F]+>")  # in literal_eval's messages
+
+
+def _numpy_reason(exc: BaseException) -> str:
+    """What numpy's reader raised, on one bounded line."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"the header is not valid {exc.encoding}: {exc.reason} at byte {exc.start}"
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, ValueError):  # numpy's own refusals are ValueErrors; name the others
+        text = f"{type(exc).__name__}: {text}"
+    text = " ".join(text.split())[:200]
+    cause = exc.__cause__  # "Cannot parse header: '...'" from the SyntaxError saying why
+    if cause is not None:
+        why = cause.msg if isinstance(cause, SyntaxError) else str(cause)
+        text += f" ({' '.join(why.split())[:120]})"
+    return _AST_NODE.sub(r"\1", text)
+
+
 def read_npy_header(buf: Any, offset: int, path: str, name: str, *,
                     max_header_size: int = MAX_HEADER_SIZE) -> NpyHeader:
     """Read and check the npy header at `offset` of `buf` (bytes, memoryview, mmap).
 
-    Errors are `SourceError`s naming `path` and the array `name`. The data is not
-    checked against the buffer here (callers know whether trailing bytes are allowed).
+    numpy reads it (`numpy_header`); errors are `SourceError`s naming `path` and
+    the array `name`. The data is not checked against the buffer here (callers know
+    whether trailing bytes are allowed).
 
     >>> h = read_npy_header(open("a.npy", "rb").read(), 0, "a.npy", "a")
     >>> h.dtype, h.shape, h.fortran_order, h.data_offset
@@ -156,9 +216,8 @@ def read_npy_header(buf: Any, offset: int, path: str, name: str, *,
     if version not in VERSIONS:
         raise fail(f"npy format version {version[0]}.{version[1]} is not one we read "
                    f"({', '.join(f'{a}.{b}' for a, b in VERSIONS)})")
-    length_size, encoding = VERSIONS[version]
-    start = offset + 8 + length_size
-    if available < 8 + length_size:
+    start = offset + 8 + VERSIONS[version]
+    if available < 8 + VERSIONS[version]:
         raise fail(f"the npy data ends after {available} bytes, inside its header length (truncated)")
     length = int.from_bytes(bytes(buf[offset + 8:start]), "little")
     if length > max_header_size:
@@ -168,255 +227,28 @@ def read_npy_header(buf: Any, offset: int, path: str, name: str, *,
     if start + length > len(buf):
         raise fail(f"the npy header claims {length} bytes but only {len(buf) - start} are left (truncated)")
     try:
-        text = bytes(buf[start:start + length]).decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise fail(f"the npy {version[0]}.{version[1]} header is not valid {encoding}: "
-                   f"{exc.reason} at byte {exc.start}") from None
-    fields = _HeaderParser(text, fail).parse()
-    return _check_header(fields, start + length, fail)
+        header = numpy_header(buf, offset, max_header_size=max_header_size)
+    except ValueError as exc:
+        raise fail(f"numpy refuses the npy header: {exc}") from None
+    _check_shape(header, fail)
+    return header
 
 
-def _check_header(fields: Any, data_offset: int, fail: Callable) -> NpyHeader:
-    if not isinstance(fields, dict):
-        raise fail(f"the npy header is a {_kind(fields)}, not a dict of {', '.join(HEADER_KEYS)}")
-    missing = [k for k in HEADER_KEYS if k not in fields]
-    extra = [k for k in fields if k not in HEADER_KEYS]
-    if missing or extra:
-        raise fail("the npy header must have exactly the keys " + ", ".join(map(repr, HEADER_KEYS))
-                   + (f"; missing {missing}" if missing else "")
-                   + (f"; unexpected {extra!r:.100}" if extra else ""))
-    shape, fortran = fields["shape"], fields["fortran_order"]
-    if not isinstance(shape, tuple) or not all(type(d) is int for d in shape):
+def _check_shape(header: NpyHeader, fail: Callable[[str], Exception]) -> None:
+    """What numpy's reader lets through but no array can have."""
+    shape = header.shape
+    if not all(type(d) is int for d in shape):  # numpy's reader takes True for 1
         raise fail(f"the npy header's shape is {shape!r:.100}, not a tuple of ints")
     if len(shape) > MAX_NDIM:
         raise fail(f"the npy header's shape has {len(shape)} dimensions; numpy allows at most {MAX_NDIM}")
     if any(d < 0 for d in shape):
         raise fail(f"the npy header's shape {shape} has a negative dimension")
-    if type(fortran) is not bool:
-        raise fail(f"the npy header's fortran_order is {fortran!r:.60}, not True or False")
-    dtype = descr_to_dtype(fields["descr"], fail)
-    # numpy must be able to address the array even when it is empty (shape (0, 2**62)).
-    nonzero = math.prod(d for d in shape if d)
-    if nonzero * max(dtype.itemsize, 1) > MAX_ARRAY_BYTES:
-        raise fail(f"the shape {str(shape)[:200]} of {dtype.itemsize}-byte elements is larger than "
-                   f"any array can be (more than {MAX_ARRAY_BYTES} bytes)")
-    return NpyHeader(dtype, shape, fortran, data_offset)
-
-
-def descr_to_dtype(descr: Any, fail: Callable[[str], Exception]) -> np.dtype:
-    """The numpy dtype a header's ``descr`` names (as numpy.lib.format.descr_to_dtype)."""
-    try:
-        return _descr_to_dtype(descr, fail, 0)
-    except (TypeError, ValueError, OverflowError, KeyError) as exc:
-        raise fail(f"the npy header's descr {descr!r:.120} is not a numpy dtype: {exc}") from None
-
-
-def _descr_to_dtype(descr: Any, fail: Callable, depth: int) -> np.dtype:
-    if depth > MAX_HEADER_NESTING:
-        raise fail(f"the npy header's descr nests deeper than {MAX_HEADER_NESTING} levels")
-    if isinstance(descr, str):
-        if len(descr) > MAX_DESCR_LENGTH:
-            raise fail(f"the npy header's descr {descr[:80]!r}... is not a type string")
-        return np.dtype(descr)
-    if isinstance(descr, tuple) and len(descr) == 2 and isinstance(descr[1], tuple):
-        return np.dtype((_descr_to_dtype(descr[0], fail, depth + 1), _check_subshape(descr[1], fail)))
-    if not isinstance(descr, list):
-        raise fail(f"the npy header's descr is a {_kind(descr)}, not a type string or a list of fields")
-    names, titles, formats, offsets, offset = [], [], [], [], 0
-    for field in descr:
-        if not isinstance(field, tuple) or len(field) not in (2, 3):
-            raise fail(f"a field of the npy header's descr is {field!r:.80}, not (name, type[, shape])")
-        dt = _descr_to_dtype(field[1], fail, depth + 1)
-        if len(field) == 3:
-            dt = np.dtype((dt, _check_subshape(field[2], fail)))
-        name = field[0]
-        title, name = name if isinstance(name, tuple) and len(name) == 2 else (None, name)
-        if not isinstance(name, str) or not (title is None or isinstance(title, str)):
-            raise fail(f"a field name of the npy header's descr is {field[0]!r:.80}, not a string")
-        if not (name == "" and dt.type is np.void and dt.names is None):  # '' voids are padding
-            names.append(name)
-            titles.append(title)
-            formats.append(dt)
-            offsets.append(offset)
-        offset += dt.itemsize
-    return np.dtype({"names": names, "formats": formats, "titles": titles, "offsets": offsets,
-                     "itemsize": offset})
-
-
-def _check_subshape(shape: Any, fail: Callable) -> tuple:
-    if (not isinstance(shape, tuple) or len(shape) > MAX_NDIM
-            or not all(type(d) is int and d >= 0 for d in shape)):
-        raise fail(f"a field shape of the npy header's descr is {shape!r:.80}, not a tuple of "
-                   "non-negative ints")
-    return shape
-
-
-def _kind(x: Any) -> str:
-    return {dict: "dict", list: "list", tuple: "tuple", str: "string", int: "int",
-            bool: "bool", type(None): "None"}.get(type(x), type(x).__name__)
-
-
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-
-
-class _HeaderParser:
-    """Recursive descent over the literals an npy header may hold; nothing is evaluated.
-
-    value := string | int | True | False | None | tuple | list | dict
-    """
-
-    _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "r": "\r", "t": "\t", "0": "\0",
-                "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
-    _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
-    _NAMES = {"True": True, "False": False, "None": None}
-
-    def __init__(self, text: str, fail: Callable[[str], Exception]) -> None:
-        self.text, self.pos, self._fail = text, 0, fail
-        self._openers = {"'": self.string, '"': self.string, "(": self.tuple, "[": self.list,
-                         "{": self.dict}
-
-    def fail(self, detail: str) -> Exception:
-        return self._fail(f"the npy header is not a plain literal: {detail} at character {self.pos} "
-                          f"of {self.text[:120]!r}")
-
-    def parse(self) -> Any:
-        value = self.value(0)
-        self.skip()
-        if self.pos != len(self.text):
-            raise self.fail("unexpected text after the value")
-        return value
-
-    def skip(self) -> None:
-        text, pos = self.text, self.pos
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        self.pos = pos
-
-    def peek(self) -> str:
-        self.skip()
-        if self.pos >= len(self.text):
-            raise self.fail("the header ends early")
-        return self.text[self.pos]
-
-    def value(self, depth: int) -> Any:
-        if depth > MAX_HEADER_NESTING:
-            raise self.fail(f"containers nest deeper than {MAX_HEADER_NESTING}")
-        c = self.peek()
-        if c in self._openers:
-            return self._openers[c](depth)
-        if c == "u" and self.text[self.pos + 1:self.pos + 2] in ("'", '"'):  # Python 2 u'...'
-            self.pos += 1
-            return self.string(depth)
-        if c == "-" or c.isdigit():
-            return self.integer()
-        if c.isalpha() or c == "_":
-            return self.name()
-        raise self.fail(f"unexpected {c!r}")
-
-    def string(self, depth: int) -> str:
-        text, quote = self.text, self.text[self.pos]
-        pos, out = self.pos + 1, []
-        while True:
-            if pos >= len(text):
-                raise self.fail("a string is not closed")
-            c = text[pos]
-            if c == quote:
-                self.pos = pos + 1
-                return "".join(out)
-            if c == "\n":
-                raise self.fail("a string is not closed on its line")
-            if c != "\\":
-                out.append(c)
-                pos += 1
-                continue
-            e = text[pos + 1:pos + 2]
-            if e in self._ESCAPES:
-                out.append(self._ESCAPES[e])
-                pos += 2
-            elif e in self._HEX_ESCAPES:
-                digits = text[pos + 2:pos + 2 + self._HEX_ESCAPES[e]]
-                if len(digits) != self._HEX_ESCAPES[e] or not all(d in _HEX_DIGITS for d in digits):
-                    self.pos = pos
-                    raise self.fail(f"bad \\{e} escape in a string")
-                code = int(digits, 16)
-                if code > 0x10FFFF:
-                    self.pos = pos
-                    raise self.fail("a \\U escape beyond Unicode")
-                out.append(chr(code))
-                pos += 2 + len(digits)
-            else:
-                self.pos = pos
-                raise self.fail(f"unknown escape \\{e} in a string")
-
-    def integer(self) -> int:
-        text, start = self.text, self.pos
-        pos = start + (text[start] == "-")
-        digits_start = pos
-        while pos < len(text) and text[pos].isdigit() and pos - digits_start <= MAX_INT_DIGITS:
-            pos += 1
-        digits = text[digits_start:pos]
-        if not digits or not digits.isascii():
-            raise self.fail("a number without digits")
-        if len(digits) > MAX_INT_DIGITS:
-            raise self.fail(f"an integer of more than {MAX_INT_DIGITS} digits")
-        if pos < len(text) and text[pos] in "lL":  # Python 2 long: 3L
-            pos += 1
-        if pos < len(text) and (text[pos].isalnum() or text[pos] in "._"):
-            self.pos = pos
-            raise self.fail("a number that is not a plain integer")
-        self.pos = pos
-        return int(text[start:pos].rstrip("lL"), 10)
-
-    def name(self) -> Any:
-        text, pos = self.text, self.pos
-        end = pos
-        while end < len(text) and (text[end].isalnum() or text[end] == "_") and end - pos < 16:
-            end += 1
-        word = text[pos:end]
-        if word not in self._NAMES:
-            raise self.fail(f"unexpected name {word!r}")
-        self.pos = end
-        return self._NAMES[word]
-
-    def items(self, close: str, depth: int, pairs: bool = False) -> tuple[list, bool]:
-        """Comma-separated values up to `close`; also whether a comma followed the last one."""
-        self.pos += 1
-        out: list = []
-        comma = False
-        while self.peek() != close:
-            if out and not comma:
-                raise self.fail(f"expected ',' or {close!r}")
-            item = self.value(depth + 1)
-            if pairs:
-                if self.peek() != ":":
-                    raise self.fail("expected ':' after a dict key")
-                self.pos += 1
-                item = (item, self.value(depth + 1))
-            out.append(item)
-            comma = self.peek() == ","
-            if comma:
-                self.pos += 1
-        self.pos += 1
-        return out, comma
-
-    def tuple(self, depth: int) -> Any:
-        items, comma = self.items(")", depth)
-        if len(items) == 1 and not comma:
-            return items[0]  # (x) is x in Python, not a tuple
-        return tuple(items)
-
-    def list(self, depth: int) -> list:
-        return self.items("]", depth)[0]
-
-    def dict(self, depth: int) -> dict:
-        out: dict = {}
-        for key, value in self.items("}", depth, pairs=True)[0]:
-            if not isinstance(key, str):  # (a tuple key could hold an unhashable list)
-                raise self.fail(f"a dict key is a {_kind(key)}, not a string")
-            if key in out:
-                raise self.fail(f"the key {key!r:.60} appears twice")
-            out[key] = value
-        return out
+    # numpy must be able to address the array even when it is empty (shape (0, 2**62));
+    # each size is bounded first so that the product stays small
+    if (any(d > MAX_ARRAY_BYTES for d in shape)
+            or math.prod(d for d in shape if d) * max(header.dtype.itemsize, 1) > MAX_ARRAY_BYTES):
+        raise fail(f"the shape {str(shape)[:200]} of {header.dtype.itemsize}-byte elements is larger "
+                   f"than any array can be (more than {MAX_ARRAY_BYTES} bytes)")
 
 
 # --- the data -------------------------------------------------------------------

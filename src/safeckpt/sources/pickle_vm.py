@@ -22,20 +22,23 @@ hook and ``EXT1/2/4`` look names up in the process-wide ``copyreg`` registry.
 
 What this module does
 ---------------------
-`load` runs the program with every opcode dispatched from `OPCODE_TABLE` (one
-handler per opcode of protocols 0-5, names from `pickletools`), following
+`load` runs the program with every opcode dispatched from `OPCODE_TABLE` (a
+handler for each opcode of protocols 0-5, names from `pickletools`), following
 CPython's ``_pickle`` unpickler wherever it accepts a pickle (a scanner that
-refuses what the loader accepts would stop reading where the loader goes on), but:
+refuses what the loader accepts would stop reading where the loader goes on). A
+fixed-width argument is read by the dispatch loop, as pickletools describes it,
+so that opcodes that differ only in how their argument is encoded (BINGET,
+LONG_BINGET and GET; BININT1, BININT2 and BININT; ...) share one handler. But:
 
 * Nothing is ever imported and nothing named by the file is ever called. A
   global name (after Python 2 names are mapped as ``_compat_pickle`` maps them)
-  is looked up in `ALLOWLIST`, a table from ``"module.qualname"`` to our own
-  side-effect-free rebuild functions and records (torch tensor and storage
-  rebuilds, numpy arrays/dtypes/scalars, ``OrderedDict``, a few builtins,
-  plain-data classes such as ``argparse.Namespace``, ``datetime`` or
-  ``uuid.UUID`` which become plain data). Every other name becomes an inert
-  `Placeholder`; calling it or building it makes a `PlaceholderCall` recording
-  the arguments.
+  is looked up in `ALLOWLIST` (``pickle_allowlist``), a table from
+  ``"module.qualname"`` to our own side-effect-free rebuild functions and
+  records (torch tensor and storage rebuilds, numpy arrays/dtypes/scalars,
+  ``OrderedDict``, a few builtins, plain-data classes such as
+  ``argparse.Namespace``, ``datetime`` or ``uuid.UUID`` which become plain
+  data). Every other name becomes an inert `Placeholder`; calling it or
+  building it makes a `PlaceholderCall` recording the arguments.
 * ``EXT1/2/4`` resolve only against `EXTENSION_TABLE`, which is empty:
   ``copyreg`` is never consulted. An EXT code becomes a placeholder and a finding.
 * Torch tensors become `TensorRef` records over `StorageRef` records (the
@@ -85,49 +88,27 @@ from __future__ import annotations
 
 import codecs
 import collections
-import dataclasses
-import datetime
-import decimal
-import fractions
-import ntpath
 import pickletools
-import posixpath
 import re
-import reprlib
 import struct
-import uuid
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from safeckpt.errors import SafeckptError
+from .pickle_allowlist import ALLOWLIST, EXTENSION_TABLE, Pending, Rebuild
+from .pickle_records import (HugeInt, PickleError, Placeholder, PlaceholderCall, StorageRef, TensorRef,
+                             TorchDType, TorchStorageType, brief)
 
 __all__ = [
     "PickleError", "Limits", "PickleResult", "GlobalUse", "Placeholder", "PlaceholderCall",
-    "TensorRef", "StorageRef", "TorchDType", "TorchStorageType", "HugeInt", "load", "load_all",
+    "TensorRef", "StorageRef", "TorchDType", "TorchStorageType", "HugeInt", "brief", "load", "load_all",
     "READERS",
     "ALLOWLIST", "EXTENSION_TABLE", "OPCODE_TABLE",
     "MAX_OPCODES", "MAX_STACK", "MAX_MEMO", "MAX_NESTING", "MAX_TOTAL_BYTES",
     "MAX_LINE", "MAX_LONG_BYTES",
 ]
-
-
-class PickleError(SafeckptError, ValueError):
-    """A pickle that is malformed, truncated, refused, or past one of our limits.
-
-    Raised by `load` with `opcode`, `offset` and the `globals`/`findings` seen so far.
-    `bounded` is True when the machine stopped at one of its own limits (or met an
-    operation it cannot model): CPython might have read on from there.
-    """
-
-    opcode: str = "?"
-    offset: int = -1
-    bounded: bool = False
-    framed: bool = False  # a FRAME came before the failure: the file reader may read on
-    globals: list = []  # noqa: RUF012 - replaced per instance by load
-    findings: list = []  # noqa: RUF012
 
 
 # --- limits ----------------------------------------------------------------
@@ -171,23 +152,7 @@ class Limits:
     max_long_bytes: int = MAX_LONG_BYTES
 
 
-# --- records -----------------------------------------------------------------
-
-# Values from the file shown in messages: DUP/GET share objects, so a small pickle can
-# describe a DAG whose full repr is exponentially long; reprlib bounds depth and width.
-_BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 60, 60, 40
-_BRIEF.maxtuple = _BRIEF.maxlist = _BRIEF.maxdict = _BRIEF.maxset = _BRIEF.maxfrozenset = 4
-
-
-def brief(x: Any) -> str:
-    """A short, bounded description of a value built from a file."""
-    try:
-        text = _BRIEF.repr(x)
-    except Exception:  # noqa: BLE001 - a record's own repr failing must not hide the real error
-        text = f"<{type(x).__name__}>"
-    return text[:120]
-
+# --- what one load reports ----------------------------------------------------
 
 @dataclass(frozen=True)
 class GlobalUse:
@@ -197,95 +162,6 @@ class GlobalUse:
     name: str
     offset: int
     allowed: bool
-
-
-@dataclass(eq=False)
-class Placeholder:
-    """An inert stand-in for a global that is not on the allowlist."""
-
-    module: str
-    name: str
-    offset: int
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(eq=False, repr=False)
-class PlaceholderCall:
-    """What calling or building a placeholder would have made; nothing was called.
-
-    `kind` is the opcode that asked for the call (REDUCE, NEWOBJ, NEWOBJ_EX, OBJ,
-    INST, PERSID, BINPERSID); `state` holds BUILD states, `items` APPEND(S) items
-    and `setitems` SETITEM(S) pairs applied to it afterwards.
-    """
-
-    func: Any
-    args: tuple
-    kwargs: dict
-    kind: str
-    offset: int
-    state: list = field(default_factory=list)
-    items: list = field(default_factory=list)
-    setitems: list = field(default_factory=list)
-
-    def __repr__(self) -> str:  # bounded: args may share objects (a DAG)
-        return f"PlaceholderCall({brief(self.func)}, {self.kind} at {self.offset}, args={brief(self.args)})"
-
-
-@dataclass(frozen=True)
-class HugeInt:
-    """An integer longer than ``Limits.max_long_bytes``: its size is kept, not its value."""
-
-    nbytes: int
-
-    def __repr__(self) -> str:
-        return f"<integer of {self.nbytes} bytes>"
-
-
-@dataclass(frozen=True)
-class TorchDType:
-    """A torch dtype named in a pickle (``torch.float32``), with its item size in bytes."""
-
-    name: str
-    itemsize: int
-
-
-@dataclass(frozen=True)
-class TorchStorageType:
-    """A torch storage class (``torch.FloatStorage``, ``torch.storage.UntypedStorage``)."""
-
-    name: str
-    dtype: TorchDType
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    """A torch storage named by a persistent id: key (``data/<key>`` in a zip), dtype, element count."""
-
-    key: str
-    dtype: TorchDType
-    numel: int
-    location: str
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A torch tensor as the rebuild functions describe it; offset and strides count elements.
-
-    `dtype` is the tensor's dtype; it differs from `storage.dtype` when the storage is
-    untyped (``_rebuild_tensor_v3``, used for fp8 and other newer dtypes: `numel` then
-    counts bytes). A view is checked to lie inside a `StorageRef` storage.
-    """
-
-    storage: Any
-    storage_offset: int
-    size: tuple
-    stride: tuple
-    requires_grad: bool = False
-    dtype: Optional[TorchDType] = None
-    parameter: bool = False
 
 
 @dataclass
@@ -310,600 +186,8 @@ class PickleResult:
     anomalies: list = field(default_factory=list)
 
 
-# --- the allowlist -----------------------------------------------------------
-
-class _Rebuild:
-    """An allowlisted callable: our function, called with the pickle's arguments."""
-
-    __slots__ = ("name", "fn")
-
-    def __init__(self, name: str, fn: Callable) -> None:
-        self.name, self.fn = name, fn
-
-    def __repr__(self) -> str:
-        return f"<allowed {self.name}>"
-
-
-class _Pending:
-    """An object whose value is known only after BUILD gives it its state."""
-
-    def finish(self, state: Any) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-_TORCH_DTYPES = {
-    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
-    "int16": 2, "int32": 4, "int64": 8, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
-    "complex32": 4, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
-}
-_TORCH_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16",
-                        "short": "int16", "int": "int32", "long": "int64",
-                        "cfloat": "complex64", "cdouble": "complex128", "chalf": "complex32"}
-_TORCH_STORAGES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128",
-}
-
-
-def _torch_dtype(name: str) -> TorchDType:
-    name = _TORCH_DTYPE_ALIASES.get(name, name)
-    return TorchDType(name, _TORCH_DTYPES[name])
-
-
-def _int_tuple(x: Any, what: str) -> tuple:
-    if not isinstance(x, (tuple, list)) or not all(type(v) is int for v in x):
-        raise PickleError(f"{what} must be a tuple of ints, got {type(x).__name__}")
-    return tuple(x)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, dtype=None):
-    if type(storage_offset) is not int or storage_offset < 0:
-        raise PickleError("tensor storage_offset must be a non-negative int")
-    size, stride = _int_tuple(size, "tensor size"), _int_tuple(stride, "tensor stride")
-    if len(size) != len(stride):
-        raise PickleError("tensor size and stride differ in length")
-    if any(v < 0 for v in size + stride):
-        raise PickleError("tensor size or stride is negative")
-    if dtype is None:
-        dtype = getattr(storage, "dtype", None)
-    if isinstance(storage, StorageRef) and isinstance(dtype, TorchDType) and all(size):
-        # the view must lie inside its storage (a short storage is an out-of-bounds read later)
-        last = storage_offset + sum((n - 1) * st for n, st in zip(size, stride))
-        if (last + 1) * dtype.itemsize > storage.numel * storage.dtype.itemsize:
-            raise PickleError(f"tensor of size {size}, stride {stride}, offset {storage_offset} "
-                              f"runs past its storage {storage.key!r} of {storage.numel} elements")
-    return TensorRef(storage, storage_offset, size, stride, bool(requires_grad),
-                     dtype if isinstance(dtype, TorchDType) else None)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    if not isinstance(data, TensorRef):
-        raise PickleError("a Parameter must wrap a tensor")
-    return dataclasses.replace(data, requires_grad=bool(requires_grad), parameter=True)
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    if isinstance(func, _Rebuild):
-        return func.fn(*args)
-    return PlaceholderCall(func, tuple(args), {}, "REDUCE", -1, [state])  # func is a placeholder
-
-
-_NUMPY_KINDS = frozenset("biufcSU")
-
-
-def _numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
-    if isinstance(spec, np.dtype):
-        dt = spec
-    elif isinstance(spec, str) and len(spec) <= 16:
-        dt = np.dtype(spec)
-    else:
-        raise PickleError(f"numpy dtype spec {brief(spec)} is not a plain type string")
-    if dt.kind not in _NUMPY_KINDS or dt.fields is not None or dt.subdtype is not None:
-        # object/structured/void dtypes are never built; the array using it becomes inert
-        return PlaceholderCall(Placeholder("numpy", "dtype", -1), (spec, align, copy), {}, "REDUCE", -1)
-    return _PendingDType(dt)
-
-
-class _PendingDType(_Pending):
-    def __init__(self, dt: np.dtype) -> None:
-        self.dt = dt
-
-    def finish(self, state: Any) -> np.dtype:
-        # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
-        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
-            raise PickleError("numpy dtype state is not a plain (version, byteorder, ...) tuple")
-        if len(state) >= 5 and (state[2] is not None or state[3] is not None or state[4] is not None):
-            raise PickleError("structured/subarray numpy dtypes are refused")
-        dt = self.dt
-        if dt.kind in "SU" and len(state) >= 6 and type(state[5]) is int and state[5] > 0:
-            dt = np.dtype((dt.type, state[5] // (4 if dt.kind == "U" else 1)))
-        return dt.newbyteorder(state[1]) if state[1] in "<>" else dt
-
-
-def _as_dtype(x: Any) -> np.dtype:
-    if isinstance(x, _PendingDType):
-        return x.dt
-    if isinstance(x, np.dtype) and x.kind in _NUMPY_KINDS and x.fields is None:
-        return x
-    raise PickleError(f"expected a numeric numpy dtype, got {type(x).__name__}")
-
-
-def _array_from_bytes(raw: Any, dt: np.dtype, shape: Any, fortran: bool) -> np.ndarray:
-    shape = _int_tuple(shape, "numpy shape")
-    if any(s < 0 for s in shape):
-        raise PickleError("numpy shape has a negative dimension")
-    if isinstance(raw, str):  # Python 2 pickles keep raw data in str
-        raw = raw.encode("latin-1")
-    if not isinstance(raw, (bytes, bytearray)):
-        raise PickleError("numpy array data must be bytes (object arrays are refused)")
-    count = 1
-    for s in shape:
-        count *= s
-    if count * dt.itemsize != len(raw):
-        raise PickleError(f"numpy array of shape {shape} and dtype {dt} needs "
-                          f"{count * dt.itemsize} bytes, the pickle holds {len(raw)}")
-    arr = np.frombuffer(bytes(raw), dtype=dt, count=count).reshape(shape, order="F" if fortran else "C")
-    return arr.copy(order="F" if fortran else "C")
-
-
-class _PendingArray(_Pending):
-    def finish(self, state: Any) -> np.ndarray:
-        if not isinstance(state, tuple) or len(state) != 5:
-            raise PickleError("numpy array state is not (version, shape, dtype, fortran, data)")
-        _, shape, dt, fortran, raw = state
-        if isinstance(dt, PlaceholderCall):
-            return PlaceholderCall(Placeholder("numpy", "ndarray", -1), (), {}, "BUILD", -1, [state])
-        return _array_from_bytes(raw, _as_dtype(dt), shape, bool(fortran))
-
-
-def _numpy_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> _PendingArray:
-    if not (isinstance(cls, _Rebuild) and cls.name.endswith("ndarray")):
-        raise PickleError("numpy _reconstruct of a class other than ndarray is refused")
-    return _PendingArray()
-
-
-def _numpy_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    return _array_from_bytes(buf, _as_dtype(dtype), shape, order == "F")
-
-
-def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
-    if isinstance(dtype, PlaceholderCall):  # an object scalar holds a pickled object: inert
-        return PlaceholderCall(Placeholder("numpy", "scalar", -1), (dtype, data), {}, "REDUCE", -1)
-    dt = _as_dtype(dtype)
-    return _array_from_bytes(data, dt, (), False)[()]
-
-
-def _numpy_ndarray(*args: Any) -> Any:
-    raise PickleError("calling numpy.ndarray directly is refused")
-
-
-_CODECS_ENCODINGS = {"latin1": "latin-1", "latin-1": "latin-1", "utf-8": "utf-8",
-                     "utf8": "utf-8", "ascii": "ascii"}
-
-
-def _codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    if not isinstance(obj, str) or encoding not in _CODECS_ENCODINGS or errors != "strict":
-        raise PickleError("_codecs.encode only with a str and latin-1/utf-8/ascii")
-    return obj.encode(_CODECS_ENCODINGS[encoding])
-
-
-def _bytearray(*args: Any) -> bytearray:
-    if not args:
-        return bytearray()
-    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
-        return bytearray(args[0])
-    if len(args) == 2 and isinstance(args[0], str):
-        return bytearray(_codecs_encode(args[0], args[1]))
-    raise PickleError("bytearray() only from bytes or (str, encoding)")
-
-
-def _bytes(*args: Any) -> bytes:
-    return bytes(_bytearray(*args))
-
-
-def _set(items: Any = ()) -> set:
-    return set(_plain_iterable(items))
-
-
-def _frozenset(items: Any = ()) -> frozenset:
-    return frozenset(_plain_iterable(items))
-
-
-def _plain_iterable(items: Any) -> Any:
-    if not isinstance(items, (list, tuple, set, frozenset)):
-        raise PickleError(f"expected a list or tuple of items, got {type(items).__name__}")
-    return items
-
-
-def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
-    if not all(isinstance(v, (int, float)) for v in (real, imag)):
-        raise PickleError("complex() only from numbers")
-    return complex(real, imag)
-
-
-def _slice(*args: Any) -> slice:
-    if not 1 <= len(args) <= 3:
-        raise PickleError("slice() takes 1 to 3 arguments")
-    return slice(*args)
-
-
-def _scalar_type(kind: type) -> Callable:
-    def make(*args: Any) -> Any:
-        if not all(isinstance(a, (int, float, str, bytes)) for a in args) or len(args) > 2:
-            raise PickleError(f"{kind.__name__}() only from plain scalars")
-        return kind(*args)
-    return make
-
-
-def _container_type(kind: type) -> Callable:
-    def make(items: Any = ()) -> Any:
-        if isinstance(items, dict):
-            return kind(items)
-        return kind(_plain_iterable(items))
-    return make
-
-
-def _type_only(name: str) -> Callable:
-    def make(*args: Any, **kwargs: Any) -> Any:
-        raise PickleError(f"{name} may be named (as a type) but not called")
-    return make
-
-
-def _torch_size(dims: Any = ()) -> tuple:
-    return _int_tuple(tuple(dims) if isinstance(dims, list) else dims, "torch.Size")
-
-
-def _torch_device(kind: Any, index: Any = None) -> str:
-    if not isinstance(kind, str) or len(kind) > 64 or (index is not None and type(index) is not int):
-        raise PickleError("torch.device() only from a short name and an optional index")
-    return kind if index is None else f"{kind}:{index}"
-
-
-def _defaultdict(default_factory: Any = None, items: Any = ()) -> dict:
-    # the factory is never called; missing keys are not a concern of data
-    return _container_type(dict)(items)
-
-
-def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
-    return collections.OrderedDict(_plain_iterable(items))
-
-
-def _plain_dict(*args: Any, **kwargs: Any) -> dict:
-    """A plain-data class (Namespace, AttributeDict): BUILD and SETITEMS fill the dict."""
-    out: dict = {}
-    if len(args) == 1 and isinstance(args[0], dict):
-        out.update(args[0])
-    out.update(kwargs)
-    return out
-
-
-def _join_posix(*parts: Any) -> str:
-    return posixpath.join(*_str_parts(parts)) if parts else "."
-
-
-def _join_windows(*parts: Any) -> str:
-    return ntpath.join(*_str_parts(parts)) if parts else "."
-
-
-def _str_parts(parts: tuple) -> tuple:
-    if not all(isinstance(p, str) for p in parts):
-        raise PickleError("path parts must be strings")
-    return parts
-
-
-class _PendingOmega(_Pending):
-    """omegaconf containers and nodes: their pickled __dict__ holds `_content` or `_val`."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def finish(self, state: Any) -> Any:
-        if not isinstance(state, dict):
-            raise PickleError(f"omegaconf {self.kind} state is not a dict")
-        if self.kind == "node":
-            return state.get("_val")
-        if self.kind == "metadata":
-            return None
-        content = state.get("_content")
-        if isinstance(content, dict):
-            return {k: v for k, v in content.items()}
-        if isinstance(content, list):
-            return list(content)
-        return content  # None, "???" or an interpolation string
-
-
-def _omega(kind: str) -> Callable:
-    def make(*args: Any, **kwargs: Any) -> _PendingOmega:
-        return _PendingOmega(kind)
-    return make
-
-
-def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    if isinstance(cls, _Rebuild):
-        if state is None:
-            return cls.fn()
-        return cls.fn(state)
-    return PlaceholderCall(cls, (base, state), {}, "REDUCE", -1)
-
-
-# Plain-data classes of the standard library, rebuilt by their own (pure) constructors
-# from plain arguments only, and kept as plain data: ISO text for dates, str for
-# numbers and ids. timedelta and timezone stay objects (datetime takes a tzinfo).
-_DATE_CLASSES = {"datetime": datetime.datetime, "date": datetime.date, "time": datetime.time}
-_DATE_ARGUMENT = (int, bytes, str, datetime.tzinfo, type(None))
-
-
-def _date(kind: str) -> Callable:
-    def make(*args: Any) -> str:
-        if not 1 <= len(args) <= 8 or not all(isinstance(a, _DATE_ARGUMENT) for a in args):
-            raise PickleError(f"datetime.{kind}() only from its packed state or its fields")
-        try:
-            return _DATE_CLASSES[kind](*args).isoformat()
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise PickleError(f"datetime.{kind}{brief(args)}: {exc}") from None
-    return make
-
-
-def _numbers(*args: Any) -> bool:
-    return all(type(a) in (int, float, bool) for a in args)
-
-
-def _timedelta(*args: Any) -> datetime.timedelta:
-    if len(args) > 3 or not _numbers(*args):
-        raise PickleError("datetime.timedelta() only from days, seconds, microseconds")
-    try:
-        return datetime.timedelta(*args)
-    except (ValueError, OverflowError) as exc:
-        raise PickleError(f"datetime.timedelta{brief(args)}: {exc}") from None
-
-
-def _timezone(offset: Any, name: Any = None) -> datetime.timezone:
-    if not isinstance(offset, datetime.timedelta) or not (name is None or isinstance(name, str)):
-        raise PickleError("datetime.timezone() only from a timedelta and a name")
-    try:
-        return datetime.timezone(offset) if name is None else datetime.timezone(offset, name)
-    except ValueError as exc:
-        raise PickleError(f"datetime.timezone: {exc}") from None
-
-
-def _decimal(value: Any = "0", context: Any = None) -> str:
-    if type(value) not in (str, int) or context is not None:
-        raise PickleError("decimal.Decimal() only from a string or an int")
-    try:
-        return str(decimal.Decimal(value))
-    except (decimal.InvalidOperation, ValueError) as exc:
-        raise PickleError(f"decimal.Decimal({brief(value)}): {type(exc).__name__}") from None
-
-
-def _fraction(numerator: Any = 0, denominator: Any = None) -> str:
-    if type(numerator) not in (str, int) or not (denominator is None or type(denominator) is int):
-        raise PickleError("fractions.Fraction() only from a string or two ints")
-    try:
-        return str(fractions.Fraction(numerator, denominator))
-    except (ValueError, ZeroDivisionError, TypeError) as exc:
-        raise PickleError(f"fractions.Fraction: {exc}") from None
-
-
-class _PendingUUID(_Pending):
-    """uuid.UUID: NEWOBJ makes an empty one, BUILD gives ``{'int': ..., 'is_safe': ...}``."""
-
-    def finish(self, state: Any) -> str:
-        if not (isinstance(state, dict) and type(state.get("int")) is int and 0 <= state["int"] < 1 << 128):
-            raise PickleError("uuid.UUID state is not {'int': a 128-bit integer}")
-        return str(uuid.UUID(int=state["int"]))
-
-
-def _uuid(*args: Any, **kwargs: Any) -> _PendingUUID:
-    if args or kwargs:
-        raise PickleError("uuid.UUID is rebuilt from its state (BUILD), not from arguments")
-    return _PendingUUID()
-
-
-def _regex(pattern: Any, flags: Any = 0) -> dict:
-    # the pattern is kept as data, never compiled
-    if not isinstance(pattern, (str, bytes)) or type(flags) is not int:
-        raise PickleError("re._compile() only from a pattern and integer flags")
-    return {"__regex__": pattern, "flags": flags}
-
-
-def _counter(items: Any = ()) -> dict:
-    if isinstance(items, dict):
-        return dict(items)
-    return dict(collections.Counter(_plain_iterable(items)))
-
-
-def _deque(items: Any = (), maxlen: Any = None) -> list:
-    if not (maxlen is None or (type(maxlen) is int and maxlen >= 0)):
-        raise PickleError("collections.deque() maxlen must be None or a non-negative int")
-    out = list(_plain_iterable(items))
-    return out if maxlen is None else out[len(out) - min(maxlen, len(out)):]
-
-
-def _range(*args: Any) -> range:
-    if not 1 <= len(args) <= 3 or any(type(a) is not int for a in args):
-        raise PickleError("range() takes 1 to 3 ints")
-    try:
-        return range(*args)
-    except ValueError as exc:
-        raise PickleError(f"range: {exc}") from None
-
-
-# Type references, as configs pickle them (OmegaConf keeps typing.Optional[int] and the
-# like in its metadata): typing forms are named, subscripted with _operator.getitem, and
-# type(None) is builtins.type(None). Anything else those functions would do stays inert.
-_TYPING_FORMS = ("Any", "Union", "Optional", "List", "Dict", "Tuple", "Set", "FrozenSet", "Type",
-                 "Sequence", "Mapping", "MutableMapping", "Iterable", "Callable", "Literal")
-
-
-def _type_name(x: Any) -> Optional[str]:
-    if isinstance(x, _Rebuild) and (x.name.startswith("typing.") or x.name.startswith("builtins.")):
-        return x.name
-    if isinstance(x, str) and x.startswith(("typing.", "builtins.", "NoneType")):
-        return x  # a type reference built before (typing.Optional[int], NoneType)
-    if x is Ellipsis or x is None:
-        return repr(x)
-    if isinstance(x, tuple):
-        names = [_type_name(v) for v in x]
-        return None if None in names else ", ".join(names)
-    return None
-
-
-def _inert(name: str, args: tuple) -> PlaceholderCall:
-    module, _, qualname = name.rpartition(".")
-    return PlaceholderCall(Placeholder(module, qualname, -1), args, {}, "REDUCE", -1)
-
-
-def _subscript(form: Any, key: Any) -> Any:
-    """operator.getitem(typing.Optional, (int, NoneType)) -> 'typing.Optional[...]'."""
-    if isinstance(form, _Rebuild) and form.name.startswith("typing.") and _type_name(key) is not None:
-        return f"{form.name}[{_type_name(key)}]"
-    return _inert("operator.getitem", (form, key))
-
-
-def _generic_alias(origin: Any, args: Any) -> Any:
-    """types.GenericAlias(list, int) -> 'builtins.list[builtins.int]'."""
-    if isinstance(origin, _Rebuild) and origin.name.startswith("builtins.") and _type_name(args):
-        return f"{origin.name}[{_type_name(args)}]"
-    return _inert("types.GenericAlias", (origin, args))
-
-
-def _type_of(*args: Any) -> Any:
-    """builtins.type(None) is how NoneType pickles; type() of anything else is kept inert."""
-    return "NoneType" if args == (None,) else _inert("builtins.type", args)
-
-
-def _logger(name: Any = None) -> Any:
-    """logging.getLogger(name), how a logger pickles: kept as its name."""
-    return {"__logger__": name} if name is None or isinstance(name, str) else _inert("logging.getLogger", (name,))
-
-
-# torch.distributed.checkpoint's .metadata (a pickle of torch's own dataclasses): what each
-# chunk of each tensor is and where it lies. Plain data, kept as dicts; the memory-format
-# enum as its value and a layout (torch.strided) as its name.
-_DCP_RECORDS = tuple(f"torch.distributed.checkpoint.metadata.{name}" for name in (
-    "Metadata", "MetadataIndex", "TensorProperties", "ChunkStorageMetadata", "TensorStorageMetadata",
-    "BytesStorageMetadata", "StorageMeta")) + ("torch.distributed.checkpoint.filesystem._StorageInfo",)
-
-
-def _enum_value(value: Any) -> Any:
-    if value is None or type(value) in (int, str):
-        return value
-    return _inert("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", (value,))
-
-
-def _torch_layout(name: Any) -> Any:
-    return name if isinstance(name, str) and len(name) <= 64 else _inert("torch.serialization._get_layout",
-                                                                          (name,))
-
-
-def _build_allowlist() -> dict:
-    table: dict = {}
-
-    def add(names: Any, fn: Callable) -> None:
-        for name in ([names] if isinstance(names, str) else names):
-            table[name] = _Rebuild(name, fn)
-
-    add("torch._utils._rebuild_tensor", _rebuild_tensor)
-    add("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2)
-    add("torch._utils._rebuild_tensor_v3", _rebuild_tensor_v3)
-    add("torch._utils._rebuild_parameter", _rebuild_parameter)
-    add("torch._utils._rebuild_parameter_with_state", _rebuild_parameter)
-    add("torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2)
-    for name in list(_TORCH_DTYPES) + list(_TORCH_DTYPE_ALIASES):
-        table[f"torch.{name}"] = _torch_dtype(name)
-    for cls, dt in _TORCH_STORAGES.items():
-        for prefix in ("torch.", "torch.cuda."):
-            table[prefix + cls] = TorchStorageType(prefix + cls, _torch_dtype(dt))
-    for name in ("torch.storage.UntypedStorage", "torch.UntypedStorage",
-                 "torch.storage.TypedStorage", "torch.TypedStorage"):
-        table[name] = TorchStorageType(name, _torch_dtype("uint8"))
-    add("collections.OrderedDict", _ordered_dict)
-    for core in ("numpy.core", "numpy._core"):
-        add(f"{core}.multiarray._reconstruct", _numpy_reconstruct)
-        add(f"{core}.multiarray.scalar", _numpy_scalar)
-        add(f"{core}.numeric._frombuffer", _numpy_frombuffer)
-    add("numpy.ndarray", _numpy_ndarray)
-    add("numpy.dtype", _numpy_dtype)
-    add("_codecs.encode", _codecs_encode)
-    add("builtins.set", _set)
-    add("builtins.frozenset", _frozenset)
-    add("builtins.bytearray", _bytearray)
-    add("builtins.bytes", _bytes)
-    add("builtins.complex", _complex)
-    add("builtins.slice", _slice)
-    for kind in (int, float, str, bool):
-        add(f"builtins.{kind.__name__}", _scalar_type(kind))
-    for kind in (dict, list, tuple):
-        add(f"builtins.{kind.__name__}", _container_type(kind))
-    add("collections.defaultdict", _defaultdict)
-    add("torch.Size", _torch_size)  # shapes kept in checkpoints' metadata
-    add("torch.device", _torch_device)
-    for name in ["builtins.object"] + [f"typing.{form}" for form in _TYPING_FORMS]:
-        add(name, _type_only(name))  # type references in config metadata
-    add(["_operator.getitem", "operator.getitem"], _subscript)
-    add("types.GenericAlias", _generic_alias)
-    add("builtins.type", _type_of)
-    table["builtins.Ellipsis"] = Ellipsis
-    add("logging.getLogger", _logger)
-    # tensor classes, named (never called) by the legacy tar format's tensor records
-    for cls in _TORCH_STORAGES:
-        for prefix in ("torch.", "torch.cuda."):
-            name = prefix + cls.replace("Storage", "Tensor")
-            add(name, _type_only(name))
-    add("copyreg._reconstructor", _copyreg_reconstructor)
-    add(["argparse.Namespace", "types.SimpleNamespace"], _plain_dict)
-    add(_DCP_RECORDS, _plain_dict)
-    add("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", _enum_value)
-    add("torch.serialization._get_layout", _torch_layout)
-    for kind in _DATE_CLASSES:
-        add(f"datetime.{kind}", _date(kind))
-    add("datetime.timedelta", _timedelta)
-    add("datetime.timezone", _timezone)
-    add("decimal.Decimal", _decimal)
-    add("fractions.Fraction", _fraction)
-    add("uuid.UUID", _uuid)
-    add("re._compile", _regex)
-    add("collections.Counter", _counter)
-    add("collections.deque", _deque)
-    add("builtins.range", _range)
-    add(["pytorch_lightning.utilities.parsing.AttributeDict",
-         "lightning.pytorch.utilities.parsing.AttributeDict",
-         "lightning.fabric.utilities.data.AttributeDict",
-         "lightning_fabric.utilities.data.AttributeDict"], _plain_dict)
-    add(["pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.Path",
-         "pathlib._local.PosixPath", "pathlib._local.PurePosixPath"], _join_posix)
-    add(["pathlib.WindowsPath", "pathlib.PureWindowsPath",
-         "pathlib._local.WindowsPath", "pathlib._local.PureWindowsPath"], _join_windows)
-    add(["omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig"], _omega("container"))
-    add([f"omegaconf.nodes.{n}" for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode",
-                                         "BooleanNode", "BytesNode", "PathNode", "EnumNode")],
-        _omega("node"))
-    add(["omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata"], _omega("metadata"))
-    return table
-
-
-# "module.qualname" -> our rebuild function (wrapped in _Rebuild) or a record.
-ALLOWLIST: dict = _build_allowlist()
-
 # Modules torch.load renames before it imports them (torch/serialization.py, _load).
 _TORCH_MODULES = {"torch.tensor": "torch._tensor"}
-
-# EXT1/2/4 codes we resolve: deliberately empty; copyreg's registry is never read.
-EXTENSION_TABLE: dict = {}
 
 # How the bytes of a pickle reach the unpickler (see the module docstring).
 READERS = ("bytes", "file")
@@ -1030,13 +314,6 @@ class _Machine:
             pos, chunk = stop, min(chunk * 4, 1 << 24)
         return -1
 
-    def uint(self, pos: int, size: int, signed: bool = False) -> tuple:
-        if pos < self.frame_end < pos + size:
-            pos = self.straddle(pos, size)
-        if pos + size > self.n:
-            raise self.fail(f"needs {size} bytes but only {self.n - pos} are left (truncated data)")
-        return _FIXED[size, signed].unpack_from(self.data, pos)[0], pos + size
-
     # stack
     def push(self, x: Any) -> None:
         self.stack.append(x)
@@ -1059,37 +336,43 @@ class _Machine:
         self.saved -= len(self.stack) + 1
         return items
 
-    # depth bookkeeping: id -> (depth, obj); the obj keeps the id from being reused
-    def depth(self, x: Any) -> int:
-        e = self.depths.get(id(x))
-        return e[0] if e is not None and e[1] is x else 0
-
+    # depth bookkeeping: depths[id(x)] = (depth, x), the x keeping its id from being reused;
+    # only containers deeper than 1 are recorded. Read inline: every container passes here.
     def made(self, container: Any, children: Any) -> Any:
         """`container`, built from `children`; wrapped inert when it would nest too deep."""
-        d = 0
+        d, depths = 0, self.depths
         for c in children:
             if isinstance(c, _CONTAINERS):
-                d = max(d, self.depth(c) or 1)  # containers of depth 1 are not recorded
+                e = depths.get(id(c))
+                cd = e[0] if e is not None and e[1] is c else 1
+                if cd > d:
+                    d = cd
         if d + 1 > self.limits.max_nesting:
             return self.too_deep(container)
-        self.set_depth(container, d + 1)
+        if d:
+            depths[id(container)] = (d + 1, container)
         return container
 
     def fit(self, container: Any, children: list) -> list:
         """`children` about to go into `container` in place; any that would make it nest
         too deep is wrapped inert instead (its parents keep their recorded depth)."""
-        d = self.depth(container) - 1
+        depths = self.depths
+        e = depths.get(id(container))
+        d = (e[0] if e is not None and e[1] is container else 0) - 1
         out = children
         for i, c in enumerate(children):
             if isinstance(c, _CONTAINERS):
-                cd = self.depth(c) or 1
+                e = depths.get(id(c))
+                cd = e[0] if e is not None and e[1] is c else 1
                 if cd + 1 > self.limits.max_nesting:
                     if out is children:
                         out = list(children)
                     out[i] = self.too_deep(c)
                     cd = 1
-                d = max(d, cd)
-        self.set_depth(container, d + 1)
+                if cd > d:
+                    d = cd
+        if d > 0:
+            depths[id(container)] = (d + 1, container)
         return out
 
     def too_deep(self, value: Any) -> PlaceholderCall:
@@ -1098,10 +381,6 @@ class _Machine:
                                  f"than {self.limits.max_nesting}; the deeper part is kept inert")
         return PlaceholderCall(Placeholder("<safeckpt>", "nested-too-deep", self.op_pos), (value,), {},
                                self.op_name, self.op_pos)
-
-    def set_depth(self, container: Any, d: int) -> None:
-        if d > 1:  # a leaf; depth() answers 0 for it and callers count it as 1
-            self.depths[id(container)] = (d, container)
 
     # globals and calls
     def find_global(self, module: Any, name: Any, pos: int) -> Any:
@@ -1123,7 +402,7 @@ class _Machine:
             raise self.fail(f"call arguments must be a tuple, got {type(args).__name__}")
         if not isinstance(kwargs, dict):
             raise self.fail("keyword arguments must be a dict")
-        if isinstance(func, _Rebuild):
+        if isinstance(func, Rebuild):
             try:
                 out = func.fn(*args, **kwargs)
             except (PickleError, TypeError, ValueError, OverflowError, RecursionError) as exc:
@@ -1157,19 +436,6 @@ class _Machine:
             self.findings.append(f"{self.op_name} at offset {self.op_pos}: "
                                  f"{out.func.qualname} with {brief(out.args)} was not built")
 
-    def memo_put(self, key: Any, value: Any) -> None:
-        if key not in self.memo and len(self.memo) >= self.limits.max_memo:
-            raise self.limit(f"memo exceeds {self.limits.max_memo} entries (raise Limits.max_memo)")
-        self.memo[key] = value
-        if isinstance(value, _Pending):
-            self.memo_of_pending.setdefault(id(value), (value, []))[1].append(key)
-
-    def memo_get(self, key: Any) -> Any:
-        try:
-            self.stack.append(self.memo[key])
-        except KeyError:
-            raise self.fail(f"memo key {brief(key)} was never stored") from None
-
     @property
     def op_name(self) -> str:
         if self.op_special is not None:
@@ -1180,22 +446,36 @@ class _Machine:
         pos = self.start
         count = 0
         max_opcodes, max_stack = self.limits.max_opcodes, self.limits.max_stack
-        handlers = _BY_BYTE
+        table = _BY_BYTE
         data, n = self.data, self.n
         while True:
             if pos >= n:
                 self.op_special, self.op_pos = "end of data", pos
                 raise self.fail("the pickle ends without STOP (truncated data)")
             self.op_pos = pos
-            handler = handlers[data[pos]]
-            if handler is None:
+            entry = table[data[pos]]
+            if entry is None:
                 self.op_special = f"byte 0x{data[pos]:02x}"
                 raise self.fail("not a pickle opcode")
             count += 1
             if count > max_opcodes:
                 raise self.limit(f"more than {max_opcodes} opcodes (raise Limits.max_opcodes)")
+            handler, size, unpack = entry
             try:
-                pos = handler(self, pos + 1)
+                if not size:
+                    pos = handler(self, pos + 1)
+                elif size == 1:  # the commonest argument (BININT1, BINGET, BINPUT); no frame ends inside it
+                    pos += 1
+                    if pos >= n:
+                        raise self.fail("needs 1 byte but none is left (truncated data)")
+                    pos = handler(self, pos + 1, data[pos])
+                else:
+                    pos += 1
+                    if pos < self.frame_end < pos + size:
+                        pos = self.straddle(pos, size)
+                    if pos + size > n:
+                        raise self.fail(f"needs {size} bytes but only {n - pos} are left (truncated data)")
+                    pos = handler(self, pos + size, unpack(data, pos)[0])
             except PickleError as e:
                 if e.detail.startswith(self.op_name + " at offset"):
                     raise
@@ -1210,46 +490,70 @@ class _Machine:
                 raise self.limit(f"stack exceeds {max_stack} items (raise Limits.max_stack)")
 
 
-# --- opcode handlers: (machine, position after the opcode byte) -> next position ---
-# Each follows the load_* function of CPython's Modules/_pickle.c of the same name.
+# --- opcode handlers ----------------------------------------------------------------
+# Each follows the load_* function of CPython's Modules/_pickle.c of the same name. A
+# handler is called with the position after its opcode byte, and returns the position
+# of the next opcode: handler(machine, pos) -> pos. An opcode with a fixed-width
+# argument (`_FIXED_ARGUMENTS`) has it read by the dispatch loop, and its handler is
+# called with the position after the argument and the argument's value:
+# handler(machine, pos, value) -> pos. Opcodes that differ only in how their argument
+# is encoded (BINGET, LONG_BINGET and GET) share one handler.
 
-def op_mark(m: _Machine, pos: int) -> int:
-    m.metastack.append(m.stack)
-    m.saved += len(m.stack) + 1
-    m.stack = []
+# The fixed-width argument of each opcode that has one, as a struct format: an integer,
+# a float, or the byte count of the bytes that follow (pickletools' TAKEN_FROM_ARGUMENT*).
+# The widths are pickletools'; the signedness is CPython's (its byte counts are unsigned
+# but LONG4's, where pickletools reads BINSTRING's as signed).
+_FIXED_ARGUMENTS = {
+    "BININT1": "<B", "BININT2": "<H", "BININT": "<i", "BINFLOAT": ">d", "LONG1": "<B", "LONG4": "<i",
+    "SHORT_BINSTRING": "<B", "BINSTRING": "<I", "SHORT_BINBYTES": "<B", "BINBYTES": "<I",
+    "BINBYTES8": "<Q", "BYTEARRAY8": "<Q", "SHORT_BINUNICODE": "<B", "BINUNICODE": "<I",
+    "BINUNICODE8": "<Q", "BINGET": "<B", "LONG_BINGET": "<I", "BINPUT": "<B", "LONG_BINPUT": "<I",
+    "EXT1": "<B", "EXT2": "<H", "EXT4": "<i", "PROTO": "<B", "FRAME": "<Q",
+}
+
+
+# - pushing values
+
+def op_push_argument(m: _Machine, pos: int, value: Any) -> int:
+    """BININT1, BININT2, BININT, BINFLOAT: the argument is the value."""
+    m.stack.append(value)
     return pos
 
 
-def op_stop(m: _Machine, pos: int) -> int:
-    value = m.pop()
-    if isinstance(value, _Pending):
-        if m.strict:
-            raise m.fail("the result is an object that was never given its state (BUILD)")
-        value = m.refuse(type(value).__name__, (), PickleError("never given its state (BUILD)"))
-    m.value = value
-    if pos < m.frame_end:
-        m.anomaly(f"STOP leaves {m.frame_end - pos} bytes of its frame unread")
-        if m.file_reader:
-            pos = m.frame_end  # the file reader had read them: the next pickle starts after
-    return -pos
-
-
-def op_pop(m: _Machine, pos: int) -> int:
-    if m.stack:
-        m.stack.pop()
-    else:
-        m.pop_mark()
+def op_long_binary(m: _Machine, pos: int, size: int) -> int:
+    """LONG1, LONG4: a little-endian two's-complement integer of `size` bytes."""
+    if size < 0:
+        raise m.fail("LONG pickle has negative byte count")
+    raw, pos = m.take(pos, size)
+    m.stack.append(HugeInt(size) if size > m.limits.max_long_bytes
+                   else int.from_bytes(raw, "little", signed=True))
     return pos
 
 
-def op_pop_mark(m: _Machine, pos: int) -> int:
-    m.pop_mark()
-    return pos
+def _counted(make: Callable, linear: bool = False) -> Callable:
+    """The strings, bytes and bytearrays of protocols 1-5: `size` bytes, made into a value."""
+    # bytes and bytearray payloads are copied on past a frame's end (_Unpickler_ReadInto);
+    # strings are read like every other argument
+    def handler(m: _Machine, pos: int, size: int) -> int:
+        raw, pos = m.take(pos, size, linear)
+        try:
+            m.stack.append(make(raw))
+        except UnicodeDecodeError as exc:
+            raise m.fail(f"invalid UTF-8 in a string ({exc.reason})") from None
+        return pos
+    return handler
 
 
-def op_dup(m: _Machine, pos: int) -> int:
-    m.push(m.top())
-    return pos
+def _py2_string(raw: bytes) -> Any:
+    # Python 2 str: text when it is ASCII, raw bytes otherwise (numpy data)
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return raw
+
+
+def _utf8(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
 
 
 # Numbers in text, as CPython parses them: INT with C's strtol(s, &end, 0) (then, if that
@@ -1324,74 +628,6 @@ def op_float(m: _Machine, pos: int) -> int:
     return pos
 
 
-def op_binfloat(m: _Machine, pos: int) -> int:
-    raw, pos = m.take(pos, 8)
-    m.push(struct.unpack(">d", raw)[0])
-    return pos
-
-
-_FIXED = {(1, False): struct.Struct("<B"), (2, False): struct.Struct("<H"),
-          (4, False): struct.Struct("<I"), (8, False): struct.Struct("<Q"),
-          (4, True): struct.Struct("<i")}
-
-
-def op_binint1(m: _Machine, pos: int) -> int:
-    # the commonest opcode of all, with BINGET/BINPUT: one byte read inline
-    if pos >= m.n:
-        raise m.fail("needs 1 byte but none is left (truncated data)")
-    m.stack.append(m.data[pos])
-    return pos + 1
-
-
-def _binint(size: int, signed: bool) -> Callable:
-    def handler(m: _Machine, pos: int) -> int:
-        value, pos = m.uint(pos, size, signed)
-        m.stack.append(value)
-        return pos
-    return handler
-
-
-def _long_n(width: int) -> Callable:
-    def handler(m: _Machine, pos: int) -> int:
-        size, pos = m.uint(pos, width, signed=width == 4)
-        if size < 0:
-            raise m.fail("LONG pickle has negative byte count")
-        if size > m.limits.max_long_bytes:
-            _, pos = m.take(pos, size)
-            m.push(HugeInt(size))
-            return pos
-        raw, pos = m.take(pos, size)
-        m.push(int.from_bytes(raw, "little", signed=True))
-        return pos
-    return handler
-
-
-def _counted(width: int, make: Callable, linear: bool = False) -> Callable:
-    # bytes and bytearray payloads are copied on past a frame's end (_Unpickler_ReadInto);
-    # strings are read like every other argument
-    def handler(m: _Machine, pos: int) -> int:
-        size, pos = m.uint(pos, width)
-        raw, pos = m.take(pos, size, linear)
-        try:
-            m.stack.append(make(raw))
-        except UnicodeDecodeError as exc:
-            raise m.fail(f"invalid UTF-8 in a string ({exc.reason})") from None
-        return pos
-    return handler
-
-
-def _py2_string(raw: bytes) -> Any:
-    # Python 2 str: text when it is ASCII, raw bytes otherwise (numpy data)
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        return raw
-
-
-def _utf8(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogatepass")
-
-
 def op_string(m: _Machine, pos: int) -> int:
     text, pos = m.line(pos)
     if len(text) >= 2 and text[0] == text[-1] and text[:1] in (b"'", b'"'):
@@ -1414,16 +650,6 @@ def op_unicode(m: _Machine, pos: int) -> int:
     return pos
 
 
-def op_next_buffer(m: _Machine, pos: int) -> int:
-    raise m.fail("out-of-band buffers (pickle protocol 5 buffer_callback) need a buffers= "
-                 "argument no checkpoint loader passes")
-
-
-def op_readonly_buffer(m: _Machine, pos: int) -> int:
-    m.top()  # makes a read-only view of a bytearray; bytes and views are already read-only
-    return pos
-
-
 def _push_const(value: Any) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
         m.stack.append(value)
@@ -1433,9 +659,122 @@ def _push_const(value: Any) -> Callable:
 
 def _push_new(factory: Callable) -> Callable:
     def handler(m: _Machine, pos: int) -> int:
-        m.push(factory())
+        m.stack.append(factory())
         return pos
     return handler
+
+
+# - the memo
+
+def op_memo_get(m: _Machine, pos: int, key: int) -> int:
+    """BINGET, LONG_BINGET (and GET): push the object stored under `key` again (shared, not copied)."""
+    try:
+        m.stack.append(m.memo[key])
+    except KeyError:
+        raise m.fail(f"memo key {brief(key)} was never stored") from None
+    return pos
+
+
+def op_memo_put(m: _Machine, pos: int, key: int) -> int:
+    """BINPUT, LONG_BINPUT (and PUT, MEMOIZE): store the top of the stack under `key`."""
+    if not m.stack:
+        raise m.fail("stack underflow")
+    value, memo = m.stack[-1], m.memo
+    if key not in memo and len(memo) >= m.limits.max_memo:
+        raise m.limit(f"memo exceeds {m.limits.max_memo} entries (raise Limits.max_memo)")
+    memo[key] = value
+    if isinstance(value, Pending):  # BUILD replaces it in the memo too
+        m.memo_of_pending.setdefault(id(value), (value, []))[1].append(key)
+    return pos
+
+
+def _memo_key(m: _Machine, pos: int) -> tuple:
+    """GET's and PUT's argument: a line with a decimal key. (key, position after)."""
+    text, pos = m.line(pos)
+    key = _py_int(m, text, 10)
+    if type(key) is not int:
+        raise m.fail(f"memo key {brief(text)} is not an integer")
+    return key, pos
+
+
+def op_get(m: _Machine, pos: int) -> int:
+    key, pos = _memo_key(m, pos)
+    return op_memo_get(m, pos, key)
+
+
+def op_put(m: _Machine, pos: int) -> int:
+    key, pos = _memo_key(m, pos)
+    if key < 0:
+        raise m.fail("negative PUT argument")
+    return op_memo_put(m, pos, key)
+
+
+def op_memoize(m: _Machine, pos: int) -> int:
+    return op_memo_put(m, pos, len(m.memo))
+
+
+# - calls
+
+def _call(kind: str, keywords: bool = False) -> Callable:
+    """REDUCE (func, args), NEWOBJ (cls, args) and NEWOBJ_EX (cls, args, kwargs)."""
+    def handler(m: _Machine, pos: int) -> int:
+        kwargs = m.pop() if keywords else {}
+        args = m.pop()
+        func = m.pop()
+        m.stack.append(m.call(func, args, kwargs, kind))
+        return pos
+    return handler
+
+
+# - the stack, marks and containers
+
+def op_mark(m: _Machine, pos: int) -> int:
+    m.metastack.append(m.stack)
+    m.saved += len(m.stack) + 1
+    m.stack = []
+    return pos
+
+
+def op_stop(m: _Machine, pos: int) -> int:
+    value = m.pop()
+    if isinstance(value, Pending):
+        if m.strict:
+            raise m.fail("the result is an object that was never given its state (BUILD)")
+        value = m.refuse(type(value).__name__, (), PickleError("never given its state (BUILD)"))
+    m.value = value
+    if pos < m.frame_end:
+        m.anomaly(f"STOP leaves {m.frame_end - pos} bytes of its frame unread")
+        if m.file_reader:
+            pos = m.frame_end  # the file reader had read them: the next pickle starts after
+    return -pos
+
+
+def op_pop(m: _Machine, pos: int) -> int:
+    if m.stack:
+        m.stack.pop()
+    else:
+        m.pop_mark()
+    return pos
+
+
+def op_pop_mark(m: _Machine, pos: int) -> int:
+    m.pop_mark()
+    return pos
+
+
+def op_dup(m: _Machine, pos: int) -> int:
+    m.push(m.top())
+    return pos
+
+
+def op_next_buffer(m: _Machine, pos: int) -> int:
+    raise m.fail("out-of-band buffers (pickle protocol 5 buffer_callback) need a buffers= "
+                 "argument no checkpoint loader passes")
+
+
+def op_readonly_buffer(m: _Machine, pos: int) -> int:
+    m.top()  # makes a read-only view of a bytearray; bytes and views are already read-only
+    return pos
 
 
 def _extend(m: _Machine, target: Any, items: list) -> None:
@@ -1522,17 +861,6 @@ def op_tuple(m: _Machine, pos: int) -> int:
     return pos
 
 
-def _tuple_n(k: int) -> Callable:
-    def handler(m: _Machine, pos: int) -> int:
-        if len(m.stack) < k:
-            raise m.fail("stack underflow")
-        items = m.stack[len(m.stack) - k:]
-        del m.stack[len(m.stack) - k:]
-        m.push(m.made(tuple(items), items))
-        return pos
-    return handler
-
-
 def op_dict(m: _Machine, pos: int) -> int:
     flat = m.pop_mark()
     if len(flat) % 2:
@@ -1549,22 +877,34 @@ def op_frozenset(m: _Machine, pos: int) -> int:
     return pos
 
 
+def _tuple_n(k: int) -> Callable:
+    def handler(m: _Machine, pos: int) -> int:
+        if len(m.stack) < k:
+            raise m.fail("stack underflow")
+        items = m.stack[len(m.stack) - k:]
+        del m.stack[len(m.stack) - k:]
+        m.push(m.made(tuple(items), items))
+        return pos
+    return handler
+
+
+# - globals, objects, persistent ids
+
 def _names(m: _Machine, pos: int, encoding: str) -> tuple:
-    """The module and name lines of GLOBAL (UTF-8) and INST (ASCII)."""
+    """The module and name lines of GLOBAL (UTF-8) and INST (ASCII): ((module, name), position after)."""
     module, pos = m.line(pos)
     name, pos = m.line(pos)
     if not module or not name:
         raise m.fail("empty module or name line")
     try:
-        return module.decode(encoding), name.decode(encoding), pos
+        return (module.decode(encoding), name.decode(encoding)), pos
     except UnicodeDecodeError:
         raise m.fail(f"module or name is not {encoding}") from None
 
 
 def op_global(m: _Machine, pos: int) -> int:
-    start = m.op_pos
-    module, name, pos = _names(m, pos, "utf-8")
-    m.push(m.find_global(module, name, start))
+    (module, name), pos = _names(m, pos, "utf-8")
+    m.push(m.find_global(module, name, m.op_pos))
     return pos
 
 
@@ -1576,11 +916,10 @@ def op_stack_global(m: _Machine, pos: int) -> int:
 
 
 def op_inst(m: _Machine, pos: int) -> int:
-    start = m.op_pos
     if not m.metastack:
         raise m.fail("no MARK to pop to (mark stack underflow)")
-    module, name, pos = _names(m, pos, "ascii")
-    cls = m.find_global(module, name, start)
+    (module, name), pos = _names(m, pos, "ascii")
+    cls = m.find_global(module, name, m.op_pos)
     args = m.pop_mark()
     m.push(m.call(cls, tuple(args), {}, "INST"))
     return pos
@@ -1594,34 +933,12 @@ def op_obj(m: _Machine, pos: int) -> int:
     return pos
 
 
-def op_newobj(m: _Machine, pos: int) -> int:
-    args = m.pop()
-    cls = m.pop()
-    m.push(m.call(cls, args, {}, "NEWOBJ"))
-    return pos
-
-
-def op_newobj_ex(m: _Machine, pos: int) -> int:
-    kwargs = m.pop()
-    args = m.pop()
-    cls = m.pop()
-    m.push(m.call(cls, args, kwargs, "NEWOBJ_EX"))
-    return pos
-
-
-def op_reduce(m: _Machine, pos: int) -> int:
-    args = m.pop()
-    func = m.pop()
-    m.push(m.call(func, args, {}, "REDUCE"))
-    return pos
-
-
 def op_build(m: _Machine, pos: int) -> int:
     if len(m.stack) < 2:
         raise m.fail("stack underflow")
     state = m.stack.pop()
     obj = m.stack[-1]
-    if isinstance(obj, _Pending):
+    if isinstance(obj, Pending):
         try:
             new = obj.finish(state)
         except (PickleError, TypeError, ValueError, OverflowError) as exc:
@@ -1677,95 +994,30 @@ def op_binpersid(m: _Machine, pos: int) -> int:
     return pos
 
 
-def _ext(width: int) -> Callable:
-    def handler(m: _Machine, pos: int) -> int:
-        code, pos = m.uint(pos, width, signed=width == 4)
-        if code <= 0:
-            raise m.fail("EXT specifies code <= 0")
-        if code in EXTENSION_TABLE:
-            module, name = EXTENSION_TABLE[code]
-            m.push(m.find_global(module, name, m.op_pos))
-            return pos
-        m.globals.append(GlobalUse("copyreg.extension", str(code), m.op_pos, False))
-        m.findings.append(f"{m.op_name} at offset {m.op_pos}: extension code {code} "
-                          "(resolved by copyreg in the loading process) is not resolved")
-        m.push(Placeholder("copyreg.extension", str(code), m.op_pos))
+def op_ext(m: _Machine, pos: int, code: int) -> int:
+    """EXT1, EXT2, EXT4: a name in copyreg's registry, which is never read."""
+    if code <= 0:
+        raise m.fail("EXT specifies code <= 0")
+    if code in EXTENSION_TABLE:
+        module, name = EXTENSION_TABLE[code]
+        m.push(m.find_global(module, name, m.op_pos))
         return pos
-    return handler
-
-
-def op_binget(m: _Machine, pos: int) -> int:
-    if pos >= m.n:
-        raise m.fail("needs 1 byte but none is left (truncated data)")
-    m.memo_get(m.data[pos])
-    return pos + 1
-
-
-def op_binput(m: _Machine, pos: int) -> int:
-    if pos >= m.n:
-        raise m.fail("needs 1 byte but none is left (truncated data)")
-    m.memo_put(m.data[pos], m.top())
-    return pos + 1
-
-
-_U32 = struct.Struct("<I").unpack_from
-
-
-def op_long_binget(m: _Machine, pos: int) -> int:
-    if pos < m.frame_end < pos + 4:
-        pos = m.straddle(pos, 4)
-    if pos + 4 > m.n:
-        raise m.fail(f"needs 4 bytes but only {m.n - pos} are left (truncated data)")
-    m.memo_get(_U32(m.data, pos)[0])
-    return pos + 4
-
-
-def op_long_binput(m: _Machine, pos: int) -> int:
-    # torch's data.pkl memoizes every object with LONG_BINPUT once past 256 of them
-    if pos < m.frame_end < pos + 4:
-        pos = m.straddle(pos, 4)
-    if pos + 4 > m.n:
-        raise m.fail(f"needs 4 bytes but only {m.n - pos} are left (truncated data)")
-    m.memo_put(_U32(m.data, pos)[0], m.top())
-    return pos + 4
-
-
-def _memo_key(m: _Machine, text: bytes) -> int:
-    key = _py_int(m, text, 10)
-    if type(key) is not int:
-        raise m.fail(f"memo key {brief(text)} is not an integer")
-    return key
-
-
-def op_get(m: _Machine, pos: int) -> int:
-    text, pos = m.line(pos)
-    m.memo_get(_memo_key(m, text))
+    m.globals.append(GlobalUse("copyreg.extension", str(code), m.op_pos, False))
+    m.findings.append(f"{m.op_name} at offset {m.op_pos}: extension code {code} "
+                      "(resolved by copyreg in the loading process) is not resolved")
+    m.push(Placeholder("copyreg.extension", str(code), m.op_pos))
     return pos
 
 
-def op_put(m: _Machine, pos: int) -> int:
-    text, pos = m.line(pos)
-    key = _memo_key(m, text)
-    if key < 0:
-        raise m.fail("negative PUT argument")
-    m.memo_put(key, m.top())
-    return pos
+# - headers
 
-
-def op_memoize(m: _Machine, pos: int) -> int:
-    m.memo_put(len(m.memo), m.top())
-    return pos
-
-
-def op_proto(m: _Machine, pos: int) -> int:
-    proto, pos = m.uint(pos, 1)
+def op_proto(m: _Machine, pos: int, proto: int) -> int:
     if proto > _HIGHEST_PROTOCOL:
         raise m.fail(f"unsupported pickle protocol {proto}")
     return pos
 
 
-def op_frame(m: _Machine, pos: int) -> int:
-    size, pos = m.uint(pos, 8)
+def op_frame(m: _Machine, pos: int, size: int) -> int:
     end = m.frame_end
     if pos < end:  # a frame inside a frame: pickle.py refuses it, the C readers do not
         if pos + size <= end:
@@ -1781,35 +1033,57 @@ def op_frame(m: _Machine, pos: int) -> int:
 
 _HANDLERS: dict = {
     "MARK": op_mark, "STOP": op_stop, "POP": op_pop, "POP_MARK": op_pop_mark, "DUP": op_dup,
-    "FLOAT": op_float, "BINFLOAT": op_binfloat, "INT": op_int, "LONG": op_long,
-    "BININT": _binint(4, True), "BININT1": op_binint1, "BININT2": _binint(2, False),
-    "LONG1": _long_n(1), "LONG4": _long_n(4),
-    "STRING": op_string, "BINSTRING": _counted(4, _py2_string),
-    "SHORT_BINSTRING": _counted(1, _py2_string),
-    "BINBYTES": _counted(4, bytes, True), "SHORT_BINBYTES": _counted(1, bytes, True),
-    "BINBYTES8": _counted(8, bytes, True), "BYTEARRAY8": _counted(8, bytearray, True),
-    "UNICODE": op_unicode, "SHORT_BINUNICODE": _counted(1, _utf8),
-    "BINUNICODE": _counted(4, _utf8), "BINUNICODE8": _counted(8, _utf8),
-    "NEXT_BUFFER": op_next_buffer, "READONLY_BUFFER": op_readonly_buffer,
+    "INT": op_int, "LONG": op_long, "FLOAT": op_float, "STRING": op_string, "UNICODE": op_unicode,
+    "BININT": op_push_argument, "BININT1": op_push_argument, "BININT2": op_push_argument,
+    "BINFLOAT": op_push_argument, "LONG1": op_long_binary, "LONG4": op_long_binary,
+    "BINSTRING": _counted(_py2_string), "SHORT_BINSTRING": _counted(_py2_string),
+    "BINBYTES": _counted(bytes, linear=True), "SHORT_BINBYTES": _counted(bytes, linear=True),
+    "BINBYTES8": _counted(bytes, linear=True), "BYTEARRAY8": _counted(bytearray, linear=True),
+    "SHORT_BINUNICODE": _counted(_utf8), "BINUNICODE": _counted(_utf8), "BINUNICODE8": _counted(_utf8),
     "NONE": _push_const(None), "NEWTRUE": _push_const(True), "NEWFALSE": _push_const(False),
-    "APPEND": op_append, "APPENDS": op_appends, "BUILD": op_build,
-    "GLOBAL": op_global, "STACK_GLOBAL": op_stack_global,
-    "DICT": op_dict, "EMPTY_DICT": _push_new(dict), "EMPTY_LIST": _push_new(list),
-    "EMPTY_TUPLE": _push_const(()), "EMPTY_SET": _push_new(set), "ADDITEMS": op_additems,
-    "FROZENSET": op_frozenset, "TUPLE": op_tuple, "TUPLE1": _tuple_n(1), "TUPLE2": _tuple_n(2),
-    "TUPLE3": _tuple_n(3), "GET": op_get, "BINGET": op_binget, "LONG_BINGET": op_long_binget,
-    "PUT": op_put, "BINPUT": op_binput, "LONG_BINPUT": op_long_binput, "MEMOIZE": op_memoize,
-    "SETITEM": op_setitem, "SETITEMS": op_setitems, "LIST": op_list, "INST": op_inst,
-    "OBJ": op_obj, "NEWOBJ": op_newobj, "NEWOBJ_EX": op_newobj_ex, "REDUCE": op_reduce,
+    "EMPTY_TUPLE": _push_const(()), "EMPTY_DICT": _push_new(dict), "EMPTY_LIST": _push_new(list),
+    "EMPTY_SET": _push_new(set),
+    "GET": op_get, "BINGET": op_memo_get, "LONG_BINGET": op_memo_get,
+    "PUT": op_put, "BINPUT": op_memo_put, "LONG_BINPUT": op_memo_put, "MEMOIZE": op_memoize,
+    "REDUCE": _call("REDUCE"), "NEWOBJ": _call("NEWOBJ"), "NEWOBJ_EX": _call("NEWOBJ_EX", keywords=True),
+    "OBJ": op_obj, "INST": op_inst, "BUILD": op_build,
+    "GLOBAL": op_global, "STACK_GLOBAL": op_stack_global, "EXT1": op_ext, "EXT2": op_ext, "EXT4": op_ext,
+    "APPEND": op_append, "APPENDS": op_appends, "SETITEM": op_setitem, "SETITEMS": op_setitems,
+    "ADDITEMS": op_additems, "LIST": op_list, "DICT": op_dict, "FROZENSET": op_frozenset,
+    "TUPLE": op_tuple, "TUPLE1": _tuple_n(1), "TUPLE2": _tuple_n(2), "TUPLE3": _tuple_n(3),
     "PERSID": op_persid, "BINPERSID": op_binpersid,
-    "EXT1": _ext(1), "EXT2": _ext(2), "EXT4": _ext(4), "PROTO": op_proto, "FRAME": op_frame,
+    "NEXT_BUFFER": op_next_buffer, "READONLY_BUFFER": op_readonly_buffer,
+    "PROTO": op_proto, "FRAME": op_frame,
 }
 
-# opcode byte -> (name, handler); every opcode pickletools knows must have a handler.
+
+def _argument(name: str) -> tuple:
+    """(width, reader) of the fixed-width argument of the opcode `name`; (0, None) if none."""
+    fmt = _FIXED_ARGUMENTS.get(name)
+    return (0, None) if fmt is None else (struct.calcsize(fmt), struct.Struct(fmt).unpack_from)
+
+
+_COUNT_WIDTHS = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+                 pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
+
+
+def _fixed_width(op: pickletools.OpcodeInfo) -> int:
+    """The bytes of `op`'s fixed-width argument as pickletools describes it; 0 if none."""
+    if op.arg is None or op.arg.n == pickletools.UP_TO_NEWLINE:
+        return 0
+    return op.arg.n if op.arg.n > 0 else _COUNT_WIDTHS[op.arg.n]
+
+
+# opcode byte -> (name, handler); every opcode pickletools knows must have a handler, and
+# a fixed-width argument exactly where pickletools describes one, of the width it gives.
 OPCODE_TABLE: dict = {ord(op.code): (op.name, _HANDLERS[op.name]) for op in pickletools.opcodes}
 assert len(OPCODE_TABLE) == len(_HANDLERS), "an opcode handler has no pickletools opcode"
-# the same, indexed by byte (None: not an opcode), for the machine's dispatch loop
-_BY_BYTE: list = [OPCODE_TABLE[b][1] if b in OPCODE_TABLE else None for b in range(256)]
+assert all(_fixed_width(op) == _argument(op.name)[0] for op in pickletools.opcodes), \
+    "a fixed-width argument differs from pickletools' description of its opcode"
+# the same for the machine's dispatch loop, indexed by byte: (handler, argument width,
+# argument reader), or None where the byte is not an opcode
+_BY_BYTE: list = [(OPCODE_TABLE[b][1], *_argument(OPCODE_TABLE[b][0])) if b in OPCODE_TABLE else None
+                  for b in range(256)]
 
 
 def load(data: Any, *, start: int = 0, persistent_load: Optional[Callable] = None,
