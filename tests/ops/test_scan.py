@@ -446,3 +446,11 @@ def test_storage_larger_than_its_record_is_flagged(tmp_path):
         for name, data in members.items():
             z.writestr(name, data)
     assert any(f.kind == "missing-storage" for f in scan(path).findings)
+
+
+def test_an_npy_header_numpy_cannot_tokenize_is_invalid_not_an_internal_error():
+    text = b"{'descr': '<f4"  # an unclosed literal: numpy's tokenizer raises TokenError
+    text += b" " * (118 - len(text)) + b"\n"
+    report = scan_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + bytes(8))
+    assert report.error is not None and report.error.startswith("invalid npy header: numpy refuses its header")
+    assert "internal error" not in report.error

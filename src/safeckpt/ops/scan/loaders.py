@@ -4,7 +4,8 @@ Each helper answers with the loader's own code where the loader uses a standard
 library or numpy function, so that the scan cannot read the bytes differently:
 
 * `npy_header`: ``numpy.lib.format`` reads the header (``ast.literal_eval`` of a
-  dict, nothing evaluated); an object dtype means ``numpy.load(allow_pickle=True)``
+  dict, nothing evaluated), through `sources.npz.numpy_header`, the one reader of npy
+  headers our sources use too; an object dtype means ``numpy.load(allow_pickle=True)``
   unpickles everything after it. With pickles allowed numpy reads a header of any
   length, so a longer one than `MAX_NPY_HEADER` is reported as not followed.
 * `open_tar` / `torch_tar_member`: ``torch.load`` tries every file that does not
@@ -16,14 +17,12 @@ library or numpy function, so that the scan cannot read the bytes differently:
 
 from __future__ import annotations
 
-import struct
 import tarfile
 from typing import Any, Optional
 
 import numpy as np
-from numpy.lib import format as npy_format
 
-from ...sources.npz import is_npy
+from ...sources.npz import is_npy, numpy_header
 from ...sources.base import ReadTooLarge, ViewFile
 
 __all__ = ["npy_header", "NpyHeaderTooLong", "is_tar", "open_tar", "torch_tar_member", "TORCH_TAR_MEMBERS",
@@ -57,28 +56,11 @@ def npy_header(view: memoryview) -> tuple[np.dtype, int]:
     length = int.from_bytes(view[8:8 + width], "little")
     if length > MAX_NPY_HEADER:
         raise NpyHeaderTooLong(f"an npy header of {length} bytes (the scan reads {MAX_NPY_HEADER})")
-    f = ViewFile(view)
     try:
-        major_minor = npy_format.read_magic(f)
-        if major_minor == (1, 0):
-            _, _, dtype = npy_format.read_array_header_1_0(f, max_header_size=MAX_NPY_HEADER)
-        elif major_minor == (2, 0):
-            _, _, dtype = npy_format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
-        else:  # 3.0 (UTF-8 names) has no public reader: the one numpy.load itself calls
-            _, _, dtype = _private_header_reader()(f, major_minor, max_header_size=MAX_NPY_HEADER)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, struct.error, EOFError,
-            UnicodeError) as exc:
-        raise ValueError(f"numpy refuses its header: {str(exc)[:200]}") from None
-    return dtype, f.tell()
-
-
-def _private_header_reader() -> Any:
-    """numpy's own reader of every npy version (numpy.lib.format before 2.0, _format_impl since)."""
-    reader = getattr(npy_format, "_read_array_header", None)
-    if reader is None:
-        from numpy.lib import _format_impl
-        reader = _format_impl._read_array_header
-    return reader
+        header = numpy_header(view, max_header_size=MAX_NPY_HEADER)
+    except ValueError as exc:
+        raise ValueError(f"numpy refuses its header: {exc}") from None
+    return header.dtype, header.data_offset
 
 
 # What a checksum field can start with: an octal digit, a space or NUL, or base-256's marker.
