@@ -61,7 +61,7 @@ JSON (`DiffReport.to_dict`): non-finite floats are written as the strings
 
 How it is fast: tensors are read as zero-copy views and compared in parts.
 Bytes are compared first, and float math runs only once a part differs; the
-sums of a part come from `diff_sums.part_sums` (numpy on cache-sized blocks,
+sums of a part come from `diff_sums.part_sums` (numpy on blocks of 256K values,
 BLAS for the dot products), which releases the GIL for its work. Tensors are
 cut into parts of at most `PART_ELEMENTS` and queued a few tensors ahead on a
 thread per core, so the threads share large tensors, take small ones in turn
