@@ -113,8 +113,8 @@ def imports(known: dict[str, str], module: str) -> Iterator[tuple[str, int]]:
 
 
 def _deepest(known: dict[str, str], name: str) -> str:
-    """The module `name` is, or the deepest package of ours above it (`safeckpt.ops.verify.verify`
-    is a function of `safeckpt.ops.verify`)."""
+    """The module `name` is, or the deepest package of ours above it (`safeckpt.ops.verify.verifier.verify`
+    is a function of `safeckpt.ops.verify.verifier`)."""
     while name not in known and "." in name:
         name = name.rsplit(".", 1)[0]
     return name

@@ -368,7 +368,7 @@ def _loaded_after(code: str) -> list[str]:
               f"try:\n    {code}\nexcept SystemExit:\n    pass\n"
               "heavy = {'torch', 'matplotlib', 'fsspec', 'numpy', 'ml_dtypes', 'rich'}\n"
               "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
-              "             or m in ('safeckpt.ops.merge', 'safeckpt.ops.diff', 'safeckpt.training')))")
+              "             or m in ('safeckpt.ops.merge.merger', 'safeckpt.ops.diff.compare', 'safeckpt.training')))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
@@ -382,7 +382,7 @@ def test_version_and_help_import_nothing_heavy(args):
 def test_inspect_of_a_small_file_imports_no_framework(model):
     loaded = _loaded_after(f"main(['inspect', {str(model)!r}])")
     assert not [m for m in loaded if m.split(".")[0] in ("torch", "matplotlib", "fsspec")]
-    assert not [m for m in loaded if m.startswith(("safeckpt.ops.merge", "safeckpt.ops.diff", "safeckpt.training"))]
+    assert not [m for m in loaded if m.startswith(("safeckpt.ops.merge.merger", "safeckpt.ops.diff.compare", "safeckpt.training"))]
 
 
 def test_help_lists_each_commands_short_help_without_importing_it():

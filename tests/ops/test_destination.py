@@ -14,7 +14,7 @@ import safeckpt
 from safeckpt import errors
 from safeckpt.format import writer
 from safeckpt.ops import convert as convert_module
-from safeckpt.ops import merge as merge_module
+from safeckpt.ops.merge import merger as merge_module
 
 torch = pytest.importorskip("torch")
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import safeckpt
-from safeckpt.ops import diff as diff_module
-from safeckpt.ops import diff_sums
+from safeckpt.ops.diff import compare as diff_module
+from safeckpt.ops.diff import sums as diff_sums
 from safeckpt.ops.diff import DiffReport, diff
-from safeckpt.ops.plot import LayerName, layer_of, plot_diff
+from safeckpt.ops.diff.plot import LayerName, layer_of, plot_diff
 from safeckpt.sources import open_source
 
 torch = pytest.importorskip("torch")

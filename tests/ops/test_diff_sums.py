@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeckpt.ops import diff_sums
-from safeckpt.ops.diff_sums import Sums, Tolerance, part_sums
+from safeckpt.ops.diff import sums as diff_sums
+from safeckpt.ops.diff.sums import Sums, Tolerance, part_sums
 
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16),
           np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(np.int32), np.dtype(np.bool_), np.dtype(">f4")]

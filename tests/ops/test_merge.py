@@ -14,9 +14,10 @@ import pytest
 
 import safeckpt
 from safeckpt import errors
-from safeckpt.ops import merge as merge_module
-from safeckpt.ops import merge_methods as mm
-from safeckpt.ops.merge import IncompatibleInputsError, MergeReport, merge
+from safeckpt.ops.merge import merger as merge_module
+from safeckpt.ops.merge import methods as mm
+from safeckpt.errors import IncompatibleInputsError
+from safeckpt.ops.merge import MergeReport, merge
 from safeckpt.ops.scan import scan
 from safeckpt.sources.detect import open_source
 

@@ -12,7 +12,7 @@ import pytest
 
 import safeckpt
 from safeckpt import errors
-from safeckpt.ops import range_hash
+from safeckpt.ops.verify import range_hash
 from safeckpt.ops.verify import (LfsPointer, load_manifest, manifest_path, parse_lfs_pointer, read_lfs_pointer,
                                  sha256_file, verify)
 from safeckpt.format.integrity import root_hash

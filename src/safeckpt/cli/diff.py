@@ -1,6 +1,6 @@
 """`safeckpt diff A B`: compare two checkpoints tensor by tensor; a CI gate with --atol/--rtol.
 
-A thin command over `safeckpt.ops.diff.diff` (the semantics of every status,
+A thin command over `safeckpt.ops.diff.compare.diff` (the semantics of every status,
 stat and the tolerance are in its docstring): this module prints a summary
 and a table of the differing tensors (or the report as JSON), draws the
 per-layer chart with --plot, and turns the result into an exit code.
@@ -103,7 +103,7 @@ def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], strict
         _fail(exc, a, b)
     bar.close()
     if plot_path is not None:
-        from ..ops.plot import plot_diff
+        from ..ops.diff.plot import plot_diff
 
         try:
             plot_diff(report, plot_path)
@@ -118,7 +118,7 @@ def command(a: str, b: str, atol: Optional[float], rtol: Optional[float], strict
 
 def _check_matplotlib() -> None:
     if importlib.util.find_spec("matplotlib") is None:  # before the work, not after it
-        from ..ops.plot import INSTALL_HINT
+        from ..ops.diff.plot import INSTALL_HINT
 
         output.fail(output.EXIT_ERROR, f"--plot needs matplotlib: {INSTALL_HINT}")
 

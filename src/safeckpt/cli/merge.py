@@ -1,6 +1,6 @@
 """`safeckpt merge SRC... -o DST`: average, interpolate or task-merge checkpoints into safetensors.
 
-A thin command over `safeckpt.ops.merge.merge` (the methods, how missing
+A thin command over `safeckpt.ops.merge.merger.merge` (the methods, how missing
 tensors, dtypes and tied weights are handled are in its docstring): options
 map one to one onto its arguments; this module only parses them, prints a
 summary (or the report as JSON), draws a progress bar on stderr when the work

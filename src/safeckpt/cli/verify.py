@@ -1,7 +1,7 @@
 """`safeckpt verify PATH...`: is each checkpoint intact? Its structure, then its BLAKE3 hashes.
 
-A thin command over `safeckpt.ops.verify.verify` (which says what is checked;
-`safeckpt.ops.manifest` says how manifests look): this module only prints one line per checked file, sharded
+A thin command over `safeckpt.ops.verify.verifier.verify` (which says what is checked;
+`safeckpt.ops.verify.manifest` says how manifests look): this module only prints one line per checked file, sharded
 model or training checkpoint (OK on stdout; an error line with the reason on
 stderr), or one JSON document, and draws a progress bar while hashing.
 """

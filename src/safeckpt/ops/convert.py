@@ -66,7 +66,7 @@ from ..format.storage import open_regular_file
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
 from .destination import check_destination
-from .guard import check_safety, files_read, open_checked
+from .scan.guard import check_safety, files_read, open_checked
 from .layout import dropped_ties, tie_groups, transformers_ties
 from .selection import Choice, choose_tensors, first_items, matches, name_globs, tied_names
 from .sink import OutputTensor, destination, parse_size, write_safetensors

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .. import errors
 from ..sources.base import TensorSource
-from .guard import files_read
+from .scan.guard import files_read
 from .sink import Destination, destination
 
 # extensions that promise a pickle (torch.load) or a Lightning checkpoint

@@ -45,11 +45,11 @@ import re
 import time
 from typing import Any, Mapping, Optional
 
-from .. import errors
-from ..format.storage import open_regular_file
-from ..format.writer import atomic_output, write_all
-from ..sources.sharded import find_index
-from ..format.integrity import HASH, RANGES, SELF_HASH_KEY, check_schema_version, encode_manifest
+from ... import errors
+from ...format.storage import open_regular_file
+from ...format.writer import atomic_output, write_all
+from ...sources.sharded import find_index
+from ...format.integrity import HASH, RANGES, SELF_HASH_KEY, check_schema_version, encode_manifest
 
 MANIFEST_SUFFIX = ".blake3.json"
 MANIFEST_FORMAT = "safeckpt-hashes"
@@ -105,7 +105,7 @@ def write_manifest(path: str, entries: Mapping[str, dict]) -> None:
 
     >>> write_manifest("model.safetensors.blake3.json", {"model.safetensors": entry})
     """
-    from .._version import __version__
+    from ..._version import __version__
     document = {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION, "hash": HASH,
                 "written_by": f"safeckpt {__version__}", "time": time.time(), "files": dict(entries)}
     try:

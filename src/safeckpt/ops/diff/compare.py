@@ -83,12 +83,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .. import errors
-from ..format.dtypes import DTYPES
-from ..format.integrity import hash_bytes
-from ..sources.base import TensorInfo, TensorSource
-from .diff_sums import Sums, Tolerance, bits_equal, part_sums
-from .selection import choose_tensors, matches, name_globs, tied_names
+from ... import errors
+from ...format.dtypes import DTYPES
+from ...format.integrity import hash_bytes
+from ...sources.base import TensorInfo, TensorSource
+from .sums import Sums, Tolerance, bits_equal, part_sums
+from ..selection import choose_tensors, matches, name_globs, tied_names
 
 __all__ = ["DiffEntry", "DiffReport", "diff", "STATUSES"]
 
@@ -311,7 +311,7 @@ class _Side:
              globs: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> "_Side":
         if isinstance(path_or_source, TensorSource):
             return cls(path_or_source, False, extract, label, globs)
-        from ..sources import open_source  # the sources package imports ops modules
+        from ...sources import open_source  # the sources package imports ops modules
 
         source = open_source(os.fspath(path_or_source))
         try:

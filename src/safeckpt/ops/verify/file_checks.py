@@ -7,7 +7,7 @@ once, and every tensor's bytes that have a place in the file must lie inside it.
 LFS pointer saved in place of the file is named as such, whatever the format.
 
 `file_entry` hashes the file into its manifest entry, and `check_entry` compares the
-file with one (see `safeckpt.ops.manifest` for what an entry records): the first
+file with one (see `safeckpt.ops.verify.manifest` for what an entry records): the first
 damaged tensor is named, with its file.
 """
 
@@ -19,15 +19,15 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .. import errors
-from ..format.dtypes import dtype_for_numpy
-from ..format.integrity import HASH, RANGES, new_hasher, root_hash
-from ..format.reader import SafetensorsFile
-from ..format.storage import open_regular_file
-from ..format.writer import tensor_chunks
-from ..sources.base import TensorSource, mapped
-from ..sources import open_source
-from ..sources.detect import SNIFF_BYTES, sniff
+from ... import errors
+from ...format.dtypes import dtype_for_numpy
+from ...format.integrity import HASH, RANGES, new_hasher, root_hash
+from ...format.reader import SafetensorsFile
+from ...format.storage import open_regular_file
+from ...format.writer import tensor_chunks
+from ...sources.base import TensorSource, mapped
+from ...sources import open_source
+from ...sources.detect import SNIFF_BYTES, sniff
 from .lfs import refuse_pointer
 from .range_hash import Meter, range_digests
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .. import errors
-from ..sources.base import TensorSource
+from ... import errors
+from ...sources.base import TensorSource
+from .paths import scan
+from .report import VERDICT_RANK
+
 
 def open_checked(path: "os.PathLike | str", allow_unsafe: bool, action: str = "convert") -> TensorSource:
     """`open_source(path)`; a file that is both malformed and hostile is reported as hostile."""
-    from ..sources import open_source  # at call time: detect grows with every format
+    from ...sources import open_source  # at call time: detect grows with every format
 
     path = os.fspath(path)
     try:
@@ -44,8 +47,6 @@ def check_safety(paths: list[str], allow: bool, action: str = "convert"):
     >>> check_safety(["model.pt"], allow=False).verdict
     'safe'
     """
-    from .scan import VERDICT_RANK, scan  # at call time: scan imports every source module
-
     worst: Optional[object] = None
     for path in paths:
         report = scan(path)

@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ..format.integrity import new_hasher
+from ...format.integrity import new_hasher
 
 Progress = Callable[[int, int, str], None]
 

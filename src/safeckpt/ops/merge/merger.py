@@ -90,22 +90,22 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .. import errors
-from .._version import __version__
-from ..errors import IncompatibleInputsError
-from ..format import writer
-from ..format.dtypes import DTYPES
-from ..format.storage import read_exactly
-from ..sources.base import TensorInfo, TensorSource
-from . import cast as casting
-from . import merge_methods as mm
-from .destination import check_destination
-from .guard import check_safety, files_read, open_checked
-from .layout import tie_groups
-from .selection import choose_tensors, first_items, tied_names
-from .sink import OutputTensor, write_safetensors
+from ... import errors
+from ..._version import __version__
+from ...errors import IncompatibleInputsError
+from ...format import writer
+from ...format.dtypes import DTYPES
+from ...format.storage import read_exactly
+from ...sources.base import TensorInfo, TensorSource
+from .. import cast as casting
+from . import methods as mm
+from ..destination import check_destination
+from ..scan.guard import check_safety, files_read, open_checked
+from ..layout import tie_groups
+from ..selection import choose_tensors, first_items, tied_names
+from ..sink import OutputTensor, write_safetensors
 
-__all__ = ["merge", "MergeReport", "IncompatibleInputsError", "METHODS", "DEFAULT_DENSITY"]
+__all__ = ["merge", "MergeReport", "METHODS", "DEFAULT_DENSITY"]
 
 METHODS = ("linear", "ema", "slerp", "task-arithmetic", "ties", "dare")
 TASK_METHODS = frozenset({"task-arithmetic", "ties", "dare"})

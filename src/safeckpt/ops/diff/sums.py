@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import errors
+from ... import errors
 
 __all__ = ["Sums", "Tolerance", "part_sums", "bits_equal", "BLOCK_ELEMENTS", "DOT_PIECE"]
 

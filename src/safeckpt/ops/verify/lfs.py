@@ -23,9 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from .. import errors
-from ..format.storage import open_regular_file
-from ..sources.base import mapped
+from ... import errors
+from ...format.storage import open_regular_file
+from ...sources.base import mapped
 from .range_hash import Meter, PageDropper
 
 # Git LFS never reads a larger file as a pointer (its blob size cutoff).

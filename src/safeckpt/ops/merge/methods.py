@@ -57,7 +57,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .. import errors
+from ... import errors
 
 __all__ = [
     "accumulation_dtype", "linear_weights", "ema_weights", "slerp_weights", "ties_threshold", "KthLargest",

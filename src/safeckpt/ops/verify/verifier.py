@@ -12,13 +12,13 @@ What PATH may be
 
 How
 ---
-Each file's structure is checked as `safeckpt.ops.verify_file` says, then its hashes
-are compared with the manifest beside PATH (`safeckpt.ops.manifest` says where it is
+Each file's structure is checked as `safeckpt.ops.verify.file_checks` says, then its hashes
+are compared with the manifest beside PATH (`safeckpt.ops.verify.manifest` says where it is
 and what it records), or written there with ``write=True``. A training checkpoint has
 its ``manifest.json`` already (written by each save; `safeckpt.format.checkpoint_dir` says
 what the directory holds, `safeckpt.format.integrity` how a manifest is encoded): it
 is checked, never written here. Hashing runs on all cores in bounded memory
-(`safeckpt.ops.range_hash`).
+(`safeckpt.ops.verify.range_hash`).
 
 A structural error ends the check of that file. With a manifest: files it records that
 are gone, files it does not record, then per file its size, its tensors' names, and the
@@ -27,7 +27,7 @@ structure is all there is to check (``VerifyReport.hashes == "missing"``).
 
 ``sha256=True`` adds each file's sha256: the oid the Hub shows for an LFS file.
 ``lfs_pointer=FILE`` compares the file's size and sha256 with a Git LFS pointer (see
-`safeckpt.ops.lfs`).
+`safeckpt.ops.verify.lfs`).
 
 `VerifyReport.exit_code`: 0 intact, 1 invalid, damaged or different, 2 unreadable.
 """
@@ -40,19 +40,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from .. import errors
-from ..format import integrity
-from ..format.checkpoint_dir import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, inspect_directory, step_from_name
-from ..format.integrity import RANGES
-from ..format.storage import check_regular, open_regular_file
-from ..sources.base import mapped
-from ..sources import open_source
-from ..sources.detect import sniff
-from ..sources.sharded import find_index
+from ... import errors
+from ...format import integrity
+from ...format.checkpoint_dir import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, inspect_directory, step_from_name
+from ...format.integrity import RANGES
+from ...format.storage import check_regular, open_regular_file
+from ...sources.base import mapped
+from ...sources import open_source
+from ...sources.detect import sniff
+from ...sources.sharded import find_index
 from .lfs import LfsPointer, Sha256Jobs, parse_lfs_pointer, read_lfs_pointer, sha256_file
 from .manifest import MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, entry_ok, load_manifest, manifest_path, write_manifest
 from .range_hash import Meter, Progress
-from .verify_file import check_entry, check_ranges, file_entry, open_layout, read_head
+from .file_checks import check_entry, check_ranges, file_entry, open_layout, read_head
 
 # Files looked at in a plain folder.
 MAX_DIRECTORY_FILES = 100_000
@@ -488,9 +488,7 @@ def _shown(directory: str, path: str) -> str:
     return os.path.join(directory, os.path.basename(os.path.normpath(path)))
 
 
-# The LFS and manifest names are re-exported: callers import them from here.
-__all__ = ["verify", "VerifyReport", "LfsPointer", "parse_lfs_pointer", "read_lfs_pointer", "sha256_file",
-           "load_manifest", "manifest_path", "describe", "MANIFEST_SUFFIX"]
+__all__ = ["verify", "VerifyReport", "describe"]
 
 
 def _sha256_results(jobs: Sha256Jobs, report: VerifyReport) -> dict[str, str]:

@@ -25,8 +25,8 @@ import math
 import os
 from typing import NamedTuple, Optional
 
-from .. import errors
-from .diff import DiffReport
+from ... import errors
+from .compare import DiffReport
 
 __all__ = ["plot_diff", "layer_of", "LayerName"]
 
