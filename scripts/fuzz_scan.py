@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path[:0] = [str(TESTS), str(TESTS / "ops")]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: its tests are a package
 
-from evasion_corpus import make_corpus  # noqa: E402
-from loader_oracle import LoaderOracle  # noqa: E402
-from test_scan_differential import Seed, check, make_seeds, mutate  # noqa: E402
+from tests.loader_oracle import LoaderOracle  # noqa: E402
+from tests.ops.evasion_corpus import make_corpus  # noqa: E402
+from tests.ops.test_scan_differential import Seed, check, make_seeds, mutate  # noqa: E402
 
 # Disagreements printed in full; the rest are counted (all are saved).
 SHOWN = 20

@@ -1,24 +1,16 @@
-"""Shared fixtures: files are made with the real libraries or byte by byte."""
+"""Shared fixtures: files are made with the real libraries or byte by byte (helpers in tests/files.py)."""
 
 from __future__ import annotations
 
-import json
-import struct
+import pickle
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-
-def safetensors_bytes(header: Union[str, bytes, dict], data: bytes = b"") -> bytes:
-    """A file made byte by byte: 8-byte length, header (dict -> compact JSON), data."""
-    if isinstance(header, dict):
-        header = json.dumps(header, separators=(",", ":"))
-    if isinstance(header, str):
-        header = header.encode("utf-8")
-    return struct.pack("<Q", len(header)) + header + data
+from tests.files import safetensors_bytes
 
 
 @pytest.fixture
@@ -48,3 +40,29 @@ def model_like() -> dict:
         "layers.0.ids": np.arange(10, dtype=np.int32),
         "empty": np.zeros((0, 4), dtype=np.float32),
     }
+
+
+# --- hostile checkpoints made by the real libraries ----------------------------------------
+
+@pytest.fixture
+def expanded(tmp_path: Path) -> Path:
+    """torch.save of a 4-byte storage expanded by stride 0 to 2**40 elements (the file is 2 KB)."""
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.zeros(1).expand(2**40), "b": torch.ones(3)}, path)
+    return path
+
+
+@pytest.fixture(params=["pickle", "torch"])
+def big_int_file(request, tmp_path: Path) -> Path:
+    """A plain pickle and a torch checkpoint whose structure holds 10**5000 (as a value and a key),
+    past Python's int-to-text limit."""
+    state = {"n": 10**5000, "k": {10**5000: 1, 2**70: 2}}
+    if request.param == "pickle":
+        path = tmp_path / "big.pkl"
+        path.write_bytes(pickle.dumps({"w": np.zeros(2, np.float32), **state}))
+    else:
+        torch = pytest.importorskip("torch")
+        path = tmp_path / "big.pt"
+        torch.save({"w": torch.zeros(2), **state}, path)
+    return path

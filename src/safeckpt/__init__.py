@@ -19,8 +19,8 @@ from ._version import __version__
 _LAZY = {
     "save_file": ".api", "load_file": ".api", "save": ".api", "load": ".api", "safe_open": ".api",
     "SafeckptError": ".errors", "HeaderError": ".errors", "SourceError": ".errors", "UnsafeFileError": ".errors",
-    "RawTensor": ".format", "SafetensorsFile": ".format", "TensorInfo": ".format",
-    "open_source": ".sources", "TensorSource": ".sources",
+    "RawTensor": ".format", "SafetensorsFile": ".format", "HeaderEntry": ".format",
+    "open_source": ".sources", "TensorSource": ".sources", "TensorInfo": ".sources",
     "scan": ".ops.scan", "ScanReport": ".ops.scan",
     "convert": ".ops.convert", "ConvertReport": ".ops.convert",
     "cast": ".ops.convert",
@@ -54,12 +54,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .api import load, load_file, safe_open, save, save_file
     from .errors import HeaderError, SafeckptError, SafetensorError, SourceError, UnsafeFileError
-    from .format import RawTensor, SafetensorsFile, TensorInfo
+    from .format import HeaderEntry, RawTensor, SafetensorsFile
     from .ops.convert import ConvertReport, cast, convert
     from .ops.diff import DiffReport, diff
     from .ops.merge import MergeReport, merge
     from .ops.scan import ScanReport, scan
     from .ops.verify import VerifyReport, verify
-    from .sources import TensorSource, open_source
+    from .sources import TensorInfo, TensorSource, open_source
     from .tensor_spec import TensorSpec, deserialize, serialize, serialize_file
     from .training.manager import CheckpointInfo, CheckpointManager

@@ -11,7 +11,8 @@ from . import errors, frameworks
 from .format.dtypes import DTYPES, storage_dtype
 from .format.header import collector_paused
 from .format.reader import SafetensorsFile, parse_bytes_header
-from .format.writer import PreparedTensor, check_metadata, prepare, serialize, write_file
+from .format.writer import PreparedTensor, check_metadata, prepare
+from .sinks.safetensors import serialize, write_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 

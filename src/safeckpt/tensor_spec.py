@@ -28,8 +28,9 @@ import numpy as np
 from . import errors
 from .format.dtypes import DTYPES
 from .format.reader import parse_bytes_header
-from .format.writer import PreparedTensor, RawTensor, check_metadata, prepare, write_file
-from .format.writer import serialize as serialize_prepared
+from .format.writer import PreparedTensor, RawTensor, check_metadata, prepare
+from .sinks.safetensors import serialize as serialize_prepared
+from .sinks.safetensors import write_file
 
 # The dtype names a TensorSpec takes (torch's and numpy's names) -> the safetensors dtype they are.
 DTYPE_CODES: Dict[str, str] = {

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import safeckpt
-from safeckpt.cli import main
 from safeckpt.ops.convert import cast
 
+from tests.cli.runner import invoke
+from tests.files import tensor_bytes
+from tests.ops.malicious_corpus import malicious_torch_file
+
 torch = pytest.importorskip("torch")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-from test_convert import malicious_torch_file  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -35,20 +28,15 @@ def checkpoint(tmp_path):
     return path, state
 
 
-def bits(tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 \
-        else tensor.contiguous().numpy().tobytes()
-
-
 def test_cast_to_bf16_matches_torch_bits_and_keeps_ints_bools_and_excluded(tmp_path, checkpoint):
     path, state = checkpoint
     report = cast(path, tmp_path / "out.safetensors", "bf16", exclude="*norm*")
     loaded = safeckpt.load_file(tmp_path / "out.safetensors", framework="pt")
     for name in ("layers.0.attn.weight", "layers.0.mlp.weight", "tiny_and_huge"):
         assert loaded[name].dtype == torch.bfloat16
-        assert bits(loaded[name]) == bits(state[name].to(torch.bfloat16)), name
+        assert tensor_bytes(loaded[name]) == tensor_bytes(state[name].to(torch.bfloat16)), name
     assert loaded["layers.0.norm.weight"].dtype == torch.float32  # excluded: copied bit for bit
-    assert bits(loaded["layers.0.norm.weight"]) == bits(state["layers.0.norm.weight"])
+    assert tensor_bytes(loaded["layers.0.norm.weight"]) == tensor_bytes(state["layers.0.norm.weight"])
     assert torch.equal(loaded["position_ids"], state["position_ids"])
     assert torch.equal(loaded["mask"], state["mask"])
     assert report.cast == "BF16" and report.overflow == {} and report.underflow == {}
@@ -70,7 +58,7 @@ def test_overflow_and_underflow_are_counted_per_tensor(tmp_path, checkpoint):
     assert report.overflow == {"tiny_and_huge": 2}  # 7e4 and 1e6 are past fp16's 65504
     assert report.underflow == {"tiny_and_huge": 2}  # ±1e-9 are under fp16's smallest subnormal
     loaded = safeckpt.load_file(tmp_path / "out.safetensors", framework="pt")
-    assert bits(loaded["tiny_and_huge"]) == bits(state["tiny_and_huge"].to(torch.float16))
+    assert tensor_bytes(loaded["tiny_and_huge"]) == tensor_bytes(state["tiny_and_huge"].to(torch.float16))
 
 
 def test_fp8_saturates_like_torch(tmp_path, checkpoint):

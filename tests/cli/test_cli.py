@@ -6,40 +6,25 @@ import io
 import json
 import mmap
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from rich.console import Console
 
 import safeckpt
-from safeckpt.cli import COMMANDS, main, output
+from safeckpt.cli import COMMANDS, output
 from safeckpt.format import reader
 
-from conftest import safetensors_bytes
-
-CONSOLE_SCRIPT = Path(sys.executable).with_name("safeckpt")
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def run_script(*args, timeout=60):
-    return subprocess.run([str(CONSOLE_SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+from tests.cli.runner import CONSOLE_SCRIPT, cells, invoke, run_script
+from tests.files import safetensors_bytes
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
-    """First cell of each table line -> the line's cells (cells are 3+ spaces apart)."""
-    import re
+    """First cell of each table line -> the line's cells."""
     rows = {}
     for line in stdout.splitlines():
-        cells = re.split(r" {3,}", line.strip())
-        rows.setdefault(cells[0], cells)
+        rows.setdefault(cells(line)[0], cells(line))
     return rows
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from rich.console import Console
 
 import safeckpt
@@ -16,15 +14,11 @@ from safeckpt.cli import COMMANDS, main
 from safeckpt.cli import convert as convert_cli
 from safeckpt.cli import output
 
+from tests.cli.runner import invoke
+from tests.ops.malicious_corpus import malicious_torch_file
+
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-from test_convert import malicious_torch_file  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from safeckpt.cli import main
-
-CONSOLE_SCRIPT = Path(sys.executable).with_name("safeckpt")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.cli.runner import invoke, run_script
 
 
 @pytest.mark.slow
 def test_demo_runs_green(tmp_path):
     pytest.importorskip("torch")
-    result = subprocess.run([str(CONSOLE_SCRIPT), "demo", "--dir", str(tmp_path)], capture_output=True,
-                            text=True, timeout=180)  # about 15 s here: the timeout only stops a hang
+    result = run_script("demo", "--dir", tmp_path, timeout=180)  # about 15 s here
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "checks passed" in out and "✗" not in out

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import safeckpt
-from safeckpt.cli import COMMANDS, load_command, main, output
+from safeckpt.cli import COMMANDS, load_command, output
+
+from tests.cli.runner import invoke
 
 ENVELOPE = ["command", "ok", "exit_code", "error", "error_type", "warnings"]
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(64)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def stderr_lines(result) -> list[str]:
@@ -128,7 +125,7 @@ def test_usage_errors_of_the_group_and_of_click_checks(tmp_path):
 
 
 def test_a_command_invoked_alone_has_the_same_usage_errors():
-    result = CliRunner().invoke(load_command("inspect"), ["--json"])
+    result = invoke("--json", command=load_command("inspect"))
     assert result.exit_code == 2 and envelope_of(result)["command"] == "inspect"
 
 

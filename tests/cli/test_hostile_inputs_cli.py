@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from safeckpt.cli import main
+from tests.cli.runner import invoke
 
-torch = pytest.importorskip("torch")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+pytest.importorskip("torch")
 
 
 def one_line_error(result) -> str:
@@ -38,12 +31,7 @@ def one_line_error(result) -> str:
 
 # --- a view expanded to terabytes ---------------------------------------------------------
 
-@pytest.fixture
-def expanded(tmp_path):
-    path = tmp_path / "expanded.pt"
-    torch.save({"w": torch.zeros(1).expand(2**40), "b": torch.ones(3)}, path)
-    return path
-
+# expanded (tests/conftest.py): a 4-byte torch storage expanded by stride 0 to 2**40 elements.
 
 @pytest.mark.parametrize("command", [
     ["convert", "{src}", "{out}/model.safetensors"],
@@ -75,16 +63,7 @@ def test_inspect_lists_the_expanded_view_and_verify_finds_it_invalid(expanded):
 
 # --- an integer too long for str() ---------------------------------------------------------
 
-@pytest.fixture(params=["pickle", "torch"])
-def big_int_file(request, tmp_path):
-    if request.param == "pickle":
-        path = tmp_path / "big.pkl"
-        path.write_bytes(pickle.dumps({"w": np.zeros(2, np.float32), "n": 10**5000}))
-    else:
-        path = tmp_path / "big.pt"
-        torch.save({"w": torch.zeros(2), "n": 10**5000, "k": {10**5000: 1}}, path)
-    return path
-
+# big_int_file (tests/conftest.py): a pickle and a torch checkpoint holding 10**5000.
 
 @pytest.mark.parametrize("command", [
     ["inspect", "{src}"], ["inspect", "--json", "{src}"], ["scan", "{src}"], ["scan", "--json", "{src}"],

@@ -6,19 +6,16 @@ import json
 import mmap
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
-from malicious_corpus import Call, G, make_corpus, program, torch_zip  # noqa: E402
+import safeckpt
 
-import safeckpt  # noqa: E402
-from safeckpt.cli.inspect import command  # noqa: E402
+from tests.cli.runner import cells, invoke
+from tests.ops.malicious_corpus import Call, G, make_corpus, program, torch_zip
 
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
@@ -31,18 +28,10 @@ LAYER_WEIGHTS = {"self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.
 LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
-def invoke(*args):
-    return CliRunner().invoke(command, [str(a) for a in args])
-
-
 def inspect_json(*args) -> dict:
-    result = invoke(*args, "--json")
+    result = invoke("inspect", *args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def cells(line: str) -> list[str]:
-    return re.split(r" {3,}", line.strip())
 
 
 def llama_state_dict() -> dict:
@@ -92,7 +81,7 @@ def parameters(sd: dict) -> int:
 # --- the grouped view ----------------------------------------------------------------------
 
 def test_grouped_view_folds_repeated_layers(llama_st, state_dict):
-    result = invoke(llama_st)
+    result = invoke("inspect", llama_st)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     up = next(line for line in lines if line.startswith("model.layers.{0..3}.mlp.up_proj.weight "))
@@ -109,7 +98,7 @@ def test_grouped_view_folds_repeated_layers(llama_st, state_dict):
 
 
 def test_flat_lists_every_tensor(llama_st, state_dict):
-    result = invoke(llama_st, "--flat")
+    result = invoke("inspect", llama_st, "--flat")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     for name, tensor in state_dict.items():
@@ -148,7 +137,7 @@ def test_json_groups_modules_and_shares(llama_st, state_dict):
 
 
 def test_human_modules_and_dtype_shares(llama_st, state_dict):
-    out = invoke(llama_st).stdout
+    out = invoke("inspect", llama_st).stdout
     total = parameters(state_dict)
     model_params = sum(t.numel() for n, t in state_dict.items() if n.startswith("model."))
     rows = {cells(line)[0]: cells(line) for line in out.splitlines() if line.strip()}
@@ -164,7 +153,7 @@ def test_small_model_without_repetition_prints_the_flat_table(tmp_path):
     path = tmp_path / "small.safetensors"
     safeckpt.save_file({"embed.weight": np.zeros((4, 2), np.float32), "head.weight": np.zeros((2, 4), np.float32),
                         "layers.0.w": np.zeros(3, np.float16)}, path)
-    out = invoke(path).stdout
+    out = invoke("inspect", path).stdout
     assert cells(next(line for line in out.splitlines() if line.startswith("layers.0.w "))) == [
         "layers.0.w", "F16", "[3]", "3", "6"]
     assert "rows, repeated layers folded" not in out
@@ -173,7 +162,7 @@ def test_small_model_without_repetition_prints_the_flat_table(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.safetensors"
     safeckpt.save_file({}, path)
-    result = invoke(path)
+    result = invoke("inspect", path)
     assert result.exit_code == 0
     assert "no tensors" in result.stdout
     assert inspect_json(path)["groups"] == [] and inspect_json(path)["modules"] == []
@@ -184,7 +173,7 @@ def test_empty_file(tmp_path):
 def test_torch_pt(tmp_path, state_dict):
     path = tmp_path / "pytorch_model.bin"
     torch.save(state_dict, path)
-    result = invoke(path)
+    result = invoke("inspect", path)
     assert result.exit_code == 0, result.output
     assert "  scan        safe" in result.stdout
     assert re.search(r"model\.layers\.\{0\.\.3\}\.mlp\.up_proj\.weight +4 ×", result.stdout)
@@ -196,7 +185,7 @@ def test_torch_pt(tmp_path, state_dict):
 
 
 def test_lightning_checkpoint(lightning_ckpt, state_dict):
-    result = invoke(lightning_ckpt)
+    result = invoke("inspect", lightning_ckpt)
     assert result.exit_code == 0, result.output
     out = result.stdout
     table = out.index("\nname ")
@@ -226,7 +215,7 @@ class RunConfig:
 def test_suspicious_checkpoint_is_described_with_its_verdict(tmp_path, state_dict):
     path = tmp_path / "with_config.pt"
     torch.save({"model": state_dict, "config": RunConfig()}, path)
-    result = invoke(path)
+    result = invoke("inspect", path)
     assert result.exit_code == 0, result.output
     assert re.search(r"  scan        suspicious \(\d+ findings?\)", result.stdout)
     assert "RunConfig" in result.stdout
@@ -242,7 +231,7 @@ def test_malicious_pickle_is_described_never_run(tmp_path):
     evil, _ = program(2, Call(G("os", "system"), (f"touch {canary}",)))
     path = tmp_path / "evil.pt"
     path.write_bytes(torch_zip(evil))
-    result = invoke(path)
+    result = invoke("inspect", path)
     assert result.exit_code == 0, result.output
     assert "  scan        MALICIOUS: os.system in archive/data.pkl@" in result.stdout
     report = inspect_json(path)
@@ -257,7 +246,7 @@ def test_malicious_pickle_is_described_never_run(tmp_path):
 def test_every_corpus_file_gets_its_verdict(tmp_path):
     items = make_corpus(tmp_path)
     for item in items:
-        result = invoke(item.path, "--json")
+        result = invoke("inspect", item.path, "--json")
         if result.exit_code == 0:  # described, with the verdict
             assert json.loads(result.stdout)["scan"]["verdict"] == "malicious", item.name
         else:  # could not be described: the error line still gives the verdict
@@ -298,7 +287,7 @@ def test_sharded_folder_and_index_describe_the_whole_model(sharded, state_dict):
     assert {g["pattern"]: g["count"] for g in report["groups"]}["model.layers.{0..3}.mlp.up_proj.weight"] == 4
     by_index = inspect_json(index)
     assert by_index["groups"] == report["groups"] and by_index["shards"] == report["shards"]
-    out = invoke(sharded).stdout
+    out = invoke("inspect", sharded).stdout
     for name in shard_names:
         assert re.search(rf"\n{re.escape(name)} +safetensors +\d+ +[\d,]+ +[\d,]+\n", out)
     assert f"total_size {tensor_bytes:,} bytes, as the tensors hold" in out
@@ -310,7 +299,7 @@ def test_sharded_total_size_mismatch_is_a_warning(sharded):
     data = json.loads(index.read_text())
     data["metadata"]["total_size"] += 100
     index.write_text(json.dumps(data))
-    result = invoke(sharded)
+    result = invoke("inspect", sharded)
     assert result.exit_code == 0
     assert re.search(r"warning: index model\.safetensors\.index\.json says total_size [\d,]+ bytes but the "
                      r"tensors hold [\d,]+ bytes \(-100\)", result.stdout)
@@ -328,7 +317,7 @@ def test_sharded_reads_only_the_shard_headers(sharded, monkeypatch):
     monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: requested.append(
         sum(len(b) for b in buffers)) or real_preadv(fd, buffers, offset))
     monkeypatch.setattr(mmap, "mmap", lambda *a, **k: pytest.fail("inspect mapped a shard"))
-    result = invoke(sharded)
+    result = invoke("inspect", sharded)
     assert result.exit_code == 0, result.output
     assert 0 < sum(requested) <= headers + 64 * len(shards)
 
@@ -349,7 +338,7 @@ def test_sharded_torch_bins_are_scanned(tmp_path, state_dict):
         ("pytorch_model-00002-of-00002.bin", "torch-zip", len(names) - 20)]
     assert report["scan"]["verdict"] == "safe" and report["scan"]["files"] == 2
     assert report["index"]["matches"] is True
-    assert "  scan        safe" in invoke(folder).stdout
+    assert "  scan        safe" in invoke("inspect", folder).stdout
 
 
 def test_folder_with_one_safetensors_file_reads_its_header(tmp_path, llama_st, monkeypatch):
@@ -376,7 +365,7 @@ def test_npz(tmp_path):
 
 
 def test_help():
-    result = invoke("--help")
+    result = invoke("inspect", "--help")
     assert result.exit_code == 0
     for text in ("Examples:", "safeckpt inspect", "--flat", "--json", "Exit codes:", "scan --strict",
                  "model.layers.{0..31}.mlp.up_proj.weight"):
@@ -393,4 +382,4 @@ def test_tied_tensors_are_counted_once(tmp_path):
     assert report["totals"]["tensors"] == 3 and report["totals"]["tied"] == 1
     assert report["totals"]["parameters"] == 100 * 8 + 8
     assert report["totals_by_dtype"]["F32"]["parameters"] == 100 * 8 + 8
-    assert "tied tensors counted once" in invoke(tmp_path / "tied.pt").stdout
+    assert "tied tensors counted once" in invoke("inspect", tmp_path / "tied.pt").stdout

@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from safeckpt.cli import main
 from safeckpt.training.manager import CheckpointManager
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.cli.runner import cells, invoke
 
 
 def rows(stdout: str) -> dict[str, list[str]]:
-    """Table rows by their step cell (cells are 3+ spaces apart)."""
-    table = {}
-    for line in stdout.splitlines():
-        cells = re.split(r" {3,}", line.strip())
-        if cells[0].isdigit():
-            table[cells[0]] = cells
-    return table
+    """Table rows by their step cell."""
+    return {row[0]: row for row in map(cells, stdout.splitlines()) if row[0].isdigit()}
 
 
 @pytest.fixture

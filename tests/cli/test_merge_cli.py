@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-import click
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import safeckpt
-from safeckpt.cli import merge as merge_cli
+
+from tests.cli.runner import invoke
+from tests.ops.malicious_corpus import malicious_torch_file
 
 torch = pytest.importorskip("torch")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-from test_convert import malicious_torch_file  # noqa: E402
-
-
-@click.group()
-def cli() -> None:
-    """The command alone, as the lead wires it into `safeckpt`."""
-
-
-cli.add_command(merge_cli.command)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, ["merge", *(str(a) for a in args)])
 
 
 @pytest.fixture
@@ -50,7 +33,7 @@ def checkpoints(tmp_path):
 
 def test_linear_summary(tmp_path, checkpoints):
     paths, values = checkpoints
-    result = invoke(*paths, "-o", tmp_path / "soup.safetensors")
+    result = invoke("merge", *paths, "-o", tmp_path / "soup.safetensors")
     assert result.exit_code == 0, result.output
     assert "merged 3 checkpoints (linear)" in result.stdout and "2 merged, 1 copied" in result.stdout
     got = safeckpt.load_file(str(tmp_path / "soup.safetensors"))
@@ -61,7 +44,7 @@ def test_linear_summary(tmp_path, checkpoints):
 
 def test_json_report_with_options(tmp_path, checkpoints):
     paths, values = checkpoints
-    result = invoke(*paths, "-o", tmp_path / "out", "--method", "dare", "--base", tmp_path / "base.pt",
+    result = invoke("merge", *paths, "-o", tmp_path / "out", "--method", "dare", "--base", tmp_path / "base.pt",
                     "--weights", "1,0.5,0.25", "--density", "0.5", "--seed", "3", "--lambda", "0.8",
                     "--dtype", "bf16", "--shard-size", "40B", "--verify", "--json")
     assert result.exit_code == 0, result.output
@@ -74,7 +57,7 @@ def test_json_report_with_options(tmp_path, checkpoints):
 
 def test_weights_and_ema(tmp_path, checkpoints):
     paths, values = checkpoints
-    result = invoke(*paths, "-o", tmp_path / "ema.safetensors", "--method", "ema", "--decay", "0.5")
+    result = invoke("merge", *paths, "-o", tmp_path / "ema.safetensors", "--method", "ema", "--decay", "0.5")
     assert result.exit_code == 0, result.output
     got = safeckpt.load_file(str(tmp_path / "ema.safetensors"))["enc.bias"]
     expected = 0.25 * values[0]["enc.bias"] + 0.25 * values[1]["enc.bias"] + 0.5 * values[2]["enc.bias"]
@@ -85,7 +68,7 @@ def test_incompatible_inputs_exit_1(tmp_path, checkpoints):
     paths, _ = checkpoints
     safeckpt.save_file({"enc.weight": np.zeros((2, 8), np.float32), "enc.bias": np.zeros(4, np.float32)},
                        tmp_path / "other.safetensors")
-    result = invoke(paths[0], tmp_path / "other.safetensors", "-o", tmp_path / "o.safetensors", "--json")
+    result = invoke("merge", paths[0], tmp_path / "other.safetensors", "-o", tmp_path / "o.safetensors", "--json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["ok"] is False and report["error_type"] == "IncompatibleInputsError"
@@ -96,9 +79,10 @@ def test_incompatible_inputs_exit_1(tmp_path, checkpoints):
 def test_allow_missing(tmp_path, checkpoints):
     paths, values = checkpoints
     safeckpt.save_file({"enc.weight": np.ones((4, 4), np.float32)}, tmp_path / "part.safetensors")
-    result = invoke(paths[0], tmp_path / "part.safetensors", "-o", tmp_path / "o.safetensors")
+    result = invoke("merge", paths[0], tmp_path / "part.safetensors", "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 1 and "--allow-missing" in result.stderr
-    result = invoke(paths[0], tmp_path / "part.safetensors", "-o", tmp_path / "o.safetensors", "--allow-missing")
+    result = invoke("merge", paths[0], tmp_path / "part.safetensors", "-o", tmp_path / "o.safetensors",
+                    "--allow-missing")
     assert result.exit_code == 0, result.output
     got = safeckpt.load_file(str(tmp_path / "o.safetensors"))
     np.testing.assert_array_equal(got["enc.bias"], values[0]["enc.bias"])
@@ -110,18 +94,18 @@ def test_allow_missing(tmp_path, checkpoints):
     (["--weights", "1,2"], "2 weights for 3 inputs"),
     (["--weights", "1,x,2"], "comma-separated"),
     (["--t", "0.3"], "t does not apply to linear"),
-    (["--method", "soup"], "Invalid value"),
+    (["--method", "soup"], "invalid value for '--method'"),
 ])
 def test_usage_errors_exit_2(tmp_path, checkpoints, args, message):
     paths, _ = checkpoints
-    result = invoke(*paths, "-o", tmp_path / "o.safetensors", *args)
+    result = invoke("merge", *paths, "-o", tmp_path / "o.safetensors", *args)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_missing_input_exit_2(tmp_path, checkpoints):
     paths, _ = checkpoints
-    result = invoke(paths[0], tmp_path / "nope.pt", "-o", tmp_path / "o.safetensors")
+    result = invoke("merge", paths[0], tmp_path / "nope.pt", "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 2 and "nope.pt" in result.stderr
 
 
@@ -129,18 +113,18 @@ def test_malicious_input_refused(tmp_path, checkpoints):
     paths, _ = checkpoints
     evil, canary = tmp_path / "evil.pt", tmp_path / "canary"
     malicious_torch_file(evil, canary)
-    result = invoke(evil, evil, "-o", tmp_path / "o.safetensors", "--json")
+    result = invoke("merge", evil, evil, "-o", tmp_path / "o.safetensors", "--json")
     assert result.exit_code == 2 and result.stderr.startswith(f"error: {evil}: refusing to merge")
     report = json.loads(result.stdout)
     assert report["scan"]["verdict"] == "malicious" and report["error_type"] == "UnsafeFileError"
     assert not (tmp_path / "o.safetensors").exists() and not canary.exists()
-    result = invoke(evil, evil, "-o", tmp_path / "o.safetensors", "--allow-unsafe-structure")
+    result = invoke("merge", evil, evil, "-o", tmp_path / "o.safetensors", "--allow-unsafe-structure")
     assert result.exit_code == 0, result.output
     assert not canary.exists()
 
 
 def test_help_has_examples_and_exit_codes():
-    result = invoke("--help")
+    result = invoke("merge", "--help")
     assert result.exit_code == 0
     assert "Examples:" in result.output and "Exit codes:" in result.output
     assert "--method" in result.output and "--allow-missing" in result.output

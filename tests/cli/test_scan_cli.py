@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
-from malicious_corpus import Call, G, benign_pickle, program, torch_zip  # noqa: E402
-
-from safeckpt.cli import main  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.cli.runner import cells, invoke
+from tests.ops.malicious_corpus import Call, G, benign_pickle, program, torch_zip
 
 
 def rows(stdout: str) -> list[list[str]]:
-    return [re.split(r" {3,}", line.strip()) for line in stdout.splitlines() if line.strip()]
+    return [cells(line) for line in stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture

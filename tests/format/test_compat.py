@@ -11,6 +11,8 @@ import pytest
 
 import safeckpt
 
+from tests.files import tensor_bytes
+
 st_numpy = pytest.importorskip("safetensors.numpy", reason="the safetensors oracle is not installed")
 torch = pytest.importorskip("torch", reason="torch not installed")
 st_torch = pytest.importorskip("safetensors.torch", reason="the safetensors oracle is not installed")
@@ -32,10 +34,6 @@ def random_array(rng, dtype, shape):
     if dtype == np.bool_:
         raw = raw % 2
     return raw.view(dtype).reshape(shape)
-
-
-def tensor_bytes(tensor) -> bytes:
-    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def random_tensor(gen, dtype, shape):

@@ -41,7 +41,8 @@ BACKENDS = ["mmap", "pread"]
 # A file of a few hundred bytes: reading it may allocate a few copies of it, never this much.
 MAX_PEAK_BYTES = 32 * 1024 * 1024
 
-FUZZ = settings(max_examples=1000, deadline=2000,
+# The deadline (ms) only catches a mutant that hangs.
+FUZZ = settings(max_examples=1000, deadline=10_000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -182,4 +182,4 @@ def test_a_header_of_many_tensors_is_read() -> None:
     parsed = header.parse_header(raw, 8 + len(raw) + n)
     assert len(parsed.tensors) == n
     assert list(parsed.tensors)[-1] == "layers.999.t99"
-    assert parsed.tensors["layers.999.t99"] == header.TensorInfo("U8", (1,), (n - 1, n))
+    assert parsed.tensors["layers.999.t99"] == header.HeaderEntry("U8", (1,), (n - 1, n))

@@ -15,7 +15,7 @@ import safeckpt
 from safeckpt import errors
 from safeckpt.format.reader import SafetensorsFile
 
-from conftest import safetensors_bytes
+from tests.files import safetensors_bytes
 
 BACKENDS = ["mmap", "pread"]
 

@@ -23,7 +23,7 @@ import pytest
 import safeckpt
 from safeckpt import errors
 
-from conftest import safetensors_bytes
+from tests.files import safetensors_bytes
 
 safetensors = pytest.importorskip("safetensors", reason="the safetensors oracle is not installed")
 st_numpy = pytest.importorskip("safetensors.numpy", reason="the safetensors oracle is not installed")

@@ -16,6 +16,7 @@ import pytest
 import safeckpt
 from safeckpt import errors
 from safeckpt.format import writer
+from safeckpt.sinks.safetensors import write_file
 
 
 def layouts():
@@ -104,7 +105,7 @@ def test_failed_write_leaves_old_file_and_no_temporaries(tmp_path, monkeypatch):
         written.append(len(data))
         return real_write(fd, data)
 
-    monkeypatch.setattr(writer.os, "write", disk_full_after_first_write)
+    monkeypatch.setattr(os, "write", disk_full_after_first_write)
     with pytest.raises(OSError) as info:
         safeckpt.save_file({"new": np.zeros(1 << 20, np.float32)}, path)
     assert info.value.errno == errno.ENOSPC
@@ -125,14 +126,14 @@ def test_interrupted_write_leaves_old_file(tmp_path):
     tensors = [writer.prepare("a", np.zeros(10, np.float32)),
                writer.PreparedTensor("b", safeckpt.format.DTYPES["F32"], (1,), 4, explode)]
     with pytest.raises(KeyboardInterrupt):
-        writer.write_file(tensors, path)
+        write_file(tensors, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 def test_partial_writes_are_completed(tmp_path, monkeypatch):
     real_write = os.write
-    monkeypatch.setattr(writer.os, "write", lambda fd, data: real_write(fd, bytes(data)[:1000]))
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:1000]))
     array = np.random.default_rng(0).standard_normal(10_000)
     safeckpt.save_file({"a": array}, tmp_path / "a.safetensors")
     monkeypatch.undo()

@@ -1,6 +1,11 @@
-"""What the framework tests share: shapes, slices, and random bit patterns of every dtype."""
+"""What the framework tests share: shapes, slices, random bit patterns of every dtype, and checks."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 
@@ -22,8 +27,28 @@ def sample(name: str, shape: tuple, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, count * dtype.itemsize, dtype=np.uint8).view(dtype).reshape(shape)
 
 
+def fits(name: str, shape: tuple) -> bool:
+    """Whether a safetensors file can hold the tensor: F4 packs two values per byte, so not an odd count."""
+    return name != "F4" or int(np.prod(shape)) % 2 == 0
+
+
+def aligned_array(nbytes: int, dtype, misalign: int = 0) -> np.ndarray:
+    """A buffer whose address is `misalign` bytes past a multiple of 64."""
+    buffer = np.zeros(nbytes + 128, np.uint8)
+    start = (-buffer.ctypes.data) % 64 + misalign
+    return buffer[start:start + nbytes].view(dtype)
+
+
 def assert_same_bytes(actual: np.ndarray, expected: np.ndarray) -> None:
     """Same dtype, shape and bytes (so NaN payloads count)."""
     assert actual.dtype == expected.dtype
     assert actual.shape == expected.shape
     assert actual.tobytes() == expected.tobytes()
+
+
+def run_python(code: str, **env) -> str:
+    """Run `code` (dedented) in a fresh interpreter with `env` added; its stdout. The timeout only stops a hang."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

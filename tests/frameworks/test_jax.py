@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 import warnings
 
 import ml_dtypes
@@ -19,7 +17,9 @@ import safeckpt  # noqa: E402
 from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES  # noqa: E402
 from safeckpt.frameworks import jax as adapter  # noqa: E402
-from framework_samples import SHAPES, SLICES, sample  # noqa: E402
+from tests.frameworks.framework_samples import (  # noqa: E402
+    SHAPES, SLICES, aligned_array, assert_same_bytes, fits, run_python, sample,
+)
 
 # Every safetensors dtype jax holds; the 64-bit ones need jax_enable_x64 (the x64 fixture).
 JAX_DTYPES = [name for name, d in DTYPES.items() if d.numpy is not None]
@@ -28,14 +28,7 @@ THEIR_DTYPES = [name for name in JAX_DTYPES if name != "F4"]  # safetensors.nump
 
 def assert_same(actual, expected: np.ndarray) -> None:
     """Same dtype, shape and bytes (so NaN payloads count)."""
-    actual = np.asarray(actual)
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    assert actual.tobytes() == expected.tobytes()
-
-
-def fits(name: str, shape: tuple) -> bool:
-    return name != "F4" or int(np.prod(shape)) % 2 == 0
+    assert_same_bytes(np.asarray(actual), expected)
 
 
 @pytest.fixture
@@ -108,13 +101,6 @@ def test_model_like_state_round_trips(tmp_path, model_like):
 
 
 # --- zero-copy ----------------------------------------------------------------
-
-def aligned_array(nbytes: int, dtype, misalign: int = 0) -> np.ndarray:
-    """A buffer whose address is `misalign` bytes past a multiple of 64."""
-    buffer = np.zeros(nbytes + 128, np.uint8)
-    start = (-buffer.ctypes.data) % 64 + misalign
-    return buffer[start:start + nbytes].view(dtype)
-
 
 def test_to_numpy_is_a_view_of_the_jax_buffer():
     array = jnp.arange(1024, dtype=jnp.bfloat16)
@@ -253,13 +239,6 @@ def test_missing_jax_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax", None)  # `import jax` now raises ImportError
     with pytest.raises(errors.FrameworkError, match="pip install"):
         adapter.from_numpy(np.ones(2, np.float32))
-
-
-def run_python(code: str, **env) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_importing_safeckpt_does_not_import_jax(tmp_path):

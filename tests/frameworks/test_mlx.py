@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import textwrap
 
 import ml_dtypes
 import numpy as np
@@ -16,7 +14,7 @@ import safeckpt  # noqa: E402
 from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES, dtype_for_numpy  # noqa: E402
 from safeckpt.frameworks import mlx as adapter  # noqa: E402
-from framework_samples import SHAPES, SLICES, sample  # noqa: E402
+from tests.frameworks.framework_samples import SHAPES, SLICES, assert_same_bytes, run_python, sample  # noqa: E402
 
 MLX = {"BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "I16": mx.int16, "U16": mx.uint16, "F16": mx.float16,
        "BF16": mx.bfloat16, "I32": mx.int32, "U32": mx.uint32, "F32": mx.float32, "C64": mx.complex64,
@@ -45,9 +43,7 @@ def assert_same(actual, expected: np.ndarray) -> None:
     if isinstance(actual, mx.array):
         assert actual.dtype == MLX[dtype_for_numpy(expected.dtype).name]
         actual = as_numpy(actual)
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    assert actual.tobytes() == expected.tobytes()
+    assert_same_bytes(actual, expected)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -175,6 +171,4 @@ def test_importing_safeckpt_does_not_import_mlx(tmp_path):
         safeckpt.load_file({str(tmp_path / "t.safetensors")!r})
         assert "mlx" not in sys.modules, "mlx was imported"
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    run_python(code)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +15,9 @@ import safeckpt  # noqa: E402
 from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES  # noqa: E402
 from safeckpt.frameworks import tensorflow as adapter  # noqa: E402
-from framework_samples import SHAPES, SLICES, sample  # noqa: E402
+from tests.frameworks.framework_samples import (  # noqa: E402
+    SHAPES, SLICES, aligned_array, assert_same_bytes, fits, run_python, sample,
+)
 
 # Every safetensors dtype tensorflow holds (F8_E8M0 and F6 it does not).
 TF_DTYPES = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
@@ -32,14 +32,7 @@ def tf_bytes(tensor) -> np.ndarray:
 
 def assert_same(actual, expected: np.ndarray) -> None:
     """Same dtype, shape and bytes (so NaN payloads count)."""
-    actual = tf_bytes(actual)
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    assert actual.tobytes() == expected.tobytes()
-
-
-def fits(name: str, shape: tuple) -> bool:
-    return name != "F4" or int(np.prod(shape)) % 2 == 0
+    assert_same_bytes(tf_bytes(actual), expected)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -109,13 +102,6 @@ def test_keras_model_weights_round_trip(tmp_path):
 
 
 # --- zero-copy, and never an unaligned buffer -----------------------------------
-
-def aligned_array(nbytes: int, dtype, misalign: int = 0) -> np.ndarray:
-    """A buffer whose address is `misalign` bytes past a multiple of 64."""
-    buffer = np.zeros(nbytes + 128, np.uint8)
-    start = (-buffer.ctypes.data) % 64 + misalign
-    return buffer[start:start + nbytes].view(dtype)
-
 
 @pytest.mark.parametrize("name", ["F32", "BF16", "I64", "BOOL"])
 def test_to_numpy_shares_the_tensor_buffer(name):
@@ -235,6 +221,4 @@ def test_importing_safeckpt_does_not_import_tensorflow(tmp_path):
         safeckpt.load_file({str(tmp_path / "t.safetensors")!r})
         assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "tensorflow was imported"
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    run_python(code)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,7 +13,8 @@ from safeckpt import errors  # noqa: E402
 from safeckpt.format.dtypes import DTYPES, dtype_for_numpy  # noqa: E402
 from safeckpt.format.writer import pack_f4  # noqa: E402
 from safeckpt.frameworks import torch as adapter  # noqa: E402
-from framework_samples import SHAPES, sample  # noqa: E402
+from tests.files import tensor_bytes  # noqa: E402
+from tests.frameworks.framework_samples import SHAPES, assert_same_bytes, run_python, sample  # noqa: E402
 
 TORCH = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
          "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
@@ -54,11 +52,9 @@ def assert_same(actual, expected: np.ndarray) -> None:
         assert actual.dtype == TORCH[name]
         shape = expected.shape[:-1] + (expected.shape[-1] // 2,) if name == "F4" else expected.shape
         assert tuple(actual.shape) == shape
-        assert actual.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() == file_bytes(expected)
+        assert tensor_bytes(actual) == file_bytes(expected)
         return
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    assert actual.tobytes() == expected.tobytes()
+    assert_same_bytes(actual, expected)
 
 
 def fits(name: str, shape: tuple) -> bool:
@@ -212,6 +208,4 @@ def test_importing_safeckpt_does_not_import_torch(tmp_path):
         safeckpt.load_file({str(tmp_path / "t.safetensors")!r})
         assert "torch" not in sys.modules, "torch was imported"
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    run_python(code)

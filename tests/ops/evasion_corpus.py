@@ -55,15 +55,13 @@ import io
 import json
 import pickle
 import struct
-import sys
 import tarfile
 import zipfile
 import zlib
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-sys.path.insert(0, str(Path(__file__).parent))
-from malicious_corpus import LEGACY_MAGIC, Call, G, Pickle, np_zero_npy, npy_object, program  # noqa: E402
+from tests.ops.malicious_corpus import LEGACY_MAGIC, Call, G, Pickle, np_zero_npy, npy_object, program
 
 ROOT_CAUSES = ("format-sniffing", "vm-divergence", "frame-semantics", "container",
                "member-sniffing", "stdlib-alias", "library-alias", "stream-tail", "zip-flags")

@@ -26,6 +26,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
+from tests.files import torch_save_bytes
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
@@ -220,6 +222,24 @@ def zip_of(members: list[tuple[str, bytes]], method: int = zipfile.ZIP_STORED) -
         for name, data in members:
             z.writestr(name, data)
     return buf.getvalue()
+
+
+def malicious_torch_file(path: "Path | str", canary: "Path | str") -> None:
+    """A real torch.save zip of {"w": arange(6).reshape(2, 3)} whose data.pkl also asks for
+    os.system(touch canary): one more SETITEM before STOP."""
+    import torch
+
+    source = zipfile.ZipFile(io.BytesIO(torch_save_bytes({"w": torch.arange(6.0).reshape(2, 3)})))
+    command = f"touch {canary}".encode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert data.endswith(b"s.")  # ... SETITEM STOP: add one more item before STOP
+                evil = (b"X" + struct.pack("<I", 4) + b"evil" + b"cposix\nsystem\n"
+                        + b"X" + struct.pack("<I", len(command)) + command + b"\x85R" + b"s")
+                data = data[:-1] + evil + b"."
+            out.writestr(info.filename, data)
 
 
 # --- the corpus ----------------------------------------------------------------------------

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import io
 import json
 import os
-import struct
 import tracemalloc
-import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -20,7 +18,7 @@ from safeckpt.format.dtypes import DTYPES
 from safeckpt import errors
 from safeckpt.ops import cast as casting
 from safeckpt.ops import convert as convert_module
-from safeckpt.ops import sink as sink_module
+from safeckpt.sinks import safetensors as sink_module
 from safeckpt.ops.convert import ConvertReport, convert, parse_size
 from safeckpt.sources.detect import open_source
 
@@ -29,6 +27,9 @@ st_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open as hf_safe_open  # noqa: E402
 
 import safeckpt.torch  # noqa: E402
+
+from tests.files import tensor_bytes  # noqa: E402
+from tests.ops.malicious_corpus import malicious_torch_file  # noqa: E402
 
 
 def files_in(directory: Path) -> list[str]:
@@ -42,8 +43,7 @@ def hf_metadata(path) -> dict:
 
 def torch_bits_equal(a, b) -> bool:
     """Bit-exact equality, NaN-safe: compare the raw bytes."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and tensor_bytes(a) == tensor_bytes(b)
 
 
 class Tied(torch.nn.Module):
@@ -263,7 +263,7 @@ def test_cast_matches_torch_bit_for_bit(target, torch_dtype):
         ours, _ = casting.cast_array(values.numpy(), target)
     theirs = values.to(torch_dtype)
     assert ours.shape == tuple(theirs.shape)
-    assert ours.tobytes() == theirs.contiguous().view(torch.uint8).numpy().tobytes()
+    assert ours.tobytes() == tensor_bytes(theirs)
 
 
 def test_cast_blocks_are_bounded_and_ordered(monkeypatch):
@@ -399,16 +399,23 @@ def test_stable_diffusion_ema(tmp_path, stable_diffusion_like):
 
 # --- verification, failures, hostile input -------------------------------------------
 
+def without_copy_file_range(monkeypatch) -> None:
+    """An OS without copy_file_range: tensor bytes go through user space (and the sink's write_all)."""
+    def not_implemented(*args, **kwargs):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "copy_file_range", not_implemented)
+
+
 @pytest.fixture
 def no_kernel_copy(monkeypatch):
-    """Tensor bytes go through user space (and writer.write_all), not copy_file_range."""
-    monkeypatch.setattr(sink_module.SinkRun, "_copy_in_kernel", lambda *args: False)
+    without_copy_file_range(monkeypatch)
 
 
 def test_verify_detects_a_corrupted_write(tmp_path, model_like, monkeypatch, no_kernel_copy):
     src = tmp_path / "in.safetensors"
     safeckpt.save_file(model_like, src)
-    real = convert_module.writer.write_all
+    real = sink_module.write_all
     calls = []
 
     def flip_one_byte(fd, data):
@@ -419,7 +426,7 @@ def test_verify_detects_a_corrupted_write(tmp_path, model_like, monkeypatch, no_
             data = memoryview(data)
         real(fd, data)
 
-    monkeypatch.setattr(convert_module.writer, "write_all", flip_one_byte)
+    monkeypatch.setattr(sink_module, "write_all", flip_one_byte)
     (tmp_path / "out.safetensors").write_bytes(b"previous")
     with pytest.raises(errors.SafeckptError, match="verification failed: byte 0") as caught:
         convert(src, tmp_path / "out.safetensors", verify=True, overwrite=True)
@@ -464,7 +471,7 @@ def test_failure_midway_leaves_nothing(tmp_path, failure, monkeypatch):
 @pytest.mark.parametrize("path", ["write", "copy_file_range"])
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch, path):
     torch.save({"a": torch.ones(100), "b": torch.ones(100)}, tmp_path / "m.pt")
-    real_write, real_copy = convert_module.writer.write_all, os.copy_file_range
+    real_write, real_copy = sink_module.write_all, os.copy_file_range
 
     def enospc_write(fd, data):
         if data.nbytes == 400:
@@ -477,30 +484,13 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch, path):
         return real_copy(src, dst, count, offset_src, offset_dst)
 
     if path == "write":
-        monkeypatch.setattr(sink_module.SinkRun, "_copy_in_kernel", lambda *args: False)
-        monkeypatch.setattr(convert_module.writer, "write_all", enospc_write)
+        without_copy_file_range(monkeypatch)
+        monkeypatch.setattr(sink_module, "write_all", enospc_write)
     else:
         monkeypatch.setattr(os, "copy_file_range", enospc_copy)
     with pytest.raises(OSError, match="No space"):
         convert(tmp_path / "m.pt", tmp_path / "out.safetensors")
     assert files_in(tmp_path) == ["m.pt"]
-
-
-def malicious_torch_file(path: Path, canary: Path) -> None:
-    """A real torch.save zip whose data.pkl also asks for os.system(touch canary)."""
-    buffer = io.BytesIO()
-    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, buffer)
-    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
-    command = f"touch {canary}".encode()
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
-        for info in source.infolist():
-            data = source.read(info)
-            if info.filename.endswith("data.pkl"):
-                assert data.endswith(b"s.")  # ... SETITEM STOP: add one more item before STOP
-                evil = (b"X" + struct.pack("<I", 4) + b"evil" + b"cposix\nsystem\n"
-                        + b"X" + struct.pack("<I", len(command)) + command + b"\x85R" + b"s")
-                data = data[:-1] + evil + b"."
-            out.writestr(info.filename, data)
 
 
 def test_malicious_source_is_refused_and_nothing_is_written(tmp_path):
@@ -626,7 +616,7 @@ def test_kernel_copy_and_user_space_copy_write_the_same_bytes(tmp_path, monkeypa
     torch.save({"big": big, "rows": big[2:5], "cols": big[:, ::2], "bf": big.bfloat16(),
                 "ids": torch.arange(5)}, tmp_path / "m.pt")
     convert(tmp_path / "m.pt", tmp_path / "kernel.safetensors")
-    monkeypatch.setattr(sink_module.SinkRun, "_copy_in_kernel", lambda *args: False)
+    without_copy_file_range(monkeypatch)
     convert(tmp_path / "m.pt", tmp_path / "user.safetensors")
     assert (tmp_path / "kernel.safetensors").read_bytes() == (tmp_path / "user.safetensors").read_bytes()
     loaded = safeckpt.load_file(tmp_path / "kernel.safetensors")

@@ -12,7 +12,7 @@ import pytest
 
 import safeckpt
 from safeckpt import errors
-from safeckpt.format import writer
+from safeckpt.format import atomic
 from safeckpt.ops import convert as convert_module
 from safeckpt.ops.merge import merger as merge_module
 
@@ -153,7 +153,7 @@ def test_write_errors_never_show_temporary_names(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", denied)
     with pytest.raises(errors.OutputNotWritableError) as caught:
-        with writer.atomic_output(str(tmp_path / "m.safetensors")):
+        with atomic.atomic_output(str(tmp_path / "m.safetensors")):
             pass
     assert str(caught.value) == f"cannot write {tmp_path}: permission denied"
     assert ".tmp" not in str(caught.value) and os.listdir(tmp_path) == []

@@ -12,33 +12,23 @@ from __future__ import annotations
 import io
 import json
 import pickletools
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
-from evasion_corpus import MAGIC_PICKLE, ROOT_CAUSES, make_corpus  # noqa: E402
-from loader_oracle import LOADERS, LoaderOracle  # noqa: E402
+from safeckpt.ops.scan import scan
 
-from safeckpt.ops.scan import scan  # noqa: E402
-
-CLI = Path(sys.executable).with_name("safeckpt")
+from tests.cli.runner import CONSOLE_SCRIPT, run_script
+from tests.loader_oracle import LOADERS
+from tests.ops.evasion_corpus import MAGIC_PICKLE, ROOT_CAUSES, make_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The copy the scan reads: its canaries must never appear."""
     return make_corpus(tmp_path_factory.mktemp("evasion"))
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    with LoaderOracle() as o:
-        yield o
 
 
 def test_corpus_is_well_formed(corpus):
@@ -144,13 +134,13 @@ def test_scan_grades_every_item_malicious(corpus):
 
 
 def run_cli(*paths: Path) -> tuple[int, dict]:
-    done = subprocess.run([str(CLI), "scan", "--json", *map(str, paths)], capture_output=True, text=True,
-                          timeout=600, check=False)
+    """`safeckpt scan --json PATHS...` as the installed script: its exit code and document."""
+    done = run_script("scan", "--json", *paths, timeout=600)
     return done.returncode, json.loads(done.stdout)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CLI.exists(), reason="the safeckpt command is not installed next to python")
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the safeckpt command is not installed next to python")
 def test_scan_command_grades_every_item_malicious(corpus):
     """(b) The command: one file per root cause alone, then every file in one call, then the directory."""
     failures = []

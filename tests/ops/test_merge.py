@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tracemalloc
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -21,11 +19,10 @@ from safeckpt.ops.merge import MergeReport, merge
 from safeckpt.ops.scan import scan
 from safeckpt.sources.detect import open_source
 
+from tests.ops.malicious_corpus import malicious_torch_file
+
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_convert import malicious_torch_file  # noqa: E402
 
 FLOATS = ("embed.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias")
 

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import struct
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -15,22 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from malicious_corpus import (  # noqa: E402
-    Call, G, benign_pickle, make_corpus, program, torch_zip,
-)
-
-import safeckpt  # noqa: E402
-from safeckpt.errors import SafeckptError  # noqa: E402
-from safeckpt.ops.scan import (  # noqa: E402
+import safeckpt
+from safeckpt.errors import SafeckptError
+from safeckpt.ops.scan import (
     MAX_DEPTH, Finding, ScanReport, grade_global, scan, scan_bytes,
 )
-from safeckpt.sources.pickle_vm import ALLOWLIST  # noqa: E402
+from safeckpt.sources.pickle_vm import ALLOWLIST
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+from tests.cli.runner import invoke
+from tests.ops.scan_checks import assert_safe
+from tests.ops.malicious_corpus import (
+    Call, G, benign_pickle, program, torch_zip,
+)
 
 
 def malicious_whats(report: ScanReport) -> list[str]:
@@ -39,11 +34,11 @@ def malicious_whats(report: ScanReport) -> list[str]:
 
 # --- the hostile corpus --------------------------------------------------------------
 
-def test_corpus_is_broad(corpus):
-    names = [item.name for item in corpus]
+def test_corpus_is_broad(malicious_corpus):
+    names = [item.name for item in malicious_corpus]
     assert len(names) >= 30 and len(set(names)) == len(names)
-    assert {item.protocol for item in corpus} >= {0, 1, 2, 3, 4, 5}
-    for item in corpus:
+    assert {item.protocol for item in malicious_corpus} >= {0, 1, 2, 3, 4, 5}
+    for item in malicious_corpus:
         data = item.path.read_bytes()
         if item.name == "npz_member":  # deflated: look inside
             with zipfile.ZipFile(item.path) as z:
@@ -52,9 +47,9 @@ def test_corpus_is_broad(corpus):
         assert not item.canary.exists()
 
 
-def test_every_corpus_item_is_malicious_and_located(corpus):
+def test_every_corpus_item_is_malicious_and_located(malicious_corpus):
     failures = []
-    for item in corpus:
+    for item in malicious_corpus:
         report = scan(item.path)
         hits = [f for f in report.findings if f.severity == "malicious" and f.what == item.expect]
         if report.verdict != "malicious" or report.exit_code() != 1 or not hits:
@@ -68,10 +63,10 @@ def test_every_corpus_item_is_malicious_and_located(corpus):
         assert json.loads(json.dumps(report.to_dict()))["verdict"] == "malicious"
         assert scan_bytes(item.path.read_bytes(), path=str(item.path)).findings == report.findings
     assert not failures, "\n".join(failures)
-    assert not any(item.canary.exists() for item in corpus)
+    assert not any(item.canary.exists() for item in malicious_corpus)
 
 
-def test_opening_and_converting_the_corpus_never_runs_it(corpus, tmp_path):
+def test_opening_and_converting_the_corpus_never_runs_it(malicious_corpus, tmp_path):
     from safeckpt.errors import UnsafeFileError
     from safeckpt.ops.convert import convert
     from safeckpt.sources.detect import open_source
@@ -88,7 +83,7 @@ def test_opening_and_converting_the_corpus_never_runs_it(corpus, tmp_path):
              "convert --allow-unsafe-structure": lambda path: convert(
                  path, tmp_path / "out.safetensors", allow_unsafe_structure=True, overwrite=True)}
     crashed, converted = [], []
-    for item in corpus:
+    for item in malicious_corpus:
         for step, run in steps.items():
             try:
                 run(item.path)
@@ -112,8 +107,8 @@ def test_opening_and_converting_the_corpus_never_runs_it(corpus, tmp_path):
     ("p2_torch_load_from_bytes", "[torch.storage._load_from_bytes call at ", "dangerous-global"),
     ("p3_torch_load_bytesio", "[torch.load call at ", "dangerous-global"),
 ])
-def test_nested_payloads_are_scanned_with_their_path(corpus, name, where, expect_kind):
-    item = next(i for i in corpus if i.name == name)
+def test_nested_payloads_are_scanned_with_their_path(malicious_corpus, name, where, expect_kind):
+    item = next(i for i in malicious_corpus if i.name == name)
     report = scan(item.path)
     nested = [f for f in report.findings if f.kind == "nested-pickle"]
     assert nested and nested[0].severity == "malicious"
@@ -123,8 +118,8 @@ def test_nested_payloads_are_scanned_with_their_path(corpus, name, where, expect
         assert inner[0].member.endswith("] > archive/data.pkl")
 
 
-def test_zip_tricks_are_graded(corpus):
-    by_name = {i.name: scan(i.path) for i in corpus if i.name.startswith(("torch_zip", "polyglot", "nested"))}
+def test_zip_tricks_are_graded(malicious_corpus):
+    by_name = {i.name: scan(i.path) for i in malicious_corpus if i.name.startswith(("torch_zip", "polyglot", "nested"))}
     kinds = {name: {(f.kind, f.severity) for f in r.findings} for name, r in by_name.items()}
     assert ("zip-duplicate-name", "malicious") in kinds["torch_zip_duplicate_data_pkl"]
     assert ("zip-name-mismatch", "malicious") in kinds["torch_zip_name_mismatch"]
@@ -178,14 +173,7 @@ def test_allowlist_and_denylist_do_not_overlap():
 
 # --- benign files made by the real libraries ----------------------------------------------
 
-def assert_safe(path) -> ScanReport:
-    report = scan(path)
-    assert report.verdict == "safe", report.findings
-    assert report.error is None and report.exit_code() == 0 and report.exit_code(strict=True) == 0
-    assert not [f for f in report.findings if f.severity != "info"]
-    assert all(g in ALLOWLIST for g in report.globals)
-    return report
-
+# assert_safe (scan_checks.py): safe, strictly too, every global in the allowlist.
 
 def test_torch_files_are_safe(tmp_path):
     torch = pytest.importorskip("torch")
@@ -340,12 +328,12 @@ def test_random_bytes_inside_archives_are_not_pickles():
 
 # --- directories ---------------------------------------------------------------------
 
-def test_directory_is_scanned_recursively(tmp_path, corpus):
+def test_directory_is_scanned_recursively(tmp_path, malicious_corpus):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "config.json").write_text('{"hidden_size": 8}')
     (tmp_path / "README.md").write_text("cats\nand dogs\n")
     (tmp_path / "a" / "b" / "w.pkl").write_bytes(pickle.dumps({"w": np.ones(2)}))
-    (tmp_path / "a" / "b" / "evil.bin").write_bytes(corpus[0].path.read_bytes())
+    (tmp_path / "a" / "b" / "evil.bin").write_bytes(malicious_corpus[0].path.read_bytes())
     report = scan(tmp_path)
     assert report.format == "directory" and report.verdict == "malicious" and report.exit_code() == 1
     assert sorted(os.path.relpath(r.path, tmp_path) for r in report.files) == ["a/b/evil.bin", "a/b/w.pkl"]
@@ -356,12 +344,12 @@ def test_directory_is_scanned_recursively(tmp_path, corpus):
     assert scan(tmp_path).exit_code() == 2
 
 
-def test_report_round_trips_as_json(corpus):
-    report = scan(corpus[0].path)
+def test_report_round_trips_as_json(malicious_corpus):
+    report = scan(malicious_corpus[0].path)
     d = json.loads(json.dumps(report.to_dict()))
     assert d["findings"][0] == {"severity": "malicious", "kind": "dangerous-global", "what": "os.system",
                                 "why": report.findings[0].why, "member": None,
-                                "offset": corpus[0].offset}
+                                "offset": malicious_corpus[0].offset}
     assert Finding(**d["findings"][0]) == report.findings[0]
 
 
@@ -406,17 +394,11 @@ def test_directory_links_are_followed_inside_and_reported_outside(tmp_path):
     assert "3 folders" == links.what and "loop" in links.why and "out of the directory" in links.why
 
 
-def test_the_commands_never_run_the_corpus(corpus, tmp_path):
+def test_the_commands_never_run_the_corpus(malicious_corpus, tmp_path):
     """The same through the command line, where a user meets these files."""
-    from click.testing import CliRunner
-
-    from safeckpt.cli import main
-
-    runner = CliRunner()
-    for item in corpus:
-        for args in (["inspect", str(item.path)], ["scan", str(item.path)],
-                     ["convert", str(item.path), str(tmp_path / "out.safetensors")]):
-            result = runner.invoke(main, args)
+    for item in malicious_corpus:
+        for args in (["inspect", item.path], ["scan", item.path], ["convert", item.path, tmp_path / "out.safetensors"]):
+            result = invoke(*args)
             assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.output)
             assert "Traceback" not in result.output
             assert not item.canary.exists(), (args, item.name)

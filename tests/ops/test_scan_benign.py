@@ -17,15 +17,7 @@ import uuid
 import numpy as np
 import pytest
 
-from safeckpt.ops.scan import scan
-
-
-def assert_safe(path):
-    report = scan(path)
-    loud = [(f.severity, f.kind, f.what) for f in report.findings if f.severity != "info"]
-    assert report.verdict == "safe" and report.error is None and not loud, (path.name, loud, report.error)
-    assert report.exit_code(strict=True) == 0
-    return report
+from tests.ops.scan_checks import assert_safe
 
 
 def test_plain_data_of_the_standard_library_is_safe(tmp_path):

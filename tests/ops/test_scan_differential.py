@@ -25,7 +25,6 @@ import pickle
 import pickletools
 import random
 import struct
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -35,11 +34,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
-from evasion_corpus import DIVERGENCES, Member, zip_file  # noqa: E402
-from loader_oracle import LOADERS, LoaderOracle  # noqa: E402
+from safeckpt.ops.scan import scan
 
-from safeckpt.ops.scan import scan  # noqa: E402
+from tests.loader_oracle import LOADERS, LoaderOracle
+from tests.ops.evasion_corpus import DIVERGENCES, Member, zip_file
 
 EXAMPLES = int(os.environ.get("SAFECKPT_FUZZ_EXAMPLES", "150"))
 
@@ -232,12 +230,6 @@ def check(oracle: LoaderOracle, path: Path) -> Outcome:
 def seeds(tmp_path_factory):
     pytest.importorskip("torch")
     return make_seeds(tmp_path_factory.mktemp("seeds"))
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    with LoaderOracle() as o:
-        yield o
 
 
 @pytest.fixture(scope="module")

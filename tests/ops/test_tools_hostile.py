@@ -8,11 +8,8 @@ malicious. Any failure is a SafeckptError (or a report), never a crash from insi
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 import safeckpt
 from safeckpt.errors import SafeckptError, UnsafeFileError
@@ -21,20 +18,13 @@ from safeckpt.ops.diff import diff
 from safeckpt.ops.merge import merge
 from safeckpt.ops.verify import verify
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from malicious_corpus import make_corpus  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def test_tools_never_run_the_corpus(corpus, tmp_path):
+def test_tools_never_run_the_corpus(malicious_corpus, tmp_path):
     benign = tmp_path / "benign.safetensors"
     safeckpt.save_file({"w": np.ones(3, np.float32)}, benign)
     crashed, laundered = [], []
-    for item in corpus:
+    for item in malicious_corpus:
         copy = tmp_path / f"copy-{item.path.name}"
         shutil.copyfile(item.path, copy)
         steps = {

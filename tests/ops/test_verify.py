@@ -18,6 +18,8 @@ from safeckpt.ops.verify import (LfsPointer, load_manifest, manifest_path, parse
 from safeckpt.format.integrity import root_hash
 from safeckpt.sources.base import mapped
 
+from tests.files import flip_byte, lfs_pointer_text, tensor_bytes
+
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch", reason="the safetensors oracle is not installed")
 
@@ -41,19 +43,10 @@ def model(tmp_path, tensors):
     return path
 
 
-def flip(path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
 def span(path, name) -> tuple[int, int]:
     with safeckpt.open_source(path) as source:
-        return source.file_span(name)
-
-
-def pointer_text(oid: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+        found = source.file_span(name)
+        return found.offset, found.nbytes
 
 
 # --- safetensors ----------------------------------------------------------------------
@@ -76,7 +69,7 @@ def test_write_then_verify(model, tensors):
     data = model.read_bytes()
     for name, tensor in tensors.items():
         begin, end = entry["tensors"][name]["range"]
-        assert data[begin:end] == tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+        assert data[begin:end] == tensor_bytes(tensor)
         assert entry["tensors"][name]["blake3"] == b3(data[begin:end])
     ranges = [entry["header"]] + sorted(entry["tensors"].values(), key=lambda part: part["range"])
     assert ranges[0]["range"][0] == 0 and ranges[-1]["range"][1] == len(data)
@@ -90,7 +83,7 @@ def test_write_then_verify(model, tensors):
 def test_a_flipped_byte_names_the_tensor_and_the_file(model):
     verify(model, write=True)
     begin, nbytes = span(model, "head.bias")
-    flip(model, begin + nbytes // 2)
+    flip_byte(model, begin + nbytes // 2, 0x10)
     assert verify(model, write=False).hashes == "failed"
     report = verify(model)
     assert not report.ok and report.exit_code == 1 and report.status == "invalid"
@@ -103,7 +96,7 @@ def test_the_first_damaged_tensor_in_file_order_is_named(model):
     verify(model, write=True)
     for name in ("step", "embed.weight"):
         begin, _ = span(model, name)
-        flip(model, begin)
+        flip_byte(model, begin, 0x10)
     with safeckpt.SafetensorsFile(model) as file:
         first = min(("step", "embed.weight"), key=lambda n: file.header.tensors[n].data_offsets[0])
     assert verify(model).failed_tensor == first
@@ -189,7 +182,7 @@ def test_torch_file_tensor_hashes_equal_the_converted_files(tmp_path, tensors):
     assert entry["tensors"]["transposed"]["blake3"] == b3(tensors["transposed"].contiguous().numpy().tobytes())
     assert verify(pt).hashes == "verified"
     begin, nbytes = span(pt, "head.bias")
-    flip(pt, begin + 1)
+    flip_byte(pt, begin + 1, 0x10)
     report = verify(pt)
     assert report.exit_code == 1 and report.failed_tensor == "head.bias" and report.failed_file == str(pt)
 
@@ -218,7 +211,7 @@ def test_a_truncated_torch_file_is_invalid(tmp_path, tensors):
 @pytest.mark.parametrize("name", ["model.safetensors", "model.pt", "model.bin"])
 def test_a_git_lfs_pointer_in_place_of_the_file_is_named(tmp_path, name):
     path = tmp_path / name
-    path.write_bytes(pointer_text("a" * 64, 1234))
+    path.write_text(lfs_pointer_text("a" * 64, 1234))
     report = verify(path)
     assert report.exit_code == 1 and report.error_type == "WrongFormatError"
     assert "Git LFS pointer" in report.error and "git lfs pull" in report.error and "1,234 bytes" in report.error
@@ -253,7 +246,7 @@ def test_a_damaged_shard_is_named(sharded):
     with safeckpt.SafetensorsFile(shard) as file:
         name = file.keys()[-1]
     begin, _ = span(shard, name)
-    flip(shard, begin)
+    flip_byte(shard, begin, 0x10)
     report = verify(sharded)
     assert report.exit_code == 1 and report.failed_file == str(shard) and report.failed_tensor == name
 
@@ -317,7 +310,7 @@ def test_a_checkpoint_manager_directory(run):
 def test_a_damaged_checkpoint_names_the_tensor(run):
     tensors_file = run / "step-00000020" / "tensors.safetensors"
     begin, nbytes = span(tensors_file, "model/w")
-    flip(tensors_file, begin + nbytes - 1)
+    flip_byte(tensors_file, begin + nbytes - 1, 0x10)
     report = verify(run)
     assert report.exit_code == 1
     good, bad = report.children
@@ -351,16 +344,16 @@ def test_sha256_equals_hashlib(model, tmp_path):
 def test_lfs_pointer_match_and_mismatch(model, tmp_path):
     data = model.read_bytes()
     good = tmp_path / "good.pointer"
-    good.write_bytes(pointer_text(hashlib.sha256(data).hexdigest(), len(data)))
+    good.write_text(lfs_pointer_text(hashlib.sha256(data).hexdigest(), len(data)))
     report = verify(model, lfs_pointer=good)
     assert report.ok and report.lfs == {"pointer": str(good), "oid": hashlib.sha256(data).hexdigest(),
                                         "size": len(data), "match": True}
     wrong_oid = tmp_path / "oid.pointer"
-    wrong_oid.write_bytes(pointer_text("0" * 64, len(data)))
+    wrong_oid.write_text(lfs_pointer_text("0" * 64, len(data)))
     report = verify(model, lfs_pointer=wrong_oid)
     assert report.exit_code == 1 and report.lfs["match"] is False and "differs from the oid" in report.error
     wrong_size = tmp_path / "size.pointer"
-    wrong_size.write_bytes(pointer_text(hashlib.sha256(data).hexdigest(), len(data) + 1))
+    wrong_size.write_text(lfs_pointer_text(hashlib.sha256(data).hexdigest(), len(data) + 1))
     report = verify(model, lfs_pointer=wrong_size)
     assert report.exit_code == 1 and "incomplete" in report.error and report.lfs["match"] is False
     with pytest.raises(errors.SafeckptError, match="one file"):

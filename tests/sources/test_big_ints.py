@@ -8,31 +8,19 @@ integer too long to keep), so every tree stays JSON-able and nothing escapes.
 from __future__ import annotations
 
 import json
-import pickle
 
-import numpy as np
 import pytest
 
 import safeckpt
 from safeckpt.ops.inspect import describe
 from safeckpt.sources import base
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 BIG = 10**5000
 SHOWN = {"__int__": "<integer of 2077 bytes>"}
 
-
-@pytest.fixture(params=["pickle", "torch"])
-def big_int_file(request, tmp_path):
-    """A plain pickle and a torch checkpoint whose structure holds 10**5000 (as a value and a key)."""
-    if request.param == "pickle":
-        path = tmp_path / "big.pkl"
-        path.write_bytes(pickle.dumps({"w": np.zeros(2, np.float32), "n": BIG, "k": {BIG: 1, 2**70: 2}}))
-    else:
-        path = tmp_path / "big.pt"
-        torch.save({"w": torch.zeros(2), "n": BIG, "k": {BIG: 1, 2**70: 2}}, path)
-    return path
+# big_int_file (tests/conftest.py): a plain pickle and a torch checkpoint holding BIG as a value and a key.
 
 
 def test_the_tree_shows_it_briefly(big_int_file):

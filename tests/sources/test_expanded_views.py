@@ -17,13 +17,7 @@ torch = pytest.importorskip("torch")
 
 TIB = 4 << 40  # 2**40 float32 elements
 
-
-@pytest.fixture
-def expanded(tmp_path):
-    """torch.save of a 4-byte storage expanded by stride 0 to 2**40 elements (the file is 2 KB)."""
-    path = tmp_path / "expanded.pt"
-    torch.save({"w": torch.zeros(1).expand(2**40), "b": torch.ones(3)}, path)
-    return path
+# expanded (tests/conftest.py): torch.save of a 4-byte storage expanded by stride 0 to 2**40 elements.
 
 
 def test_an_expanded_view_is_listed_but_refused_on_read(expanded):

@@ -24,6 +24,8 @@ from safeckpt.sources.pickle_vm import (
     TorchDType, load, load_all,
 )
 
+from tests.files import torch_save_bytes
+
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 
 
@@ -125,9 +127,7 @@ torch = pytest.importorskip("torch")
 
 
 def torch_pickle(obj, new_zip=True):
-    buf = io.BytesIO()
-    torch.save(obj, buf, _use_new_zipfile_serialization=new_zip)
-    data = buf.getvalue()
+    data = torch_save_bytes(obj, _use_new_zipfile_serialization=new_zip)
     if not new_zip:
         return data
     with zipfile.ZipFile(io.BytesIO(data)) as z:

@@ -14,6 +14,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from safeckpt.errors import SafeckptError, SourceError, TensorNotFoundError  # noqa: E402
 from safeckpt.sources.raw import RawSource, load_template  # noqa: E402
 
+from tests.files import tensor_bytes  # noqa: E402
+
 TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
                torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
 
@@ -28,12 +30,6 @@ def model_state() -> dict:
     state["mask"] = torch.tensor([True, False, True])
     state["empty"] = torch.zeros(0, 3)
     return state
-
-
-def tensor_bytes(t) -> bytes:
-    if t.dtype == torch.bfloat16:  # numpy has no bf16: take the bytes through int16
-        return t.contiguous().view(torch.int16).numpy().tobytes()
-    return t.contiguous().numpy().tobytes()
 
 
 def assert_equal(got: np.ndarray, t) -> None:

@@ -27,19 +27,15 @@ import safeckpt
 from safeckpt import errors
 from safeckpt.cli.inspect import describe
 
+from tests.files import torch_save_bytes
+
 torch = pytest.importorskip("torch")
 
 # A file of a few KiB: reading it may allocate a few copies of it, never this much.
 MAX_PEAK_BYTES = 64 * 1024 * 1024
-# SAFECKPT_FUZZ_EXAMPLES=20000 for a long stress run.
-FUZZ = settings(max_examples=int(os.environ.get("SAFECKPT_FUZZ_EXAMPLES", 300)), deadline=5000,
+# SAFECKPT_FUZZ_EXAMPLES=20000 for a long stress run. The deadline (ms) only catches a mutant that hangs.
+FUZZ = settings(max_examples=int(os.environ.get("SAFECKPT_FUZZ_EXAMPLES", 300)), deadline=10_000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def _torch_bytes(obj, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, **kwargs)
-    return buffer.getvalue()
 
 
 def _seeds() -> list[bytes]:
@@ -54,8 +50,8 @@ def _seeds() -> list[bytes]:
     npz = io.BytesIO()
     np.savez(npz, w=np.arange(6, dtype=np.float32), b=np.ones(2, np.int8))
     return [
-        _torch_bytes(state),
-        _torch_bytes(state, _use_new_zipfile_serialization=False),
+        torch_save_bytes(state),
+        torch_save_bytes(state, _use_new_zipfile_serialization=False),
         pickle.dumps({"w": np.arange(4, dtype=np.float32), "meta": {"step": 1}}, protocol=4),
         object_array.getvalue(),
         npz.getvalue(),

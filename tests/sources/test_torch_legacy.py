@@ -21,9 +21,11 @@ import pytest
 from safeckpt.errors import SourceError
 from safeckpt.sources.pickle_vm import PlaceholderCall, TensorRef
 from safeckpt.sources.torch_legacy import (
-    MAGIC_NUMBER, PROTOCOL_VERSION, LegacyLayout, PickleSpan, is_legacy, is_legacy_tar,
+    MAGIC_NUMBER, PROTOCOL_VERSION, LegacyLayout, is_legacy, is_legacy_tar,
     read_legacy, read_legacy_tar,
 )
+
+from tests.files import torch_save_bytes
 
 torch = pytest.importorskip("torch")
 weights_only_unpickler = pytest.importorskip("torch._weights_only_unpickler")
@@ -38,9 +40,7 @@ NUMPY_DTYPES = {
 # --- helpers --------------------------------------------------------------------
 
 def legacy_bytes(obj, protocol: int = 2) -> bytes:
-    f = io.BytesIO()
-    torch.save(obj, f, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
-    return f.getvalue()
+    return torch_save_bytes(obj, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
 
 
 def array_of(data, layout: LegacyLayout, ref: TensorRef) -> np.ndarray:

@@ -24,16 +24,12 @@ from safeckpt.errors import SafeckptError, SourceError
 from safeckpt.sources import zip_archive
 from safeckpt.sources.zip_archive import FINDING_KINDS, ZipArchive, ZipMember, find_zip, is_zip
 
+from tests.files import torch_save_bytes
+
 torch = pytest.importorskip("torch")
 
 
 # --- archives made by the real libraries -------------------------------------
-
-def torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
 
 def zipfile_bytes(members: dict, *, compression=zipfile.ZIP_STORED, comment: bytes = b"",
                   force_zip64: bool = False) -> bytes:
@@ -52,7 +48,7 @@ def kinds(archive: ZipArchive) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_torch() -> bytes:
-    return torch_bytes({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    return torch_save_bytes({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
                         "b": torch.ones(5, dtype=torch.bfloat16), "step": 3})
 
 
@@ -152,7 +148,7 @@ def test_empty_archive():
 
 
 def test_twenty_thousand_members():
-    data = torch_bytes({f"layer{i}.weight": torch.zeros(2) for i in range(20_000)})
+    data = torch_save_bytes({f"layer{i}.weight": torch.zeros(2) for i in range(20_000)})
     archive = ZipArchive(data, "many.pt")
     assert len(archive.names()) == 20_006 and archive.findings == []
     assert bytes(archive.read(archive.names()[-3])) == bytes(8)

@@ -3,7 +3,8 @@
 Each test provokes a real fault on real files (SIGKILLed child processes, RLIMIT_FSIZE, a tiny
 tmpfs, ENOSPC from the write calls, bytes flipped on disk, a second process) and then checks what a
 resumed run would see: the last committed step, intact, and nothing partial. The drivers live in
-fault_child.py, shared with scripts/stress_checkpoints.py, which runs the same faults at scale.
+fault_child.py, shared with scripts/stress_checkpoints.py, which runs the same faults at scale; the
+fixtures `fault_child` and `paused_writer` (conftest.py) start its children and kill what is left.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import errno
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("torch")  # the writer processes save torch states
 
-import fault_child as fc  # noqa: E402
 from safeckpt import CheckpointManager  # noqa: E402
 from safeckpt.errors import CheckpointError, IntegrityError, LockedError  # noqa: E402
+
+from tests.files import flip_byte  # noqa: E402
+from tests.training import fault_child as fc  # noqa: E402
 
 CRASH_KILLS = 30
 FLIPS = 300
@@ -48,14 +49,11 @@ def test_sigkill_at_random_moments_keeps_the_last_committed_step(tmp_path: Path,
 # --- disk full and file size limit ---------------------------------------------------
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_file_size_limit_efbig_fails_the_save_and_keeps_earlier_checkpoints(tmp_path: Path,
+def test_file_size_limit_efbig_fails_the_save_and_keeps_earlier_checkpoints(tmp_path: Path, fault_child,
                                                                              async_save: bool) -> None:
     directory = tmp_path / "ckpt"
-    ctx = fc.context()
-    parent, child_end = ctx.Pipe()
     limit = 1 << 20  # the small checkpoints fit, the 4 MB one does not
-    child = ctx.Process(target=fc.efbig_child, args=(child_end, str(directory), limit, async_save, 4.0))
-    child.start()
+    parent, child = fault_child(fc.efbig_child, str(directory), limit, async_save, 4.0)
     outcome = fc.receive(parent, child)
     child.join(fc.CHILD_TIMEOUT_S)
 
@@ -155,9 +153,7 @@ def test_a_flipped_tensor_byte_names_the_file_and_tensor(tmp_path: Path) -> None
     directory = tmp_path / "ckpt"
     fc.seed_checkpoints(directory, [1])
     tensors = directory / "step-00000001" / "tensors.safetensors"
-    data = bytearray(tensors.read_bytes())
-    data[-1] ^= 0x40  # the last byte of the data: inside the last tensor written
-    tensors.write_bytes(bytes(data))
+    flip_byte(tensors, -1, 0x40)  # the last byte of the data: inside the last tensor written
     with CheckpointManager(directory) as mgr:
         with pytest.raises(IntegrityError) as info:
             mgr.restore(1)
@@ -169,21 +165,15 @@ def test_a_flipped_tensor_byte_names_the_file_and_tensor(tmp_path: Path) -> None
 
 # --- concurrency -------------------------------------------------------------------------
 
-def test_a_second_process_gets_lockederror_and_touches_nothing(tmp_path: Path) -> None:
+def test_a_second_process_gets_lockederror_and_touches_nothing(tmp_path: Path, fault_child,
+                                                               paused_writer) -> None:
     directory = tmp_path / "ckpt"
-    ctx = fc.context()
-    holder_conn, holder_end = ctx.Pipe()
-    holder = ctx.Process(target=fc.hold_child, args=(holder_end, str(directory)))
-    holder.start()
-    assert fc.receive(holder_conn, holder) == "saved 1"
-    assert fc.receive(holder_conn, holder) == "paused"  # inside save(2), before its commit
+    holder_conn, holder = paused_writer(directory)  # inside save(2), before its commit
     in_flight = fc.stray_entries(directory)
     assert in_flight, "save(2) is in flight but no temporary is visible in the directory"
     before = _tree(directory)
 
-    second_conn, second_end = ctx.Pipe()
-    second = ctx.Process(target=fc.open_child, args=(second_end, str(directory)), kwargs={"step": 9})
-    second.start()
+    second_conn, second = fault_child(fc.open_child, str(directory), step=9)
     outcome = fc.receive(second_conn, second)
     second.join(fc.CHILD_TIMEOUT_S)
     assert outcome["raised"] == "LockedError", outcome
@@ -206,29 +196,21 @@ def test_a_second_process_gets_lockederror_and_touches_nothing(tmp_path: Path) -
     assert fc.intact_problems(directory, [1, 2, 3]) == []
 
 
-def test_a_killed_lock_holder_does_not_lock_out_the_next_run(tmp_path: Path) -> None:
+def test_a_killed_lock_holder_does_not_lock_out_the_next_run(tmp_path: Path, paused_writer) -> None:
     directory = tmp_path / "ckpt"
-    ctx = fc.context()
-    conn, end = ctx.Pipe()
-    holder = ctx.Process(target=fc.hold_child, args=(end, str(directory)))
-    holder.start()
-    assert fc.receive(conn, holder) == "saved 1"
-    assert fc.receive(conn, holder) == "paused"
+    _, holder = paused_writer(directory)
     holder.kill()
     holder.join()
     assert fc.intact_problems(directory, [1]) == []
 
 
-def test_two_processes_starting_together_one_wins_one_is_refused(tmp_path: Path) -> None:
-    ctx = fc.context()
+def test_two_processes_starting_together_one_wins_one_is_refused(tmp_path: Path, fault_child) -> None:
     for round_ in range(3):
         directory = tmp_path / f"ckpt{round_}"
-        start = ctx.Event()
+        start = fc.context().Event()
         runs = []
         for step in (1, 2):
-            conn, end = ctx.Pipe()
-            child = ctx.Process(target=fc.open_child, args=(end, str(directory), start, step, 0.5))
-            child.start()
+            conn, child = fault_child(fc.open_child, str(directory), start, step, 0.5)
             runs.append((step, conn, child))
         start.set()
         outcomes = {step: fc.receive(conn, child) for step, conn, child in runs}

@@ -22,6 +22,9 @@ from safeckpt.errors import (CheckpointError, CheckpointNotFoundError, Integrity
                              LockedError, SafeckptError, UnsupportedStateError)
 from safeckpt.training.manager import CheckpointManager  # noqa: E402
 
+from tests.files import flip_byte  # noqa: E402
+from tests.training.trees import assert_same  # noqa: E402
+
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 
 
@@ -53,32 +56,6 @@ def train_state(steps: int = 3) -> dict:
         },
         "epoch": 3, "lr": 1e-3, "name": "run-1", "none": None, "pair": (1, "two"),
     }
-
-
-def assert_same(restored, saved, where="state"):
-    """Bit-exact: same type, dtype, shape and bytes, all the way down."""
-    if isinstance(saved, torch.Tensor):
-        assert isinstance(restored, torch.Tensor), where
-        assert restored.dtype == saved.dtype and restored.shape == saved.shape, where
-        assert torch.equal(_bytes(restored), _bytes(saved)), where
-    elif isinstance(saved, (np.ndarray, np.generic)):
-        assert type(restored) is type(saved) and restored.dtype == saved.dtype, where
-        assert np.shape(restored) == np.shape(saved), where
-        assert np.asarray(restored).tobytes() == np.asarray(saved).tobytes(), where
-    elif isinstance(saved, dict):
-        assert isinstance(restored, dict) and list(restored) == list(saved), where
-        for key in saved:
-            assert_same(restored[key], saved[key], f"{where}[{key!r}]")
-    elif isinstance(saved, (list, tuple)):
-        assert type(restored) is type(saved) and len(restored) == len(saved), where
-        for index, (a, b) in enumerate(zip(restored, saved)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert type(restored) is type(saved) and restored == saved, where
-
-
-def _bytes(tensor: "torch.Tensor") -> "torch.Tensor":
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def numbered(step: int, size: int = 64) -> dict:
@@ -302,20 +279,6 @@ def test_a_closed_manager_refuses_work(tmp_path):
 
 # --- corruption ---------------------------------------------------------------------------
 
-def _flip(path: Path, offset: int, mask: int) -> int:
-    data = bytearray(path.read_bytes())
-    original = data[offset]
-    data[offset] ^= mask
-    path.write_bytes(bytes(data))
-    return original
-
-
-def _unflip(path: Path, offset: int, original: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] = original
-    path.write_bytes(bytes(data))
-
-
 def test_flipped_bytes_in_any_committed_file_are_detected(tmp_path):
     state = train_state()
     with CheckpointManager(tmp_path) as mgr:
@@ -329,7 +292,8 @@ def test_flipped_bytes_in_any_committed_file_are_detected(tmp_path):
         path = directory / name
         size = path.stat().st_size
         for offset in sorted({0, size - 1} | {rng.randrange(size) for _ in range(10)}):
-            original = _flip(path, offset, rng.randrange(1, 256))
+            mask = rng.randrange(1, 256)
+            flip_byte(path, offset, mask)
             try:
                 with CheckpointManager(tmp_path) as mgr:
                     report = mgr.verify()
@@ -344,7 +308,7 @@ def test_flipped_bytes_in_any_committed_file_are_detected(tmp_path):
                         assert report.failures[0].tensor == inside[0]
                     assert str(directory / name) in str(info.value)
             finally:
-                _unflip(path, offset, original)
+                flip_byte(path, offset, mask)  # undone
             flips += 1
     assert flips >= 30
     with CheckpointManager(tmp_path) as mgr:  # undone: intact again
@@ -522,13 +486,19 @@ class _ShortWrites:
 
 def test_write_stream_writes_the_bytes_save_writes_through_short_writes(model_like):
     import safeckpt
-    from safeckpt.format.writer import prepare, write_stream
+    from safeckpt.format.writer import prepare
+    import blake3
+    from safeckpt.format.integrity import root_hash
+    from safeckpt.sinks.safetensors import from_prepared, write_stream
 
     metadata = {"step": "3"}
     expected = safeckpt.save(model_like, metadata)
     sink = _ShortWrites(1000)
-    written = write_stream([prepare(name, array) for name, array in model_like.items()], sink, metadata)
-    assert bytes(sink.data) == expected and written == len(expected)
+    written = write_stream([from_prepared(prepare(name, array)) for name, array in model_like.items()], sink,
+                           metadata, hashed=True)
+    assert bytes(sink.data) == expected and written.size == len(expected)
+    assert written.range_hashes[0] == blake3.blake3(expected[:written.ranges[0][2]]).hexdigest()
+    assert written.file_hash == root_hash(written.range_hashes)
 
 
 def test_hashing_writer_hashes_the_file_and_each_range_whatever_the_chunks():

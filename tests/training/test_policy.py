@@ -9,9 +9,10 @@ import pytest
 
 from safeckpt.errors import CheckpointError
 from safeckpt.format.checkpoint_dir import CheckpointInfo, by_step, checkpoint_name, step_from_name
+from safeckpt.format.checkpoint_dir import best, ranked_best
 from safeckpt.format.checkpoint_storage import temporary_name
-from safeckpt.training.policy import (Retention, Schedule, best, check_step, partials_to_remove, ranked_best,
-                                      should_save, temporaries_to_remove, to_delete, to_keep)
+from safeckpt.training.policy import (Retention, Schedule, check_step, partials_to_remove, should_save,
+                                      temporaries_to_remove, to_delete, to_keep)
 
 OUR_FILES = ("tensors.safetensors", "state.json")
 

@@ -12,20 +12,20 @@ import os
 import random
 import shutil
 import stat
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("torch")  # the writer processes save torch states
 
-import fault_child as fc  # noqa: E402
 from safeckpt import CheckpointManager  # noqa: E402
 from safeckpt.errors import CheckpointError, CheckpointNotFoundError, IntegrityError  # noqa: E402
 from safeckpt.format.checkpoint_storage import LocalStorage  # noqa: E402
+
+from tests.files import flip_byte  # noqa: E402
+from tests.training import fault_child as fc  # noqa: E402
 
 # Kills of the writer while this process reads; each cycle lasts about a tenth of a second.
 WRITER_KILLS = 24
@@ -120,10 +120,7 @@ def test_best_ranks_by_the_metric_the_writer_recorded(tmp_path: Path) -> None:
 
 def test_restore_still_checks_hashes(tmp_path: Path) -> None:
     fc.seed_checkpoints(tmp_path, [1, 2])
-    tensors = tmp_path / "step-00000002" / "tensors.safetensors"
-    data = bytearray(tensors.read_bytes())
-    data[-1] ^= 0x01
-    tensors.write_bytes(bytes(data))
+    flip_byte(tmp_path / "step-00000002" / "tensors.safetensors", -1)
     with CheckpointManager(tmp_path, read_only=True) as reader:
         with pytest.raises(IntegrityError, match="momentum"):
             reader.restore("latest")  # damage is not a vanished checkpoint: no fallback to step 1
@@ -176,14 +173,9 @@ def test_a_file_where_the_directory_should_be_is_refused(tmp_path: Path) -> None
     assert str(path) in str(info.value)
 
 
-def test_leftovers_of_a_killed_writer_are_ignored_and_kept(tmp_path: Path) -> None:
+def test_leftovers_of_a_killed_writer_are_ignored_and_kept(tmp_path: Path, paused_writer) -> None:
     directory = tmp_path / "ckpt"
-    ctx = fc.context()
-    conn, end = ctx.Pipe()
-    holder = ctx.Process(target=fc.hold_child, args=(end, str(directory)))
-    holder.start()
-    assert fc.receive(conn, holder) == "saved 1"
-    assert fc.receive(conn, holder) == "paused"  # inside save(2): its temporary exists, the lock is held
+    _, holder = paused_writer(directory)  # inside save(2): its temporary exists, the lock is held
     with CheckpointManager(directory, read_only=True) as reader:
         assert [info.step for info in reader.list()] == [1]
         assert fc.state_problems(reader.restore("latest"), 1) == []

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import OrderedDict, namedtuple
-from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -25,54 +23,9 @@ from safeckpt.format.dtypes import DTYPES
 from safeckpt.frameworks.torch import tables as torch_tables
 from safeckpt.training import SCHEMA_VERSION, join_state, snapshot, split_state
 
+from tests.training.trees import assert_same, through_files
+
 CUDA = torch.cuda.is_available()
-
-
-# --- comparing trees exactly ------------------------------------------------------
-
-def _torch_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
-
-
-def assert_same(actual, expected, where: str = "state") -> None:
-    """Equal values of the same types: containers, key types and order, dtypes, devices, bits."""
-    if isinstance(expected, Mapping):
-        assert type(actual) is dict, where
-        assert [(type(k), k) for k in actual] == [(type(k), k) for k in expected], where
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is (tuple if isinstance(expected, tuple) else list), where
-        assert len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, f"{where}[{index}]")
-    elif isinstance(expected, torch.Tensor):
-        assert type(actual) is type(expected), where
-        assert (actual.dtype, actual.shape, actual.device) == (expected.dtype, expected.shape, expected.device), where
-        assert actual.requires_grad == expected.requires_grad, where
-        assert _torch_bytes(actual) == _torch_bytes(expected), where
-    elif isinstance(expected, (np.ndarray, np.generic)):
-        assert type(actual) is type(expected), where
-        assert (actual.dtype, actual.shape) == (expected.dtype, expected.shape), where
-        assert np.asarray(actual).tobytes() == np.asarray(expected).tobytes(), where
-    elif isinstance(expected, jax.Array):
-        assert isinstance(actual, jax.Array), where
-        assert (actual.dtype, actual.shape, actual.devices()) == (expected.dtype, expected.shape, expected.devices())
-        assert np.asarray(actual).tobytes() == np.asarray(expected).tobytes(), where
-    elif isinstance(expected, float):
-        assert type(actual) is float, where
-        assert (math.isnan(actual) and math.isnan(expected)) or struct.pack("<d", actual) == struct.pack("<d", expected), where
-    else:
-        assert type(actual) is type(expected) and actual == expected, where
-
-
-def through_files(state, tmp_path):
-    """split -> safeckpt.save_file + json -> load_file + json -> join, as a checkpoint does."""
-    tensors, document = split_state(state)
-    safeckpt.save_file(tensors, tmp_path / "state.safetensors")
-    (tmp_path / "state.json").write_text(json.dumps(document, allow_nan=False))
-    loaded = safeckpt.load_file(tmp_path / "state.safetensors")
-    return join_state(loaded, json.loads((tmp_path / "state.json").read_text()))
 
 
 # --- every leaf type --------------------------------------------------------------

@@ -16,13 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 stock_load_file = pytest.importorskip("safetensors.torch").load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-import resume_child as run  # noqa: E402
-from test_state import assert_same, through_files  # noqa: E402
-
 from safeckpt.errors import StateFormatError, UnsupportedStateError  # noqa: E402
 from safeckpt.torch import restore_training_state, training_state  # noqa: E402
 from safeckpt.training import split_state  # noqa: E402
+
+from tests.files import tensor_bytes  # noqa: E402
+from tests.training import resume_child as run  # noqa: E402
+from tests.training.trees import assert_same, through_files  # noqa: E402
 
 CHILD = Path(__file__).parent / "resume_child.py"
 HALF = run.STEPS // 2
@@ -57,10 +57,6 @@ def first_half(config: str, directory: Path) -> list[float]:
     return losses
 
 
-def _bits(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().flatten().view(torch.uint8).numpy().tobytes()
-
-
 # --- the resume, in a new process --------------------------------------------------
 
 @pytest.mark.slow
@@ -82,7 +78,7 @@ def test_a_run_resumed_in_a_new_process_is_bit_identical(config, tmp_path, settl
     expected = full[0].state_dict()
     assert sorted(weights) == sorted(expected)
     for name, tensor in expected.items():
-        assert _bits(weights[name]) == _bits(tensor), name
+        assert tensor_bytes(weights[name]) == tensor_bytes(tensor), name
     # Optimizer moments and step counts, scheduler, scaler and every RNG end where the full run's did.
     assert_same(run.load_state(out), full_state)
     if config == "sgd_scaler":
@@ -269,4 +265,4 @@ def test_resume_through_the_checkpoint_manager(tmp_path, settled, async_save):
     losses += run.train(fresh, data, run.STEPS - HALF)
     assert losses == full_losses
     for (name, a), b in zip(full_parts[0].state_dict().items(), fresh[0].state_dict().values()):
-        assert _bits(a) == _bits(b), name
+        assert tensor_bytes(a) == tensor_bytes(b), name

@@ -23,7 +23,6 @@ from .output import Column, grouped, human_bytes, human_count, printable
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..sources.base import TensorSource
 
 TENSOR_COLUMNS = (Column("name"), Column("dtype"), Column("shape"), Column("parameters", right=True),
                   Column("bytes", right=True))

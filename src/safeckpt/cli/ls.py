@@ -2,20 +2,20 @@
 
 Reads the manifests only (fast, nothing hashed: `CheckpointManager.verify()`
 checks the bytes), takes no lock, and creates, cleans or changes nothing, so
-it is safe on a directory a run is writing.
+it is safe on a directory a run is writing. What is listed is
+`safeckpt.ops.inspect.describe_checkpoints`'s report; this module only presents it.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 from typing import Any, Optional
 
 import click
 
 # this module is imported only when `ls` runs: the training machinery comes with it
-from ..format.checkpoint_dir import Listing, inspect_directory
-from ..training.policy import MODES, best
+from ..ops.inspect import describe_checkpoints
+from ..training.policy import MODES
 from . import output, short_help
 from .output import Column, human_bytes, printable
 
@@ -23,39 +23,11 @@ COLUMNS = (Column("step", right=True), Column("time"), Column("size", right=True
            Column("mark"))
 
 
-def describe(directory: str, monitor: Optional[str] = None, mode: Optional[str] = None) -> dict[str, Any]:
-    """Everything `ls` shows, as a JSON-able dict.
-
-    The best checkpoint is ranked by `monitor` and `mode`, by default those the
-    newest checkpoint's manager recorded (none: no best is marked).
-
-    >>> describe("checkpoints")["latest"]
-    1200
-    """
-    listing: Listing = inspect_directory(directory)
-    monitor = monitor or listing.monitor
-    mode = mode or listing.mode
-    found = best(listing.checkpoints, monitor, mode) if monitor else None
-    latest = listing.checkpoints[-1] if listing.checkpoints else None
-    return {
-        "directory": directory,
-        "monitor": monitor, "mode": mode if monitor else None,
-        "latest": latest.step if latest else None,
-        "best": found.step if found else None,
-        "checkpoints": [{"step": info.step, "time": info.time, "size": info.size, "path": info.path,
-                         "metrics": {key: _json_number(value) for key, value in info.metrics.items()},
-                         "latest": info is latest, "best": info is found}
-                        for info in listing.checkpoints],
-        "damaged": [{"step": bad.step, "path": bad.path, "error": output.one_line(str(bad.error))}
-                    for bad in listing.damaged],
-    }
-
-
-def _json_number(value):
-    """NaN and infinities as strings: --json prints standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
+def presented(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as the CLI shows it: each damaged checkpoint's error on one line."""
+    for bad in report["damaged"]:
+        bad["error"] = output.one_line(bad["error"])
+    return report
 
 
 def _row(entry: dict) -> list[str]:
@@ -96,7 +68,7 @@ def command(directory: str, monitor: Optional[str], mode: Optional[str], as_json
       safeckpt ls s3://bucket/run --json
     """
     try:
-        report = describe(directory, monitor, mode)
+        report = presented(describe_checkpoints(directory, monitor, mode))
     except Exception as exc:  # noqa: BLE001 - every failure is a one-line message
         output.fail_with(exc, directory, directory=directory)
     if not as_json:

@@ -36,7 +36,7 @@ step directory without one is a partial save (listed apart, never restored), one
 whose manifest is damaged is `Damaged` (listed apart, never deleted). Ordering is by
 the step inside the manifest, never by the name. How bytes reach the directory (a
 local rename, an object store's put) is `safeckpt.format.checkpoint_storage`'s; every
-function here reads or writes through such a storage.
+function here reads through such a storage, and `safeckpt.sinks.checkpoint` writes through one.
 
 >>> listing = inspect_directory("checkpoints")
 >>> [info.step for info in listing.checkpoints], [bad.step for bad in listing.damaged]
@@ -47,22 +47,17 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from .._version import __version__
 from ..errors import CheckpointError, IntegrityError, SafeckptError
-from . import integrity
-from .checkpoint_storage import TEMP_PREFIX, Staging, Storage, open_directory
+from .checkpoint_storage import TEMP_PREFIX, Storage, open_directory
 from .dtypes import DTYPES, storage_dtype
-from .integrity import HASH, HashingWriter, check_file, decode_manifest, encode_manifest, hash_bytes
+from .integrity import HASH, check_file, decode_manifest
 from .reader import parse_bytes_header, to_logical
-from .writer import header_for, layout, prepare, write_stream
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
@@ -145,6 +140,25 @@ def by_step(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda info: (info.step, info.time, info.path))
 
 
+def ranked_best(infos: Iterable[CheckpointInfo], monitor: str, mode: str = "min") -> list[CheckpointInfo]:
+    """Checkpoints with a (non-NaN) value of `monitor`, best first; ties go to the later step."""
+    scored = [(info.score(monitor), info) for info in infos]
+    scored = [(value, info) for value, info in scored if value is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    scored.sort(key=lambda pair: (sign * pair[0], -pair[1].step, -pair[1].time))
+    return [info for _, info in scored]
+
+
+def best(infos: Iterable[CheckpointInfo], monitor: str, mode: str = "min") -> Optional[CheckpointInfo]:
+    """The best checkpoint by `monitor` (NaN and missing values never count), or None.
+
+    >>> best([CheckpointInfo(1, 0.0, {"loss": 0.5}), CheckpointInfo(2, 0.0, {"loss": float("nan")})], "loss").step
+    1
+    """
+    ranked = ranked_best(infos, monitor, mode)
+    return ranked[0] if ranked else None
+
+
 @dataclass(frozen=True)
 class Damaged:
     """A directory named like a checkpoint whose manifest is damaged: never listed, never deleted."""
@@ -221,62 +235,6 @@ def decode_metrics(metrics: Mapping[str, Any]) -> dict:
     """The inverse of `clean_metrics`: the strings for non-finite values become floats again."""
     return {key: _NON_FINITE[value] if isinstance(value, str) and value in _NON_FINITE else value
             for key, value in metrics.items()}
-
-
-def library_versions() -> dict[str, str]:
-    """Versions recorded with each checkpoint: safeckpt, Python, numpy, and torch/jax when loaded."""
-    versions = {"safeckpt": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for module in ("torch", "jax"):
-        if module in sys.modules:
-            versions[module] = str(getattr(sys.modules[module], "__version__", "unknown"))
-    return versions
-
-
-# --- writing ------------------------------------------------------------------------------
-
-def write_checkpoint(staging: Staging, step: int, now: float, metrics: dict, tensors: Mapping[str, Any],
-                     document: dict, monitor: Optional[str] = None, mode: str = "min") -> CheckpointInfo:
-    """Write tensors.safetensors, state.json, then manifest.json into `staging` (not committed
-    here: the caller commits or aborts it). `metrics` come from `clean_metrics`; `monitor` and
-    `mode` are recorded for ranking "best" later. The tensors' bytes are hashed while written.
-
-    >>> staging = storage.begin(checkpoint_name(1200))
-    >>> info = write_checkpoint(staging, 1200, time.time(), {}, {"w": np.zeros(3)}, document)
-    >>> staging.commit()
-    """
-    where = staging.where(TENSORS_FILE)
-    ordered = layout([prepare(name, array, where) for name, array in tensors.items()])
-    metadata = {"step": str(step)}
-    header_size = len(header_for(ordered, metadata))
-    ranges, position = [("", 0, header_size)], header_size
-    for tensor in ordered:
-        ranges.append((tensor.name, position, position + tensor.nbytes))
-        position += tensor.nbytes
-    with staging.open(TENSORS_FILE) as out, HashingWriter(out, ranges, whole_file=False) as writer:
-        write_stream(ordered, writer, metadata)
-    hashes = writer.range_hashes()
-    tensors_entry = {
-        "size": writer.size, HASH: writer.hexdigest(), "hashed": integrity.RANGES,
-        "header": {"range": [0, header_size], HASH: hashes[0]},
-        "tensors": {name: {"range": [begin, end], HASH: digest}
-                    for (name, begin, end), digest in zip(ranges[1:], hashes[1:])},
-    }
-    versions = library_versions()
-    state_bytes = json.dumps({"format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION, "step": step,
-                              "time": now, "metrics": metrics, "versions": versions, "state": document},
-                             ensure_ascii=False, allow_nan=False).encode("utf-8")
-    with staging.open(STATE_FILE) as out:
-        out.write(state_bytes)
-    files = {TENSORS_FILE: tensors_entry, STATE_FILE: {"size": len(state_bytes), HASH: hash_bytes(state_bytes)}}
-    manifest = encode_manifest({
-        "format": integrity.MANIFEST_FORMAT, "schema_version": integrity.MANIFEST_SCHEMA_VERSION,
-        "step": step, "time": now, "metrics": metrics,
-        "monitor": {"name": monitor, "mode": mode} if monitor else None, "versions": versions, "hash": HASH,
-        "files": files})
-    with staging.open(MANIFEST_FILE) as out:
-        out.write(manifest)
-    size = len(manifest) + sum(entry["size"] for entry in files.values())
-    return CheckpointInfo(step, now, decode_metrics(metrics), staging.final, size)
 
 
 # --- listing ------------------------------------------------------------------------------
@@ -403,8 +361,7 @@ def check_checkpoint(storage: Storage, info: CheckpointInfo, manifest: Mapping[s
                 with storage.mapped(name, filename) as data:
                     check_file(data, manifest["files"][filename], path)
             except FileNotFoundError:
-                raise IntegrityError("is missing; the checkpoint is incomplete: restore another step",
-                                     path=path) from None
+                raise missing_file(path) from None
     except (SafeckptError, OSError) as exc:
         return CheckpointCheck(info.step, info.path, False, str(exc), type(exc).__name__,
                                getattr(exc, "path", None) or getattr(exc, "filename", None),
@@ -412,15 +369,20 @@ def check_checkpoint(storage: Storage, info: CheckpointInfo, manifest: Mapping[s
     return CheckpointCheck(info.step, info.path, True)
 
 
+def missing_file(path: str) -> IntegrityError:
+    """The error for a file the manifest records that is gone from the checkpoint."""
+    return IntegrityError("is missing; the checkpoint is incomplete: restore another step", path=path)
+
+
 def _read(read, name: str, filename: str, path: str):
     try:
         return read(name, filename)
     except FileNotFoundError:
-        raise IntegrityError("is missing; the checkpoint is incomplete: restore another step", path=path) from None
+        raise missing_file(path) from None
 
 
 __all__ = ["TENSORS_FILE", "STATE_FILE", "MANIFEST_FILE", "OUR_FILES", "STATE_FORMAT", "STATE_SCHEMA_VERSION",
            "CHECKPOINT_PREFIX", "STEP_DIGITS", "checkpoint_name", "step_from_name", "is_temporary_name",
            "directory_name", "CheckpointInfo", "by_step", "Damaged", "Listing", "CheckpointCheck", "clean_metrics",
-           "decode_metrics", "library_versions", "write_checkpoint", "list_directory", "inspect_directory",
-           "is_committed", "read_checkpoint", "check_checkpoint"]
+           "decode_metrics", "ranked_best", "best", "list_directory", "inspect_directory",
+           "is_committed", "read_checkpoint", "check_checkpoint", "missing_file"]

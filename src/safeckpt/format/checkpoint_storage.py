@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import CheckpointError, LockedError
 from .storage import PreadStorage, open_storage as open_file_storage
-from .writer import fsync_directory
+from .atomic import fsync_directory
 
 LOCK_FILE = ".safeckpt.lock"
 # A checkpoint is written (and deleted) under a temporary sibling name: ``.tmp-<name>-<hex>``.

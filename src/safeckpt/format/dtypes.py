@@ -9,7 +9,7 @@ Sub-byte types:
   low nibble. numpy (through ``ml_dtypes.float4_e2m1fn``) holds one value per
   byte, so F4 is unpacked on read and packed on write.
 - ``F6_E2M3`` / ``F6_E3M2`` have no packed numpy type; they are read as their
-  raw bytes (``uint8``) and the dtype is reported in `TensorInfo`.
+  raw bytes (``uint8``) and the dtype is reported in the header entry (`HeaderEntry`).
 
 ``ml_dtypes`` takes a second or more to import, so it is imported the first
 time one of its types is asked for (`DType.numpy` of BF16, F8_*, F4), never

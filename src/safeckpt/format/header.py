@@ -57,7 +57,7 @@ METADATA_KEY = "__metadata__"
 TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
 
-class TensorInfo(NamedTuple):
+class HeaderEntry(NamedTuple):
     """What the header says of one tensor: dtype name, shape, and byte span.
 
     A named tuple: files may hold hundreds of thousands of these, and a tuple
@@ -81,14 +81,14 @@ class TensorInfo(NamedTuple):
 class Header:
     """A parsed, validated header. `tensors` is in file order (by offset)."""
 
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, HeaderEntry]
     metadata: Optional[dict[str, str]]
     data_start: int  # absolute file offset of the data buffer
     data_size: int = field(default=0)
 
 
 # What a header says: the tensors in offset order, and the metadata.
-TensorsAndMetadata = tuple[dict[str, TensorInfo], Optional[dict[str, str]]]
+TensorsAndMetadata = tuple[dict[str, HeaderEntry], Optional[dict[str, str]]]
 
 
 # --- parsing ------------------------------------------------------------------
@@ -173,7 +173,7 @@ def _decode(raw: bytes, path) -> str:
 # Hugging Face's writer and ours emit compact JSON: ``__metadata__`` (if any) first, then
 # entries with the fields in the order dtype, shape, data_offsets, in offset order. For a
 # header of a million tensors, json.loads builds ~600 MB of dicts and lists in seconds
-# before any check runs; matching that layout entry by entry and making each TensorInfo
+# before any check runs; matching that layout entry by entry and making each HeaderEntry
 # directly takes a fraction of the time and memory. The match accepts only a subset of what
 # the general path accepts (no escapes in names, no whitespace, integers of at most 19
 # digits, which serde_json and Python both read as the same integer) and makes the same
@@ -204,7 +204,7 @@ def _read_canonical(text: str, data_size: int, path) -> Optional[TensorsAndMetad
         at = 1
     else:
         return None
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, HeaderEntry] = {}
     kinds: dict[str, Optional[tuple[str, tuple[int, ...], int]]] = {}  # dtype and shape text -> checked
     match, position, position_text, count = _ENTRY.match, 0, "0", 0
     while True:
@@ -220,7 +220,7 @@ def _read_canonical(text: str, data_size: int, path) -> Optional[TensorsAndMetad
         end = int(end_text)
         if end - position != kind[2]:
             return None
-        tensors[name] = TensorInfo(kind[0], kind[1], (position, end))
+        tensors[name] = HeaderEntry(kind[0], kind[1], (position, end))
         position, position_text, count, at = end, end_text, count + 1, entry.end()
         if closing == "}":
             break
@@ -338,7 +338,7 @@ def _check_metadata(metadata: Any, path) -> Optional[dict[str, str]]:
     return metadata
 
 
-def _well_formed_entry(entry: Any) -> Optional[TensorInfo]:
+def _well_formed_entry(entry: Any) -> Optional[HeaderEntry]:
     """The usual, valid, non-empty entry, checked in few steps; None sends it to the full checks.
 
     Accepts nothing the full checks would refuse (the full checks say why).
@@ -361,10 +361,10 @@ def _well_formed_entry(entry: Any) -> Optional[TensorInfo]:
     if (type(begin) is not int or type(end) is not int or begin < 0 or bits % 8
             or end - begin != bits // 8 or count > MAX_DIM or end - begin > MAX_ARRAY_BYTES):
         return None
-    return TensorInfo(dtype.name, tuple(shape), (begin, end))
+    return HeaderEntry(dtype.name, tuple(shape), (begin, end))
 
 
-def _check_entry(name: str, entry: Any, path, check_name: bool = True) -> TensorInfo:
+def _check_entry(name: str, entry: Any, path, check_name: bool = True) -> HeaderEntry:
     if check_name:
         _check_text(name, "the tensor name", path, tensor=name)
     info = _well_formed_entry(entry)
@@ -397,7 +397,7 @@ def _check_entry(name: str, entry: Any, path, check_name: bool = True) -> Tensor
         raise errors.SizeMismatchError(
             f"data_offsets [{begin}, {end}] span {end - begin} bytes but shape {list(shape)} of "
             f"{dtype.name} needs {size}", path=path, tensor=name)
-    return TensorInfo(dtype.name, shape, offsets)
+    return HeaderEntry(dtype.name, shape, offsets)
 
 
 def _check_dtype(value: Any, name: str, path) -> DType:
@@ -474,7 +474,7 @@ def _check_offsets(value: Any, name: str, path) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _check_layout(infos: dict[str, TensorInfo], data_size: int, path) -> dict[str, TensorInfo]:
+def _check_layout(infos: dict[str, HeaderEntry], data_size: int, path) -> dict[str, HeaderEntry]:
     """Tensors sorted by offset must tile the data buffer exactly."""
     ordered = sorted(infos.items(), key=lambda item: item[1].data_offsets)
     position, previous = 0, None

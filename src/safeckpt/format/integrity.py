@@ -29,13 +29,19 @@ detected too (even one that leaves the JSON valid and equal in meaning)::
 by range only (``"hashed": "ranges"``): its header and tensors tile it, so every
 byte is hashed once while it is written, and its ``"blake3"`` is `root_hash` of
 the ranges' hashes.
+
+The hash manifests ``safeckpt verify --write`` puts beside a file are encoded the same
+way; `decode_manifest` reads both kinds (a `ManifestKind` says which, and in what words
+damage is reported), and `compare_hashes` is the one comparison of a file's hashes with
+its entry, wherever they were computed.
 """
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import blake3
 
@@ -174,18 +180,35 @@ def root_hash(range_hashes: Sequence[str]) -> str:
     return hash_bytes("\n".join(range_hashes).encode("ascii"))
 
 
-def first_damaged_range(data, ranges: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
-    """The name of the first range (in file order) whose bytes in `data` no longer
-    match their recorded hash; None if every range matches.
+@dataclass(frozen=True)
+class HashCheck:
+    """What `compare_hashes` found: whether the header differs, the first damaged tensor."""
 
-    `ranges` maps a name to ``{"range": [begin, end], "blake3": hex}``, as in the manifest.
+    header_changed: bool
+    tensor: Optional[str]  # the first tensor, in file order, whose hash differs (hashing stopped there)
+    digests: list[str]  # the hashes compared, in file order: all of them when no tensor differs
+
+
+def compare_hashes(hashes: Iterable[tuple[Optional[str], str]], entry: Mapping[str, Any]) -> HashCheck:
+    """Compare ``(name, hash)`` pairs, in file order, with a manifest entry's: the header
+    (named None) with ``entry["header"]``, each tensor with ``entry["tensors"][name]``.
+
+    `hashes` is consumed lazily and no further than the first tensor that differs. A header
+    that differs does not stop the comparison, so that a damaged tensor can still be named;
+    each caller says which of the two it reports first. The file's own hash (`root_hash` of
+    ``digests`` for a file hashed by ranges) is the caller's to compare.
+
+    >>> compare_hashes([(None, header), ("w", "0" * 64)], entry).tensor
+    'w'
     """
-    view = memoryview(data).cast("B")
-    for name, entry in sorted(ranges.items(), key=lambda item: tuple(item[1]["range"])):
-        begin, end = entry["range"]
-        if end > view.nbytes or hash_bytes(view[begin:end]) != entry[HASH]:
-            return name
-    return None
+    header_changed, digests = False, []
+    for name, digest in hashes:
+        if name is None:
+            header_changed = digest != entry["header"][HASH]
+        elif digest != entry["tensors"][name][HASH]:
+            return HashCheck(header_changed, name, digests)
+        digests.append(digest)
+    return HashCheck(header_changed, None, digests)
 
 
 # --- the manifest ---------------------------------------------------------------------
@@ -199,32 +222,62 @@ def encode_manifest(document: Mapping[str, Any]) -> bytes:
     return prefix + _SELF_HASH_MARK + hash_bytes(prefix).encode("ascii") + _SELF_HASH_END
 
 
-def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
-    """Parse and check a manifest written by `encode_manifest`.
+@dataclass(frozen=True)
+class ManifestKind:
+    """A kind of manifest `decode_manifest` reads: its ``"format"`` and schema version, and
+    what the user reads when one is not intact. The templates may name ``{reason}`` (why
+    the JSON does not parse), ``{found}`` (the ``"format"`` it has) and ``{expected}``.
+    `CHECKPOINT_MANIFEST` is a checkpoint's; `safeckpt.ops.verify.manifest` has the other.
 
-    Raises IntegrityError naming `path` when any byte differs from what was
-    written, or when the file is not one of our manifests.
+    >>> decode_manifest(raw, "model.safetensors.blake3.json", HASH_MANIFEST)["format"]
+    'safeckpt-hashes'
+    """
+
+    format: str
+    schema_version: int
+    incomplete: str  # the closing self-hash is missing or damaged
+    changed: str  # the self-hash does not match the bytes before it
+    not_json: str  # the self-hash matches, and the JSON does not parse
+    not_ours: str  # JSON whose "format" is another
+
+
+# A training checkpoint's manifest.json (see `safeckpt.format.checkpoint_dir`).
+CHECKPOINT_MANIFEST = ManifestKind(
+    MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION,
+    incomplete="is not a complete safeckpt manifest (its closing self-hash is missing or damaged); the checkpoint "
+               "cannot be trusted: restore another step, or move this directory away",
+    changed="its bytes differ from what was written (the self-hash does not match); the checkpoint cannot be "
+            "trusted: restore another step, or move this directory away",
+    not_json="is not valid JSON ({reason}) although its self-hash matches; it was not written by safeckpt: move "
+             "this directory away",
+    not_ours='is not a safeckpt manifest (no "format": {expected!r}); move this directory away')
+
+
+def decode_manifest(raw: bytes, path: str, kind: ManifestKind = CHECKPOINT_MANIFEST) -> dict[str, Any]:
+    """Parse and check a manifest written by `encode_manifest`: its self-hash, its ``"format"``
+    and schema version (those of `kind`); the document without its self-hash.
+
+    Raises IntegrityError naming `path`, in the words of `kind`, when any byte differs from
+    what was written, or when the file is not a manifest of that kind.
+
+    >>> decode_manifest(encode_manifest({"format": "safeckpt-checkpoint", "schema_version": 1}), "m.json")
+    {'format': 'safeckpt-checkpoint', 'schema_version': 1}
     """
     mark = raw.rfind(_SELF_HASH_MARK)
     digest_end = mark + len(_SELF_HASH_MARK) + _HEX_DIGITS
     if mark < 0 or raw[digest_end:] != _SELF_HASH_END:
-        raise IntegrityError("is not a complete safeckpt manifest (its closing self-hash is missing or "
-                             "damaged); the checkpoint cannot be trusted: restore another step, or move "
-                             "this directory away", path=path)
+        raise IntegrityError(kind.incomplete, path=path)
     recorded = raw[mark + len(_SELF_HASH_MARK):digest_end]
     if hash_bytes(raw[:mark]).encode("ascii") != recorded:
-        raise IntegrityError("its bytes differ from what was written (the self-hash does not match); the "
-                             "checkpoint cannot be trusted: restore another step, or move this directory away",
-                             path=path)
+        raise IntegrityError(kind.changed, path=path)
     try:
         document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise IntegrityError(f"is not valid JSON ({exc}) although its self-hash matches; it was not written "
-                             "by safeckpt: move this directory away", path=path) from None
-    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
-        raise IntegrityError(f"is not a safeckpt manifest (no \"format\": {MANIFEST_FORMAT!r}); move this "
-                             "directory away", path=path)
-    check_schema_version(document, MANIFEST_SCHEMA_VERSION, path)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise IntegrityError(kind.not_json.format(reason=exc), path=path) from None
+    found = document.get("format") if isinstance(document, dict) else None
+    if found != kind.format:
+        raise IntegrityError(kind.not_ours.format(found=found, expected=kind.format), path=path)
+    check_schema_version(document, kind.schema_version, path)
     document.pop(SELF_HASH_KEY, None)
     return document
 
@@ -254,36 +307,47 @@ def check_file(data, entry: Mapping[str, Any], path: str) -> None:
         return
     if hash_bytes(view) == entry[HASH]:
         return
-    if "header" in entry and first_damaged_range(view, {"header": entry["header"]}):
-        raise IntegrityError("the safetensors header's bytes differ from the manifest's hash; the file is "
-                             "damaged: restore another step", path=path)
-    tensor = first_damaged_range(view, entry.get("tensors", {}))
-    if tensor is not None:
-        raise IntegrityError("the tensor's bytes differ from the manifest's hash; the file is damaged: "
-                             "restore another step", path=path, tensor=tensor)
-    raise IntegrityError("its bytes differ from the manifest's hash; the file is damaged: restore another step",
-                         path=path)
+    _raise_damage(compare_hashes(_range_hashes(view, _recorded_ranges(entry)), entry), path)
+    raise IntegrityError(_FILE_DAMAGED, path=path)
+
+
+_FILE_DAMAGED = "its bytes differ from the manifest's hash; the file is damaged: restore another step"
 
 
 def _check_by_ranges(view: memoryview, entry: Mapping[str, Any], path: str) -> None:
-    """A file hashed by ranges: each range once (large ones on all cores), the first damaged named."""
-    ranges = [("header", entry["header"])] + list(entry.get("tensors", {}).items())
-    ranges.sort(key=lambda item: tuple(item[1]["range"]))
-    position, digests = 0, []
-    for name, part in ranges:
-        begin, end = part["range"]
+    """A file hashed by ranges that tile it: each range once (large ones on all cores), the first damaged named."""
+    ranges = _recorded_ranges(entry)
+    position = 0
+    for _, (begin, end) in ranges:
         if begin != position or end < begin:
             raise IntegrityError("the manifest's byte ranges do not tile the file; the manifest is not ours "
                                  "or is damaged: restore another step", path=path)
-        digest = hash_bytes(view[begin:end])
-        if digest != part[HASH]:
-            if name == "header":
-                raise IntegrityError("the safetensors header's bytes differ from the manifest's hash; the file "
-                                     "is damaged: restore another step", path=path)
-            raise IntegrityError("the tensor's bytes differ from the manifest's hash; the file is damaged: "
-                                 "restore another step", path=path, tensor=name)
-        digests.append(digest)
         position = end
-    if position != view.nbytes or root_hash(digests) != entry[HASH]:
-        raise IntegrityError("its bytes differ from the manifest's hash; the file is damaged: restore another step",
-                             path=path)
+    check = compare_hashes(_range_hashes(view, ranges), entry)
+    _raise_damage(check, path)
+    if position != view.nbytes or root_hash(check.digests) != entry[HASH]:
+        raise IntegrityError(_FILE_DAMAGED, path=path)
+
+
+def _recorded_ranges(entry: Mapping[str, Any]) -> list[tuple[Optional[str], tuple[int, int]]]:
+    """The header (named None, where recorded) and each tensor with its byte range, in file order."""
+    ranges = [(None, entry["header"])] if "header" in entry else []
+    ranges += entry.get("tensors", {}).items()
+    return [(name, tuple(part["range"])) for name, part in sorted(ranges, key=lambda item: tuple(item[1]["range"]))]
+
+
+def _range_hashes(view: memoryview, ranges: Sequence[tuple[Optional[str], tuple[int, int]]]
+                  ) -> Iterator[tuple[Optional[str], str]]:
+    """(name, hash) of each range, one at a time; a range past the end of the file matches no hash."""
+    for name, (begin, end) in ranges:
+        yield name, hash_bytes(view[begin:end]) if end <= view.nbytes else ""
+
+
+def _raise_damage(check: HashCheck, path: str) -> None:
+    """A checkpoint file's first damage, the header's before a tensor's."""
+    if check.header_changed:
+        raise IntegrityError("the safetensors header's bytes differ from the manifest's hash; the file is "
+                             "damaged: restore another step", path=path)
+    if check.tensor is not None:
+        raise IntegrityError("the tensor's bytes differ from the manifest's hash; the file is damaged: "
+                             "restore another step", path=path, tensor=check.tensor)

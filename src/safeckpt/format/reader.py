@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import errors
 from .dtypes import DTYPES, DType, storage_dtype
-from .header import LENGTH_PREFIX, Header, TensorInfo, check_not_other_format, parse_header, read_length_prefix
+from .header import LENGTH_PREFIX, Header, HeaderEntry, check_not_other_format, parse_header, read_length_prefix
 from .slicing import as_numpy_index, gather, normalize_index
 from .storage import PreadStorage, open_storage, read_exactly
 
@@ -92,7 +92,7 @@ class SafetensorsFile:
     def metadata(self) -> Optional[dict[str, str]]:
         return self.header.metadata
 
-    def info(self, name: str) -> TensorInfo:
+    def info(self, name: str) -> HeaderEntry:
         try:
             return self.header.tensors[name]
         except KeyError:

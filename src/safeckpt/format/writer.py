@@ -1,30 +1,25 @@
-"""Writing safetensors files: streamed, in logical order, atomically.
+"""Tensors as safetensors bytes: checked, described, and laid out in logical order.
 
-The header is built first (every shape and dtype is known up front), then each
-tensor's bytes go straight from its own memory to the file: a C-contiguous
-little-endian array is written as one zero-copy buffer; any other array
-(transposed, Fortran-ordered, strided, big-endian) is written in logical
-order in blocks of at most `BLOCK_BYTES`, so memory stays bounded.
-
-Files are written to a temporary sibling (created with mode 0666 & ~umask,
-like any ordinary file), fsynced, renamed over the target and the directory
-fsynced: a crash or error leaves the old file untouched.
+`prepare` checks a name and a numpy array (or a `RawTensor` of bytes already in
+the file's layout) and describes it for writing; `tensor_chunks` gives its file
+bytes: a C-contiguous little-endian array as one zero-copy buffer, any other
+array (transposed, Fortran-ordered, strided, big-endian) in logical order in
+blocks of at most `BLOCK_BYTES`, so memory stays bounded. Writing files is the
+sink's (`safeckpt.sinks.safetensors`), the one writer.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import os
-import secrets
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
 from .. import errors
 from .dtypes import DTYPES, DType, byte_size, dtype_for_numpy
-from .header import METADATA_KEY, build_header, check_shape, collector_paused, tensor_nbytes
+from .header import METADATA_KEY, check_shape, tensor_nbytes
 
 BLOCK_BYTES = 16 * 1024 * 1024
 
@@ -170,124 +165,3 @@ def pack_f4(values: np.ndarray) -> np.ndarray:
     if nibbles.size % 2:
         raise errors.UnsupportedTensorError(f"F4 packs two values per byte; {nibbles.size} values is odd")
     return (nibbles[0::2] & 0x0F) | ((nibbles[1::2] & 0x0F) << 4)
-
-
-# --- files and bytes ---------------------------------------------------------
-
-def layout(tensors: Iterable[PreparedTensor]) -> list[PreparedTensor]:
-    """Write order: dtype rank descending (wider types first, so all aligned), then name."""
-    return sorted(tensors, key=lambda t: (-t.dtype.rank, t.name))
-
-
-def header_for(ordered: list[PreparedTensor], metadata) -> bytes:
-    header, _ = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in ordered], metadata)
-    return header
-
-
-def serialize(tensors: Iterable[PreparedTensor], metadata=None) -> bytes:
-    """The whole file as bytes."""
-    ordered = layout(tensors)
-    parts: list = [header_for(ordered, metadata)]
-    for tensor in ordered:
-        parts.extend(tensor_chunks(tensor.load()))
-    return b"".join(parts)
-
-
-def write_file(tensors: Iterable[PreparedTensor], path, metadata=None) -> None:
-    """Write a safetensors file atomically: temp file, fsync, rename, fsync dir."""
-    path = os.fspath(path)
-    ordered = layout(tensors)
-    header = header_for(ordered, metadata)
-    with atomic_output(path) as fd, collector_paused():
-        write_all(fd, memoryview(header))
-        for tensor in ordered:
-            for chunk in tensor_chunks(tensor.load()):
-                write_all(fd, chunk)
-
-
-def write_all(fd: int, data: memoryview) -> None:
-    """Write all of `data` to `fd` (os.write may write less than asked)."""
-    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
-
-
-class atomic_output:
-    """Context manager giving a file descriptor whose content replaces `path` on success."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        directory, base = os.path.split(os.path.abspath(path))
-        self.directory = directory
-        self.temp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        self.fd = -1
-
-    def __enter__(self) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self.fd = os.open(self.temp, flags, 0o666)  # the kernel applies the umask
-        except OSError as exc:  # name the folder the user chose, never our temporary name
-            raise errors.OutputNotWritableError(_reason(exc), path=self.directory) from None
-        return self.fd
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                os.fsync(self.fd)
-            os.close(self.fd)
-            if exc_type is None:
-                try:
-                    os.replace(self.temp, self.path)
-                except OSError as exc:
-                    raise errors.OutputNotWritableError(_reason(exc), path=self.path) from None
-                fsync_directory(self.directory)
-        finally:
-            if os.path.exists(self.temp):
-                os.unlink(self.temp)
-
-
-def _reason(exc: OSError) -> str:
-    """"permission denied", "read-only file system", ...: the OS's words without the paths."""
-    return (exc.strerror or str(exc)).lower()
-
-
-def fsync_directory(directory: str) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_stream(tensors: Iterable[PreparedTensor], out, metadata=None) -> int:
-    """Stream a safetensors file into a binary file object; returns the bytes written.
-
-    For destinations that are not local paths (an fsspec file, a socket, a
-    hashing wrapper): the same bytes `write_file` writes, header first, then
-    each tensor straight from its memory. `out` needs only `write`; a short
-    write (raw files) is continued.
-
-    >>> with open("model.safetensors", "wb") as out:
-    ...     write_stream([prepare("w", np.ones(3, np.float32))], out)
-    """
-    ordered = layout(tensors)
-    total = 0
-    with collector_paused():
-        for chunk in _stream_chunks(ordered, header_for(ordered, metadata)):
-            while chunk:
-                written = out.write(chunk)
-                written = chunk.nbytes if written is None else written
-                total += written
-                chunk = chunk[written:]
-    return total
-
-
-def _stream_chunks(ordered: list[PreparedTensor], header: bytes) -> Iterator[memoryview]:
-    yield memoryview(header)
-    for tensor in ordered:
-        for chunk in tensor_chunks(tensor.load()):
-            yield chunk.cast("B") if chunk.format != "B" or chunk.ndim != 1 else chunk

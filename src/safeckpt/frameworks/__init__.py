@@ -39,7 +39,14 @@ def get(framework: str) -> ModuleType:
     if name is None:
         raise errors.FrameworkError(
             f"unknown framework {framework!r}; use one of {', '.join(sorted(ALIASES))}")
-    return importlib.import_module(f"{__name__}.{name}")
+    adapter = _loaded.get(name)
+    if adapter is None:
+        adapter = _loaded[name] = importlib.import_module(f"{__name__}.{name}")
+    return adapter
+
+
+# Adapters imported so far: `get` runs once per tensor saved, and import_module is slow to find one.
+_loaded: dict[str, ModuleType] = {}
 
 
 def require(module: str, framework: str, install: str) -> ModuleType:

@@ -66,10 +66,10 @@ from ..format.storage import open_regular_file
 from ..sources.base import TensorInfo, TensorSource
 from . import cast as casting
 from .destination import check_destination
-from .scan.guard import check_safety, files_read, open_checked
+from .scan.guard import check_safety, open_checked
 from .layout import dropped_ties, tie_groups, transformers_ties
 from .selection import Choice, choose_tensors, first_items, matches, name_globs, tied_names
-from .sink import OutputTensor, destination, parse_size, write_safetensors
+from ..sinks.safetensors import OutputTensor, destination, parse_size, write_safetensors
 
 # --- limits and names --------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def convert(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | str", *
         raise
     hasher: Optional[_SourceHash] = None
     try:
-        scan_report = check_safety(files_read(source), allow_unsafe_structure)
+        scan_report = check_safety(source.files(), allow_unsafe_structure)
         choice = choose_tensors(source, extract=extract, ema=ema, select=select, exclude=exclude)
         aliases = _dropped_ties(source, choice, run_notes)
         plans = _plan_tensors(source, choice, aliases, target, dst, cast_select, cast_exclude)
@@ -495,13 +495,13 @@ class _Outputs:
 
     def tensor(self, plan: _Plan) -> OutputTensor:
         span = None if plan.cast else self.source.file_span(plan.source)
-        in_file = (self.source.path, span[0]) if span is not None and span[1] == plan.nbytes else None
+        in_file = (span.path, span.offset) if span is not None and span.nbytes == plan.nbytes else None
         return OutputTensor(plan.name, plan.dtype, tuple(plan.info.shape), lambda: self._bytes(plan),
                             span=in_file, done=lambda: self.source.release(plan.source))
 
     def _bytes(self, plan: _Plan) -> Iterator[memoryview]:
         """The bytes the file holds for `plan`, in order: cast in blocks if asked."""
-        array = self._read(plan)
+        array = self.source.read_checked(plan.source)
         if plan.cast:
             overflow = underflow = 0
             for block in casting.cast_blocks(array, plan.dtype):
@@ -516,18 +516,6 @@ class _Outputs:
         value = writer.RawTensor(plan.info.dtype, tuple(plan.info.shape), array) \
             if DTYPES[plan.info.dtype].numpy is None else array
         yield from writer.tensor_chunks(value)
-
-    def _read(self, plan: _Plan) -> np.ndarray:
-        array = self.source.read(plan.source)
-        dtype = DTYPES[plan.info.dtype]
-        expected = dtype.numpy if dtype.numpy is not None else np.dtype(np.uint8)
-        if not isinstance(array, np.ndarray) or (dtype.numpy is not None and (
-                tuple(array.shape) != tuple(plan.info.shape) or array.dtype.newbyteorder("<") != expected)):
-            got = f"{array.dtype}{list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
-            raise errors.SourceError(
-                f"the source listed {plan.info.dtype}{list(plan.info.shape)} but gave {got}",
-                path=self.source.path, tensor=plan.source)
-        return array
 
 
 def _digest(hasher: "_SourceHash", path: str) -> str:

@@ -18,8 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .. import errors
 from ..sources.base import TensorSource
-from .scan.guard import files_read
-from .sink import Destination, destination
+from ..sinks.safetensors import Destination, destination
 
 # extensions that promise a pickle (torch.load) or a Lightning checkpoint
 MISLEADING_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -74,7 +73,7 @@ def _identities(inputs: Iterable["os.PathLike | str | TensorSource"]) -> dict[tu
 def _input_files(item: "os.PathLike | str | TensorSource") -> Iterator[str]:
     if isinstance(item, TensorSource):
         yield item.path
-        yield from files_read(item)
+        yield from item.files()
         return
     path = os.fspath(item)
     yield path

@@ -6,11 +6,13 @@ executes. The report: totals, the tensors (repeated layers folded, see
 `layout`), parameters per module and per dtype, metadata, the non-tensor tree
 of a checkpoint (epoch, hyper-parameters), the scan verdict of pickle-based
 files, and for a sharded model every shard at once. It is JSON-able; the CLI
-only presents it.
+only presents it. `describe_checkpoints` is the same for a CheckpointManager
+directory: its committed and damaged checkpoints, read from their manifests.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -264,3 +266,46 @@ def _module(module: Any, total: int) -> dict[str, Any]:
     if module.children:
         entry["children"] = [_module(child, total) for child in module.children]
     return entry
+
+
+# --- a CheckpointManager directory ------------------------------------------------------
+
+def describe_checkpoints(directory: str, monitor: Optional[str] = None, mode: Optional[str] = None
+                         ) -> dict[str, Any]:
+    """Everything `ls` shows of a CheckpointManager directory (a local path or an fsspec URL),
+    as a JSON-able dict: its committed checkpoints, oldest step first, and its damaged ones.
+
+    Only manifests are read (nothing is hashed), and nothing is locked, created or
+    changed. The best checkpoint is the one `format.checkpoint_dir.best` picks (the ranking
+    the manager's retention uses), by default by the `monitor` and `mode` the newest
+    checkpoint's manager recorded (none: no best is marked). Metrics that are NaN or
+    infinite are the strings "NaN", "Infinity" and "-Infinity": standard JSON.
+
+    >>> describe_checkpoints("checkpoints")["latest"]
+    1200
+    """
+    from ..format.checkpoint_dir import best, inspect_directory
+
+    listing = inspect_directory(directory)
+    monitor = monitor or listing.monitor
+    mode = mode or listing.mode
+    found = best(listing.checkpoints, monitor, mode) if monitor else None
+    latest = listing.checkpoints[-1] if listing.checkpoints else None
+    return {
+        "directory": directory,
+        "monitor": monitor, "mode": mode if monitor else None,
+        "latest": latest.step if latest else None,
+        "best": found.step if found else None,
+        "checkpoints": [{"step": info.step, "time": info.time, "size": info.size, "path": info.path,
+                         "metrics": {key: _json_number(value) for key, value in info.metrics.items()},
+                         "latest": info is latest, "best": info is found}
+                        for info in listing.checkpoints],
+        "damaged": [{"step": bad.step, "path": bad.path, "error": str(bad.error)} for bad in listing.damaged],
+    }
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinities as strings, so that the report is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value

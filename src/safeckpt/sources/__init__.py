@@ -4,7 +4,7 @@
 is the restricted pickle machine that every pickle-based format goes through.
 """
 
-from .base import TensorInfo, TensorSource
+from .base import FileSpan, TensorInfo, TensorSource
 from .detect import open_source
 
-__all__ = ["open_source", "TensorSource", "TensorInfo"]
+__all__ = ["open_source", "TensorSource", "TensorInfo", "FileSpan"]

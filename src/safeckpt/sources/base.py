@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from .. import errors
+from ..format.dtypes import DTYPES
 from ..format.storage import open_regular
 from .pickle_vm import HugeInt, Placeholder, PlaceholderCall, TorchDType, TorchStorageType, brief
 
@@ -58,6 +59,15 @@ class TensorInfo(NamedTuple):
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+class FileSpan(NamedTuple):
+    """Where a tensor's bytes lie in a regular file exactly as a safetensors file stores
+    them (C order, little-endian): ``nbytes`` bytes from ``offset`` of ``path``."""
+
+    path: str
+    offset: int
+    nbytes: int
 
 
 class TensorSource(abc.ABC):
@@ -128,13 +138,46 @@ class TensorSource(abc.ABC):
         fp8, fp4 unpacked); F6 tensors come as their packed bytes (uint8).
         """
 
-    def file_span(self, name: str) -> Optional[tuple[int, int]]:
-        """``(offset, nbytes)`` of the tensor in the file at `path` when the bytes there are
-        exactly what a safetensors file stores for it (C order, little-endian), else None.
+    def read_checked(self, name: str) -> np.ndarray:
+        """`read(name)`, checked against what `infos` lists for it: a numpy array of the
+        listed shape and dtype (any byte order); for dtypes numpy cannot hold (F6, read as
+        packed bytes), any array. Ops that write what they read use this, so that a source
+        whose parser disagrees with its own listing fails here, not in the output.
+
+        >>> src.read_checked("encoder.weight").shape
+        (768, 768)
+        """
+        array = self.read(name)
+        info = self.infos[name]
+        expected = DTYPES[info.dtype].numpy
+        if not isinstance(array, np.ndarray) or (expected is not None and (
+                tuple(array.shape) != tuple(info.shape)
+                or array.dtype.newbyteorder("<") != expected.newbyteorder("<"))):
+            got = f"{array.dtype}{list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise errors.SourceError(f"the source listed {info.dtype}{list(info.shape)} but gave {got}",
+                                     path=self.path, tensor=name)
+        return array
+
+    def file_span(self, name: str) -> Optional[FileSpan]:
+        """Where the tensor's bytes lie in a file exactly as a safetensors file stores them
+        (C order, little-endian), else None. The file is one of `files()`: a shard's file for
+        a sharded checkpoint.
 
         Lets a conversion copy the bytes file to file in the kernel.
+
+        >>> src.file_span("encoder.weight")
+        FileSpan(path='model.safetensors', offset=1024, nbytes=2359296)
         """
         return None
+
+    def files(self) -> list[str]:
+        """The files the tensors are read from: each shard's file for a sharded checkpoint,
+        else the source's own file. What the scan checks before an op writes from a source.
+
+        >>> open_source("llama/model.safetensors.index.json").files()
+        ['/models/llama/model-00001-of-00002.safetensors', '/models/llama/model-00002-of-00002.safetensors']
+        """
+        return [self.path]
 
     def release(self, name: str) -> None:
         """A hint that `name`'s bytes are no longer needed (mapped pages may be dropped).

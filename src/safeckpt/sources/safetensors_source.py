@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from ..format.reader import SafetensorsFile
-from .base import TensorInfo, TensorSource
+from .base import FileSpan, TensorInfo, TensorSource
 
 
 class HeaderInfos(Mapping):
@@ -58,9 +58,9 @@ class SafetensorsSource(TensorSource):
         array.flags.writeable = False
         return array
 
-    def file_span(self, name: str) -> Optional[tuple[int, int]]:
-        info = self.file.header.tensors[name]
-        return self.file.header.data_start + info.data_offsets[0], info.nbytes
+    def file_span(self, name: str) -> Optional[FileSpan]:
+        entry = self.file.header.tensors[name]
+        return FileSpan(self.path, self.file.header.data_start + entry.data_offsets[0], entry.nbytes)
 
     def release(self, name: str) -> None:
         if name in self.file.header.tensors:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import errors
 from ..format.storage import open_regular_file
-from .base import TensorInfo, TensorSource
+from .base import FileSpan, TensorInfo, TensorSource
 
 # An index is a small JSON file; anything larger is not one.
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -119,6 +119,14 @@ class ShardedSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         self[name]
         return self._shard_of[name].read(name)
+
+    def file_span(self, name: str) -> Optional[FileSpan]:
+        self[name]
+        return self._shard_of[name].file_span(name)
+
+    def files(self) -> list[str]:
+        """Each shard's file, in shard order; an index that names no shard reads only itself."""
+        return [shard.path for shard in self.shards.values()] or [self.path]
 
     def release(self, name: str) -> None:
         shard = self._shard_of.get(name)

@@ -39,7 +39,7 @@ import numpy as np
 from .. import errors
 from ..format.dtypes import DTYPES, dtype_for_numpy
 from . import pickle_vm
-from .base import TensorInfo, TensorSource, describe_object, flatten, map_file, unmap
+from .base import FileSpan, TensorInfo, TensorSource, describe_object, flatten, map_file, unmap
 from .pickle_vm import StorageRef, TensorRef, TorchDType, brief
 from .zip_archive import ZipArchive
 
@@ -196,7 +196,7 @@ class PickleSource(TensorSource):
             array.flags.writeable = False
         return array
 
-    def file_span(self, name: str) -> Optional[tuple[int, int]]:
+    def file_span(self, name: str) -> Optional[FileSpan]:
         obj = self._objects.get(name)
         if self._mapping is None or self._byteorder != "little" or not isinstance(obj, TensorRef) \
                 or not isinstance(obj.storage, StorageRef):
@@ -216,7 +216,7 @@ class PickleSource(TensorSource):
         start = obj.storage_offset * itemsize
         if record is None or start + info.nbytes > record[1] - record[0]:
             return None
-        return record[0] + start, info.nbytes
+        return FileSpan(self.path, record[0] + start, info.nbytes)
 
     def release(self, name: str) -> None:
         """Drop the mapped pages of a tensor's storage (they are re-read if needed again)."""

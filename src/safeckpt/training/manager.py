@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from ..errors import CheckpointError, CheckpointNotFoundError, IntegrityError, SafeckptError
-from ..format.checkpoint_dir import (OUR_FILES, CheckpointCheck, CheckpointInfo, Listing, check_checkpoint,
+from ..format.checkpoint_dir import (OUR_FILES, CheckpointCheck, CheckpointInfo, Listing, best, check_checkpoint,
                                      checkpoint_name, clean_metrics, directory_name, is_committed, list_directory,
-                                     read_checkpoint, write_checkpoint)
+                                     read_checkpoint)
 from ..format.checkpoint_storage import open_directory
-from .policy import (Retention, Schedule, best, check_step, partials_to_remove, should_save,
+from ..sinks.checkpoint import write_checkpoint
+from .policy import (Retention, Schedule, check_step, partials_to_remove, should_save,
                      temporaries_to_remove, to_delete)
 from .state import join_state, snapshot, split_state
 

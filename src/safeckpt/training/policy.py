@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Collection, Iterable, Mapping, Optional, Sequence
 
 from ..errors import CheckpointError
-from ..format.checkpoint_dir import CheckpointInfo, by_step, is_temporary_name, step_from_name
+from ..format.checkpoint_dir import CheckpointInfo, by_step, is_temporary_name, ranked_best, step_from_name
 
 MODES = ("min", "max")
 
@@ -107,25 +107,6 @@ class Retention:
             raise CheckpointError(
                 f"keep_best={self.keep_best} needs the metric to rank by: pass monitor='val_loss' "
                 "(or the name you give in save(..., metrics=...)) and mode='min' or 'max'")
-
-
-def ranked_best(infos: Iterable[CheckpointInfo], monitor: str, mode: str = "min") -> list[CheckpointInfo]:
-    """Checkpoints with a (non-NaN) value of `monitor`, best first; ties go to the later step."""
-    scored = [(info.score(monitor), info) for info in infos]
-    scored = [(value, info) for value, info in scored if value is not None]
-    sign = 1.0 if mode == "min" else -1.0
-    scored.sort(key=lambda pair: (sign * pair[0], -pair[1].step, -pair[1].time))
-    return [info for _, info in scored]
-
-
-def best(infos: Iterable[CheckpointInfo], monitor: str, mode: str = "min") -> Optional[CheckpointInfo]:
-    """The best checkpoint by `monitor` (NaN and missing values never count), or None.
-
-    >>> best([CheckpointInfo(1, 0.0, {"loss": 0.5}), CheckpointInfo(2, 0.0, {"loss": float("nan")})], "loss").step
-    1
-    """
-    ranked = ranked_best(infos, monitor, mode)
-    return ranked[0] if ranked else None
 
 
 def to_keep(infos: Sequence[CheckpointInfo], retention: Retention,

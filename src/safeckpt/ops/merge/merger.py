@@ -2,7 +2,7 @@
 
 The math of each method is in `merge_methods`; this module opens the inputs,
 decides what each output tensor is made of, and streams the results through the
-safetensors sink (`ops.sink`), one tensor and one block of it at a time.
+safetensors sink (`sinks.safetensors`), one tensor and one block of it at a time.
 
 Inputs
     Any format `open_source` reads, mixed freely. Each is scanned first, like a
@@ -100,10 +100,10 @@ from ...sources.base import TensorInfo, TensorSource
 from .. import cast as casting
 from . import methods as mm
 from ..destination import check_destination
-from ..scan.guard import check_safety, files_read, open_checked
+from ..scan.guard import check_safety, open_checked
 from ..layout import tie_groups
 from ..selection import choose_tensors, first_items, tied_names
-from ..sink import OutputTensor, write_safetensors
+from ...sinks.safetensors import OutputTensor, write_safetensors
 
 __all__ = ["merge", "MergeReport", "METHODS", "DEFAULT_DENSITY"]
 
@@ -335,7 +335,7 @@ class _Input:
         else:
             source = open_checked(src, allow_unsafe, "merge")
             opened.append(source)
-        report = check_safety(files_read(source), allow_unsafe, "merge")
+        report = check_safety(source.files(), allow_unsafe, "merge")
         if report is not None:
             verdicts[source.path] = report.verdict
             if report.verdict != "safe":
@@ -526,17 +526,11 @@ def _metadata(spec: _Spec, inputs: list[_Input], base: Optional[_Input], target:
 
 def _file_span(source: TensorSource, name: str) -> Optional[tuple[str, int]]:
     """``(path, offset)`` of a regular file holding the tensor's bytes as safetensors stores
-    them, looking into the shards of a sharded checkpoint; None where there is none."""
-    shards = getattr(source, "shards", None)
-    if isinstance(shards, dict):
-        for shard in shards.values():
-            if name in shard.infos:
-                return _file_span(shard, name)
-        return None
+    them (a shard's file for a sharded checkpoint); None where there is none."""
     span = source.file_span(name)
-    if span is None or span[1] != source.infos[name].nbytes or not os.path.isfile(source.path):
+    if span is None or span.nbytes != source.infos[name].nbytes or not os.path.isfile(span.path):
         return None
-    return source.path, span[0]
+    return span.path, span.offset
 
 
 class _Reader:
@@ -554,12 +548,7 @@ class _Reader:
         self.flat: Optional[np.ndarray] = None
         self.array: Optional[np.ndarray] = None
         if self.fd is None:  # read on the calling thread: sources need not be thread-safe
-            array = source.read(member.name)
-            if not isinstance(array, np.ndarray) or tuple(array.shape) != tuple(info.shape) \
-                    or array.dtype.newbyteorder("<") != self.dtype.newbyteorder("<"):
-                got = f"{array.dtype}{list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
-                raise errors.SourceError(f"the source listed {info.dtype}{list(info.shape)} but gave {got}",
-                                         path=source.path, tensor=member.name)
+            array = source.read_checked(member.name)
             self.array = array
             self.flat = array.reshape(-1) if array.flags.c_contiguous else None
 
@@ -802,7 +791,7 @@ class _Run:
         if len(plan.members) > 1 and not _mergeable(first.info.dtype) and DTYPES[first.info.dtype].numpy is not None:
             yield from self._compared(plan)
             return
-        value = first.input.source.read(first.name)
+        value = first.input.source.read_checked(first.name)
         if DTYPES[first.info.dtype].numpy is None:
             value = writer.RawTensor(first.info.dtype, tuple(first.info.shape), value)
         yield from writer.tensor_chunks(value)

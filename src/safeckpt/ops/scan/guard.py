@@ -3,7 +3,7 @@
 Reading a file never executes it (the sources see to that); this gate is about
 not laundering a hostile file into a clean-looking output. Every op that
 writes model weights (convert, cast, merge) opens its inputs with
-`open_checked` and passes `check_safety` over `files_read(source)`: a file
+`open_checked` and passes `check_safety` over `source.files()`: a file
 the scan finds malicious is refused with `UnsafeFileError` before anything is
 written, unless the caller allows it (``--allow-unsafe-structure``).
 """
@@ -30,12 +30,6 @@ def open_checked(path: "os.PathLike | str", allow_unsafe: bool, action: str = "c
         if os.path.isfile(path):
             check_safety([path], allow_unsafe, action)
         raise
-
-
-def files_read(source: TensorSource) -> list[str]:
-    """The files a source reads: each shard of a sharded checkpoint, else its own path."""
-    shards = getattr(source, "shards", None)
-    return [shard.path for shard in shards.values()] if isinstance(shards, dict) and shards else [source.path]
 
 
 def check_safety(paths: list[str], allow: bool, action: str = "convert"):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ... import errors
 from ...format.dtypes import dtype_for_numpy
-from ...format.integrity import HASH, RANGES, new_hasher, root_hash
+from ...format.integrity import HASH, RANGES, compare_hashes, new_hasher, root_hash
 from ...format.reader import SafetensorsFile
 from ...format.storage import open_regular_file
 from ...format.writer import tensor_chunks
@@ -98,12 +98,12 @@ def _source_spans(source: TensorSource, size: int) -> dict[str, Optional[tuple[i
     spans: dict[str, Optional[tuple[int, int]]] = {}
     for name in source.infos:
         span = source.file_span(name)
-        if span is None:
+        if span is None or span.path != source.path:  # not in this file (a sharded index's shard)
             source.read(name)
             source.release(name)
             spans[name] = None
             continue
-        offset, nbytes = span
+        _, offset, nbytes = span
         if offset < 0 or nbytes < 0 or offset + nbytes > size:
             raise errors.SourceError(f"the tensor's bytes [{offset}, {offset + nbytes}) run past the end of the "
                                      f"file ({size:,} bytes): it is truncated", path=source.path, tensor=name)
@@ -160,15 +160,16 @@ def check_entry(layout: FileLayout, entry: Mapping[str, Any], meter: Meter, advi
     if whole == entry[HASH] and not resized:
         return
     meter.expect(_tensor_bytes(layout), extra=True)
-    for name, _, digest in _tensor_digests(layout, meter):
-        if digest != recorded[name][HASH]:
-            raise _damaged(path, name, resized, advice)
+    damaged = compare_hashes(((name, digest) for name, _, digest in _tensor_digests(layout, meter)), entry).tensor
+    if damaged is not None:
+        raise _damaged(path, damaged, resized, advice)
     raise errors.IntegrityError(f"its bytes differ from the manifest's hash{resized} outside the tensors' values "
                                 "(its pickle, archive records or metadata changed)" + advice, path=path)
 
 
 def check_ranges(layout: FileLayout, entry: Mapping[str, Any], meter: Meter, advice: str) -> None:
-    """A safetensors file, range by range in file order (as `integrity` hashes a checkpoint's tensors).
+    """A safetensors file, range by range in file order (as `integrity` hashes a checkpoint's tensors),
+    the ranges as its header lays them out; a damaged tensor is named before a changed header.
 
     >>> with open_layout("tensors.safetensors") as layout:
     ...     check_ranges(layout, manifest["files"]["tensors.safetensors"], Meter(None), "; restore another step")
@@ -179,19 +180,15 @@ def check_ranges(layout: FileLayout, entry: Mapping[str, Any], meter: Meter, adv
     _compare_tensor_names(layout, entry.get("tensors", {}), advice)
     resized = _resized(layout, entry)
     names, ranges = layout.ranges()
-    digests, header_changed = [], False
-    for name, digest in zip(names, range_digests(layout.data, ranges, meter, layout.path)):
-        if name is None:
-            header_changed = digest != entry["header"][HASH]
-        elif digest != entry["tensors"][name][HASH]:
-            raise _damaged(layout.path, name, resized, advice,
-                           " (its header differs from the manifest's too)" if header_changed else "")
-        digests.append(digest)
-    if header_changed:
+    check = compare_hashes(zip(names, range_digests(layout.data, ranges, meter, layout.path)), entry)
+    if check.tensor is not None:
+        raise _damaged(layout.path, check.tensor, resized, advice,
+                       " (its header differs from the manifest's too)" if check.header_changed else "")
+    if check.header_changed:
         raise errors.IntegrityError(f"its header (tensor names, dtypes, shapes, offsets or __metadata__) differs "
                                     f"from the manifest's hash{resized}, while every tensor's bytes match" + advice,
                                     path=layout.path)
-    if resized or root_hash(digests) != entry[HASH]:
+    if resized or root_hash(check.digests) != entry[HASH]:
         raise errors.IntegrityError(f"its bytes differ from the manifest's hash{resized}" + advice, path=layout.path)
 
 

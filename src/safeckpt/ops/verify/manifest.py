@@ -10,8 +10,8 @@
 (A training checkpoint has its ``manifest.json`` already, written by each save: see
 `safeckpt.format.checkpoint_dir`.) Manifests are JSON as `safeckpt.format.integrity.encode_manifest`
 writes it: one member a line, ending with the hash of every byte before it, so an edited
-manifest is detected (here by encoding the parsed document again: any byte that differs
-from what safeckpt wrote shows)::
+manifest is detected (`safeckpt.format.integrity.decode_manifest` reads both kinds: any byte
+that differs from what safeckpt wrote shows)::
 
     {
      "format": "safeckpt-hashes",
@@ -39,7 +39,6 @@ again on write, and on check only when the file's hash differs, to name the tens
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -47,9 +46,9 @@ from typing import Any, Mapping, Optional
 
 from ... import errors
 from ...format.storage import open_regular_file
-from ...format.writer import atomic_output, write_all
+from ...format.atomic import atomic_output, write_all
 from ...sources.sharded import find_index
-from ...format.integrity import HASH, RANGES, SELF_HASH_KEY, check_schema_version, encode_manifest
+from ...format.integrity import HASH, RANGES, ManifestKind, decode_manifest, encode_manifest
 
 MANIFEST_SUFFIX = ".blake3.json"
 MANIFEST_FORMAT = "safeckpt-hashes"
@@ -58,6 +57,12 @@ MANIFEST_SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_EDITED = ("its bytes differ from what safeckpt wrote (its self-hash does not match): the manifest was edited or "
+           "damaged; write it again with `safeckpt verify --write` from a copy you trust")
+# What `decode_manifest` says of a manifest beside a file: any damage is an edit, whatever byte changed.
+HASH_MANIFEST = ManifestKind(MANIFEST_FORMAT, MANIFEST_SCHEMA_VERSION, incomplete=_EDITED, changed=_EDITED,
+                             not_json=_EDITED,
+                             not_ours="is not a safeckpt hash manifest (its format is {found!r}, not {expected!r})")
 
 
 def manifest_path(path: "os.PathLike | str") -> str:
@@ -95,8 +100,8 @@ def load_manifest(path: "os.PathLike | str") -> Optional[dict]:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise errors.IntegrityError(f"is larger than {MAX_MANIFEST_BYTES:,} bytes: not a safeckpt manifest",
                                     path=path)
-    document = _decode(raw, path)
-    _check_document(document, path)
+    document = decode_manifest(raw, path, HASH_MANIFEST)
+    _check_files(document, path)
     return document
 
 
@@ -132,35 +137,11 @@ def entry_ok(entry: Mapping[str, Any]) -> bool:
     return all(isinstance(part, dict) and _is_hex(part.get(HASH)) for part in parts)
 
 
-def _decode(raw: bytes, path: str) -> dict:
-    """The document, if `raw` is exactly what `encode_manifest` writes for it."""
-    edited = errors.IntegrityError("its bytes differ from what safeckpt wrote (its self-hash does not match): "
-                                   "the manifest was edited or damaged; write it again with `safeckpt verify "
-                                   "--write` from a copy you trust", path=path)
-    try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise edited from None
-    if not isinstance(document, dict) or list(document)[-1:] != [SELF_HASH_KEY]:
-        raise edited
-    del document[SELF_HASH_KEY]
-    try:
-        again = encode_manifest(document)
-    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
-        raise edited from None
-    if again != raw:
-        raise edited
-    return document
-
-
-def _check_document(document: dict, path: str) -> None:
-    """The manifest's shape: what reading it relies on, with a clear error for anything else."""
+def _check_files(document: dict, path: str) -> None:
+    """The manifest's files: what reading it relies on, with a clear error for anything else."""
     def malformed(detail: str) -> errors.IntegrityError:
         return errors.IntegrityError(f"is not a safeckpt hash manifest ({detail})", path=path)
 
-    if document.get("format") != MANIFEST_FORMAT:
-        raise malformed(f"its format is {document.get('format')!r}, not {MANIFEST_FORMAT!r}")
-    check_schema_version(document, MANIFEST_SCHEMA_VERSION, path)
     files = document.get("files")
     if not isinstance(files, dict) or not files:
         raise malformed("no files")
@@ -180,5 +161,5 @@ def _is_hex(value: Any) -> bool:
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
 
 
-__all__ = ["manifest_path", "load_manifest", "write_manifest", "entry_ok", "MANIFEST_SUFFIX", "MANIFEST_FORMAT",
-           "MANIFEST_SCHEMA_VERSION", "MAX_MANIFEST_BYTES"]
+__all__ = ["manifest_path", "load_manifest", "write_manifest", "entry_ok", "HASH_MANIFEST", "MANIFEST_SUFFIX",
+           "MANIFEST_FORMAT", "MANIFEST_SCHEMA_VERSION", "MAX_MANIFEST_BYTES"]

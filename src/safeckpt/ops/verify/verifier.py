@@ -42,15 +42,16 @@ from typing import Any, Mapping, Optional
 
 from ... import errors
 from ...format import integrity
-from ...format.checkpoint_dir import MANIFEST_FILE, STATE_FILE, TENSORS_FILE, inspect_directory, step_from_name
+from ...format.checkpoint_dir import (MANIFEST_FILE, STATE_FILE, TENSORS_FILE, inspect_directory, missing_file,
+                                      step_from_name)
 from ...format.integrity import RANGES
 from ...format.storage import check_regular, open_regular_file
 from ...sources.base import mapped
 from ...sources import open_source
 from ...sources.detect import sniff
-from ...sources.sharded import find_index
-from .lfs import LfsPointer, Sha256Jobs, parse_lfs_pointer, read_lfs_pointer, sha256_file
-from .manifest import MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, entry_ok, load_manifest, manifest_path, write_manifest
+from ...sources.sharded import ShardedSource, find_index
+from .lfs import LfsPointer, Sha256Jobs, read_lfs_pointer
+from .manifest import MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, entry_ok, load_manifest, write_manifest
 from .range_hash import Meter, Progress
 from .file_checks import check_entry, check_ranges, file_entry, open_layout, read_head
 
@@ -271,7 +272,8 @@ def _verify_sharded(path: str, index: str, options: _Options) -> VerifyReport:
     report = VerifyReport(path, "sharded")
     try:
         with open_source(index) as source:  # checks the index against every shard it names
-            shards = sorted(getattr(source, "shards", {}))
+            # the shards by the names the index gives them, as the manifest records them
+            shards = sorted(source.shards) if isinstance(source, ShardedSource) else []
             if not shards:
                 raise errors.SourceError("not a sharded-checkpoint index: it names no shards", path=index)
             report.format = f"sharded {'/'.join(sorted({s.format for s in source.shards.values()}))}"
@@ -449,8 +451,7 @@ def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -
             except FileNotFoundError:
                 report.missing.append(file_path)
                 report.hashes = "failed"
-                report.fail(errors.IntegrityError("is missing; the checkpoint is incomplete: restore another step",
-                                                  path=file_path), file_path)
+                report.fail(missing_file(file_path), file_path)
             except (errors.SafeckptError, OSError) as exc:
                 report.hashes = "failed"
                 report.fail(exc, file_path)

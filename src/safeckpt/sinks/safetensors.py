@@ -1,16 +1,21 @@
-"""The safetensors sink: tensors streamed to one file or Hugging Face shards, atomically.
+"""The safetensors sink: the one writer of safetensors files, streamed and atomic.
 
-Every op that writes model weights (convert, merge, cast) describes its output
-as a list of `OutputTensor` -- a name, dtype and shape, and a function giving
-the tensor's bytes in pieces -- and hands it to `write_safetensors`, which:
+Everything in safeckpt that writes safetensors comes here: `save_file` (`write_file`),
+`save` (`serialize`), convert, cast and merge (`write_safetensors`: one file or Hugging
+Face shards), and the training checkpoint (`write_stream` into a staging file object,
+hashing while it writes). Each describes its output as `OutputTensor`s -- a name, dtype
+and shape, and a function giving the tensor's bytes in pieces (`from_prepared` makes
+one from a checked numpy array). `safeckpt.format.writer` says how a tensor becomes
+bytes; this module puts them in files. `write_safetensors`:
 
 1. plans the outputs: one file, or greedy shards in the Hugging Face layout
    (``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``);
 2. writes each output to a temporary sibling: the header (every shape and dtype
-   is known up front), then each tensor's pieces, so memory stays near one piece
-   whatever the model size; a tensor stored as-is in some file (`span`) is
-   copied file to file by the kernel (copy_file_range: no page faults, no
-   user-space copy, nothing left resident);
+   is known up front, the tensors in the format's order: wider dtypes first, then
+   by name), then each tensor's pieces, so memory stays near one piece whatever
+   the model size; a tensor stored as-is in some file (`span`) is copied file to
+   file by the kernel (copy_file_range: no page faults, no user-space copy,
+   nothing left resident);
 3. optionally `finish_metadata`: metadata known only at the end (a hash of the
    source computed meanwhile) replaces the header's placeholders in place -- the
    caller keeps each value's length, so the layout does not move;
@@ -32,22 +37,25 @@ have replaced untouched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .. import errors
-from ..format import writer
+from ..format.atomic import atomic_output, write_all
 from ..format.dtypes import DTYPES
-from ..format.header import MAX_HEADER_BYTES, collector_paused
+from ..format.header import MAX_HEADER_BYTES, build_header, collector_paused
 from ..format.reader import SafetensorsFile
 from ..format.storage import open_regular_file
+from ..format.writer import PreparedTensor, check_metadata, check_name, tensor_chunks
 
 # Bytes handed to one write(): small enough for a smooth progress bar and bounded
 # temporaries, large enough that the per-call cost is nothing.
@@ -76,7 +84,6 @@ _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 Progress = Callable[[int, int, str], None]
 
 
-@dataclass(frozen=True)
 class OutputTensor:
     """One tensor to write and where its bytes come from.
 
@@ -87,16 +94,27 @@ class OutputTensor:
     is called once the tensor is written (to drop the source's mapped pages).
     """
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    chunks: Callable[[], Iterable]
-    span: Optional[tuple[str, int]] = None
-    done: Optional[Callable[[], None]] = None
+    # a plain class with slots: a file of many small tensors makes one of these per tensor
+    __slots__ = ("name", "dtype", "shape", "chunks", "span", "done", "nbytes", "_rank")
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].bits // 8
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], chunks: Callable[[], Iterable],
+                 span: Optional[tuple[str, int]] = None, done: Optional[Callable[[], None]] = None) -> None:
+        known = DTYPES[dtype]
+        self.name, self.dtype, self.shape, self.chunks, self.span, self.done = name, dtype, shape, chunks, span, done
+        self.nbytes = math.prod(shape) * known.bits // 8
+        self._rank = known.rank
+
+    def __repr__(self) -> str:
+        return f"OutputTensor({self.name!r}, {self.dtype!r}, {tuple(self.shape)!r})"
+
+
+def from_prepared(tensor: PreparedTensor) -> OutputTensor:
+    """The output of a tensor `safeckpt.format.writer.prepare` checked (a numpy array or RawTensor)."""
+    return OutputTensor(tensor.name, tensor.dtype.name, tensor.shape, functools.partial(_prepared_chunks, tensor.load))
+
+
+def _prepared_chunks(load: Callable[[], Any]) -> Iterator[memoryview]:
+    return tensor_chunks(load())
 
 
 @dataclass
@@ -130,13 +148,78 @@ def write_safetensors(tensors: Sequence[OutputTensor], dst: "os.PathLike | str",
     'out/model.safetensors.index.json'
     """
     limit = parse_size(shard_size) if shard_size is not None else None
-    metadata = writer.check_metadata(metadata, dst) or {}
+    metadata = check_metadata(metadata, dst) or {}
     for tensor in tensors:
-        writer.check_name(tensor.name, dst)
-    run = SinkRun(list(tensors), destination(dst), limit, metadata, progress, verify, finish_metadata,
+        check_name(tensor.name, dst)
+    run = SinkRun(list(tensors), destination(dst), limit, metadata, True, progress, verify, finish_metadata,
                   list(copies))
     run.write()
     return SinkResult(run.outputs, run.index, run.bytes_written, run.copied)
+
+
+def write_file(tensors: Iterable[PreparedTensor], path: "os.PathLike | str",
+               metadata: Optional[dict[str, str]] = None) -> None:
+    """`save_file`: one safetensors file at exactly `path` (its folder must exist), replaced atomically.
+
+    `metadata` is written as given (None: no ``__metadata__``), already checked.
+
+    >>> write_file([prepare("w", np.ones(3, np.float32))], "model.safetensors")
+    """
+    path = os.fspath(path)
+    directory, file = os.path.split(path)
+    dest = Destination(directory or ".", os.path.splitext(file)[0] or DEFAULT_BASE_NAME, path)
+    SinkRun([from_prepared(t) for t in tensors], dest, None, metadata, make_directories=False).write()
+
+
+@dataclass
+class Streamed:
+    """What `write_stream` wrote: its size, and with ``hashed=True`` the BLAKE3 of each range
+    (``("", 0, header_end)`` first, then each tensor's ``(name, begin, end)`` in file order) and of
+    the file (`root_hash` of the ranges')."""
+
+    size: int
+    ranges: list[tuple[str, int, int]]
+    range_hashes: Optional[list[str]] = None
+    file_hash: Optional[str] = None
+
+
+def write_stream(tensors: Sequence[OutputTensor], out: Any, metadata: Optional[dict[str, str]] = None, *,
+                 hashed: bool = False, where: Optional[str] = None) -> Streamed:
+    """Stream a safetensors file into a binary file object (a staging file, an fsspec file, a socket).
+
+    The same bytes `write_file` writes; `out` needs only ``write`` (short writes are
+    continued). With `hashed`, every byte is hashed once as it passes (on a helper
+    thread for large pieces), range by range. `where` names the file in errors.
+
+    >>> with open("tensors.safetensors", "wb") as out:
+    ...     write_stream([from_prepared(prepare("w", np.ones(3, np.float32)))], out, hashed=True).file_hash
+    """
+    ordered = _ordered(tensors)
+    header = _header(ordered, metadata, where)
+    ranges, position = [("", 0, len(header))], len(header)
+    for tensor in ordered:
+        ranges.append((tensor.name, position, position + tensor.nbytes))
+        position += tensor.nbytes
+    if hashed:
+        from ..format.integrity import HashingWriter  # at call time: blake3 is not needed to save a file
+    with HashingWriter(out, ranges, whole_file=False) if hashed else contextlib.nullcontext(out) as sink:
+        write = _file_object_writer(sink)
+        with collector_paused():
+            write(memoryview(header))
+            for tensor in ordered:
+                _write_pieces(write, tensor, where)
+    if not hashed:
+        return Streamed(position, ranges)
+    return Streamed(position, ranges, sink.range_hashes(), sink.hexdigest())
+
+
+def serialize(tensors: Iterable[PreparedTensor], metadata: Optional[dict[str, str]] = None) -> bytes:
+    """`save`: the whole file as bytes (metadata already checked)."""
+    ordered = _ordered([from_prepared(t) for t in tensors])
+    parts: list = [_header(ordered, metadata, None)]
+    for tensor in ordered:
+        _write_pieces(parts.append, tensor, None)
+    return b"".join(parts)
 
 
 def parse_size(size: "int | str") -> int:
@@ -213,10 +296,9 @@ class _Pending:
     """A written output not yet committed (its header may still change through finish_metadata)."""
 
     path: str
-    output: writer.atomic_output
+    output: atomic_output
     fd: int
-    ordered: list
-    tensors: list[OutputTensor]
+    tensors: list[OutputTensor]  # in file order
     header_bytes: int
 
 
@@ -227,7 +309,8 @@ class SinkRun:
     tensors: list[OutputTensor]
     dest: Destination
     limit: Optional[int]
-    metadata: dict[str, str]
+    metadata: Optional[dict[str, str]]
+    make_directories: bool = True
     progress: Optional[Progress] = None
     verify: bool = False
     finish_metadata: Optional[Callable[[dict[str, str]], dict[str, str]]] = None
@@ -252,7 +335,8 @@ class SinkRun:
         n = len(self.shards)
         paths = [self.dest.single] if n == 1 else [self.dest.shard(k + 1, n) for k in range(n)]
         try:
-            self._make_directory()
+            if self.make_directories:
+                self._make_directory()
             for path, shard in zip(paths, self.shards):
                 self._write_output(path, shard)
                 if len(self._pending) >= MAX_PENDING_OUTPUTS:
@@ -302,27 +386,19 @@ class SinkRun:
 
     # -- one output file
     def _write_output(self, path: str, shard: list[OutputTensor]) -> None:
-        prepared = {t.name: writer.PreparedTensor(t.name, DTYPES[t.dtype], tuple(t.shape), t.nbytes,
-                                                  _unused_load) for t in shard}
-        ordered = writer.layout(prepared.values())
+        ordered = _ordered(shard)
         header = _header(ordered, self.metadata, path)
-        by_name = {t.name: t for t in shard}
-        output = writer.atomic_output(path)
+        output = atomic_output(path)
         fd = output.__enter__()
-        self._pending.append(_Pending(path, output, fd, ordered, shard, len(header)))
+        self._pending.append(_Pending(path, output, fd, ordered, len(header)))
         with collector_paused():
-            writer.write_all(fd, memoryview(header))
-            for prepared_tensor in ordered:
-                self._write_tensor(fd, by_name[prepared_tensor.name], path)
+            write_all(fd, memoryview(header))
+            for tensor in ordered:
+                self._write_tensor(fd, tensor, path)
 
     def _write_tensor(self, fd: int, tensor: OutputTensor, path: str) -> None:
         if tensor.span is None or not self._copy_in_kernel(fd, tensor):
-            written = 0
-            for piece in _pieces(tensor):
-                writer.write_all(fd, piece)
-                written += piece.nbytes
-                self._advance(piece.nbytes, tensor.name)
-            _check_length(written, tensor, path)
+            _write_pieces(functools.partial(write_all, fd), tensor, path, self._advance)
         if tensor.done is not None:
             tensor.done()
 
@@ -361,8 +437,8 @@ class SinkRun:
         """Rewrite headers with the final metadata, verify if asked, then fsync and rename."""
         metadata = self._metadata_at_commit()
         for pending in list(self._pending):
-            if metadata is not self.metadata:
-                header = writer.header_for(pending.ordered, metadata)
+            if metadata is not self.metadata:  # finish_metadata gave the final values
+                header = _header(pending.tensors, metadata, pending.path)
                 if len(header) != pending.header_bytes:
                     raise AssertionError("finish_metadata changed the header's length")
                 os.pwrite(pending.fd, header, 0)
@@ -381,9 +457,9 @@ class SinkRun:
 
     def _copy(self, path: str) -> None:
         target = os.path.join(self.dest.directory, os.path.basename(path))
-        with open_regular_file(path) as source, writer.atomic_output(target) as fd:
+        with open_regular_file(path) as source, atomic_output(target) as fd:
             while piece := source.read(WRITE_PIECE_BYTES):
-                writer.write_all(fd, memoryview(piece))
+                write_all(fd, memoryview(piece))
         self._committed.append(target)
         self.copied.append(target)
 
@@ -392,8 +468,8 @@ class SinkRun:
                  "weight_map": {t.name: os.path.basename(path) for path, shard in zip(paths, self.shards)
                                 for t in shard}}
         data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        with writer.atomic_output(self.dest.index) as fd:
-            writer.write_all(fd, memoryview(data))
+        with atomic_output(self.dest.index) as fd:
+            write_all(fd, memoryview(data))
         self._committed.append(self.dest.index)
         self.index = self.dest.index
 
@@ -441,13 +517,17 @@ def _verify_tensor(fd: int, offset: int, tensor: OutputTensor, path: str) -> Non
 def _pieces(tensor: OutputTensor) -> Iterable[memoryview]:
     """The tensor's bytes as flat byte memoryviews of at most WRITE_PIECE_BYTES."""
     for chunk in tensor.chunks():
-        if isinstance(chunk, np.ndarray):  # ml_dtypes arrays have no buffer format: see them as bytes
-            chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
-        view = memoryview(chunk)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        for start in range(0, view.nbytes, WRITE_PIECE_BYTES):
-            yield view[start:start + WRITE_PIECE_BYTES]
+        if type(chunk) is not memoryview or chunk.format != "B" or chunk.ndim != 1:  # (the common case is not)
+            if isinstance(chunk, np.ndarray):  # ml_dtypes arrays have no buffer format: see them as bytes
+                chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+            chunk = memoryview(chunk)
+            if chunk.format != "B" or chunk.ndim != 1:
+                chunk = chunk.cast("B")
+        if chunk.nbytes <= WRITE_PIECE_BYTES:
+            yield chunk
+        else:
+            for start in range(0, chunk.nbytes, WRITE_PIECE_BYTES):
+                yield chunk[start:start + WRITE_PIECE_BYTES]
 
 
 def _check_length(produced: int, tensor: OutputTensor, path: str) -> None:
@@ -457,8 +537,14 @@ def _check_length(produced: int, tensor: OutputTensor, path: str) -> None:
             f"{list(tensor.shape)})", path=path, tensor=tensor.name)
 
 
-def _header(ordered: list, metadata: dict[str, str], path: str) -> bytes:
-    header = writer.header_for(ordered, metadata)
+def _ordered(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
+    """The format's write order: dtype rank descending (wider types first, so every tensor is
+    aligned), then name."""
+    return sorted(tensors, key=lambda t: (-t._rank, t.name))
+
+
+def _header(ordered: Sequence[OutputTensor], metadata: Optional[dict[str, str]], path: Optional[str]) -> bytes:
+    header, _ = build_header([(t.name, DTYPES[t.dtype], tuple(t.shape), t.nbytes) for t in ordered], metadata)
     if len(header) - 8 > MAX_HEADER_BYTES:
         raise errors.SafeckptError(
             f"the header would be {len(header) - 8} bytes, over the format's {MAX_HEADER_BYTES}-byte limit "
@@ -466,8 +552,26 @@ def _header(ordered: list, metadata: dict[str, str], path: str) -> bytes:
     return header
 
 
-def _unused_load():  # PreparedTensor wants a loader; the sink streams bytes itself
-    raise AssertionError("the sink writes tensors from their chunks, not through PreparedTensor.load")
+def _write_pieces(write: Callable[[memoryview], Any], tensor: OutputTensor, path: Optional[str],
+                  advance: Optional[Callable[[int, str], None]] = None) -> None:
+    """Hand the tensor's pieces to `write`, checking that they add up to its size."""
+    written = 0
+    for piece in _pieces(tensor):
+        write(piece)
+        written += piece.nbytes
+        if advance is not None:
+            advance(piece.nbytes, tensor.name)
+    if written != tensor.nbytes:
+        _check_length(written, tensor, path)
 
 
-__all__ = ["OutputTensor", "SinkResult", "write_safetensors", "parse_size", "destination", "shards"]
+def _file_object_writer(out: Any) -> Callable[[memoryview], None]:
+    def write(view: memoryview) -> None:
+        while view:
+            written = out.write(view)
+            view = view[view.nbytes if written is None else written:]
+    return write
+
+
+__all__ = ["OutputTensor", "from_prepared", "SinkResult", "write_safetensors", "write_file", "write_stream",
+           "Streamed", "serialize", "parse_size", "destination", "Destination", "shards"]
