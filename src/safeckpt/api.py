@@ -214,10 +214,9 @@ def load(data: Union[bytes, bytearray, memoryview], *, framework: str = "numpy",
     header = parse_bytes_header(data)
     buffer = np.frombuffer(bytearray(data), dtype=np.uint8)  # one owned, writable copy
     result = {}
-    for name, info in header.tensors.items():
-        begin = header.data_start + info.data_offsets[0]
+    for name, info, where in header.places():
         dtype = DTYPES[info.dtype]
-        storage = buffer[begin:begin + info.nbytes].view(storage_dtype(dtype))
+        storage = buffer[where].view(storage_dtype(dtype))
         try:
             result[name] = adapter.from_storage(storage, dtype, info.shape, device)
         except errors.SafeckptError as exc:

@@ -194,8 +194,7 @@ def deserialize(bytes: Union[bytes, bytearray, memoryview]) -> List[Tuple[str, D
                                  path="<bytes>") from None
     header = parse_bytes_header(view)
     result = []
-    for name, info in header.tensors.items():
-        begin = header.data_start + info.data_offsets[0]
-        data = bytearray(view[begin:begin + info.nbytes])
+    for name, info, where in header.places():
+        data = bytearray(view[where])
         result.append((name, {"dtype": info.dtype, "shape": list(info.shape), "data": data}))
     return result

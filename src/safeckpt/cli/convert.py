@@ -143,19 +143,8 @@ def run(work: Callable[[output.ProgressBar], ConvertReport], dst: str, as_json: 
         verb: str = "converted") -> ConvertReport:
     """Run a conversion with a progress bar and print its summary (unless --json); a failure is
     one error line (and the envelope) and exit 2."""
-    from ..errors import UnsafeFileError
-
-    bar = output.ProgressBar({"converted": "converting", "cast": "casting"}.get(verb, verb), enabled=not as_json)
-    try:
-        report = work(bar)
-    except UnsafeFileError as exc:
-        bar.close()
-        output.fail(output.EXIT_ERROR, str(exc), exc=exc,
-                    scan=exc.report.to_dict() if hasattr(exc.report, "to_dict") else None)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line and exit 2
-        bar.close()
-        output.fail_with(exc, writing=dst, code=output.EXIT_ERROR)
-    bar.close()
+    label = {"converted": "converting", "cast": "casting"}.get(verb, verb)
+    report = output.run_writing(work, label, dst, as_json)
     if not as_json:
         _summary(report, verb)
     return report

@@ -13,7 +13,6 @@ from typing import Optional
 
 import click
 
-from ..errors import IncompatibleInputsError, UnsafeFileError
 # --method's choices come from the op: this module is imported only when `merge` runs
 from ..ops.merge import DEFAULT_DENSITY, METHODS, MergeReport, merge
 from . import output, short_help
@@ -144,25 +143,15 @@ def command(sources: tuple[str, ...], dst: str, method: str, weights: Optional[l
       safeckpt merge ft1/ ft2/ -o merged/ --method ties --base base/ --density 0.2 --shard-size 5GB
       safeckpt merge ft1.pt ft2.pt -o dare.safetensors --method dare --base base.pt --seed 1 --dtype bf16 --json
     """
-    bar = output.ProgressBar("merging", enabled=not as_json)
-    try:
-        report = merge(list(sources), dst, method, weights, base=base,
-                       normalize=False if no_normalize else None, decay=decay, t=t, lambda_=lambda_,
-                       density=density, seed=seed, dtype=dtype, allow_missing=allow_missing,
-                       shard_size=shard_size, extract=None if extract.lower() == "none" else extract,
-                       allow_unsafe_structure=allow_unsafe_structure, verify=verify, progress=bar,
-                       overwrite=force)
-    except IncompatibleInputsError as exc:
-        bar.close()
-        output.fail(output.EXIT_INVALID, str(exc), exc=exc, offenders=exc.offenders)
-    except UnsafeFileError as exc:
-        bar.close()
-        output.fail(output.EXIT_ERROR, str(exc), exc=exc,
-                    scan=exc.report.to_dict() if hasattr(exc.report, "to_dict") else None)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line and exit 2
-        bar.close()
-        output.fail_with(exc, writing=dst, code=output.EXIT_ERROR)
-    bar.close()
+    def work(bar: output.ProgressBar) -> MergeReport:
+        return merge(list(sources), dst, method, weights, base=base,
+                     normalize=False if no_normalize else None, decay=decay, t=t, lambda_=lambda_,
+                     density=density, seed=seed, dtype=dtype, allow_missing=allow_missing,
+                     shard_size=shard_size, extract=None if extract.lower() == "none" else extract,
+                     allow_unsafe_structure=allow_unsafe_structure, verify=verify, progress=bar,
+                     overwrite=force)
+
+    report = output.run_writing(work, "merging", dst, as_json)
     if not as_json:
         _summary(report)
     output.finish(output.EXIT_OK, dict(report.to_dict(), notes=output.cli_notes(report.notes)))

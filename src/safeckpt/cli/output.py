@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Optional, Sequence, TextIO
 
 import click
 
@@ -222,6 +222,30 @@ def fail_with(exc: BaseException, path: "os.PathLike | str | None" = None, *,
         fail(EXIT_ERROR, "interrupted" + ("; nothing was written" if writing is not None else ""), exc=exc, **fields)
     described, message = describe_failure(exc, path, writing=writing)
     fail(described if code is None else code, message, exc=exc, **fields)
+
+
+def run_writing(work: Callable[["ProgressBar"], Any], label: str, dst: "os.PathLike | str", as_json: bool) -> Any:
+    """Run an op that writes `dst` (convert, cast, merge) under a progress bar labelled `label`.
+
+    Every failure is one error line (and the envelope): inputs that cannot be merged exit 1
+    with the offenders; a file the scan refuses exits 2 with the scan's report; anything else
+    exits 2 (an interruption says nothing was written)."""
+    from ..errors import IncompatibleInputsError, UnsafeFileError
+
+    bar = ProgressBar(label, enabled=not as_json)
+    try:
+        result = work(bar)
+    except IncompatibleInputsError as exc:
+        bar.close()
+        fail(EXIT_INVALID, str(exc), exc=exc, offenders=exc.offenders)
+    except UnsafeFileError as exc:
+        bar.close()
+        fail(EXIT_ERROR, str(exc), exc=exc, scan=exc.report.to_dict() if hasattr(exc.report, "to_dict") else None)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line and exit 2
+        bar.close()
+        fail_with(exc, writing=dst, code=EXIT_ERROR)
+    bar.close()
+    return result
 
 
 def finish(code: int, fields: Optional[dict[str, Any]] = None) -> NoReturn:

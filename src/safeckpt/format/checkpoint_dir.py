@@ -339,11 +339,9 @@ def read_checkpoint(storage: Storage, info: CheckpointInfo, manifest: Mapping[st
                               "damage", path=state_path) from None
     header = parse_bytes_header(buffer, tensors_path)
     tensors = {}
-    for tensor, entry in header.tensors.items():
-        begin = header.data_start + entry.data_offsets[0]
+    for tensor, entry, where in header.places():
         dtype = DTYPES[entry.dtype]
-        tensors[tensor] = to_logical(buffer[begin:begin + entry.nbytes].view(storage_dtype(dtype)), dtype,
-                                     entry.shape)
+        tensors[tensor] = to_logical(buffer[where].view(storage_dtype(dtype)), dtype, entry.shape)
     return tensors, document
 
 

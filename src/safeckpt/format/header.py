@@ -33,7 +33,7 @@ import re
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional
 
 from .. import errors
 from .dtypes import DTYPES, DType, byte_size
@@ -85,6 +85,16 @@ class Header:
     metadata: Optional[dict[str, str]]
     data_start: int  # absolute file offset of the data buffer
     data_size: int = field(default=0)
+
+    def places(self) -> Iterator[tuple[str, HeaderEntry, slice]]:
+        """Each tensor, in file order, with where its bytes lie in the whole file (header included).
+
+        >>> for name, entry, where in header.places():
+        ...     storage = buffer[where]
+        """
+        for name, entry in self.tensors.items():
+            begin = self.data_start + entry.data_offsets[0]
+            yield name, entry, slice(begin, begin + entry.nbytes)
 
 
 # What a header says: the tensors in offset order, and the metadata.
