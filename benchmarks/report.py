@@ -231,11 +231,34 @@ def rows(results: Results) -> List[Row]:
     return [evaluate(c, results) for c in COMPARISONS]
 
 
-def noise_notes(table: List[Row]) -> List[str]:
-    """A line for each floor missed by the medians but met by the fastest repetitions."""
-    return [f"{r.label} vs {r.peer_label}: the medians miss the floor ({r.ratio}) but the fastest repetitions "
-            f"meet it ({r.best_ratio}), so the gap is within this machine's run-to-run noise; a larger "
-            "--repeat settles it" for r in table if r.bests_pass]
+# What bounds a row that misses its floor even in its fastest repetitions (measured, not guessed).
+KNOWN_GAPS = {
+    "checkpoint restore with hash verification":
+        "verification is a second pass: the tensors are read at memory speed, then hashed with BLAKE3 at "
+        "about 3 GB/s on this machine's two cores (the `verify` row), so hashing 1 GiB adds about 0.2-0.3 s "
+        "to a 0.3 s restore; checking each tensor as it is first read is the work of issue 19",
+    "save_file, numpy dict":
+        "a gap of about 5% in medians and bests alike, not yet explained: the torch row writes the same "
+        "bytes through the same writer, fsyncs included, and meets its floor (it was 1.00x in the previous "
+        "committed run)",
+}
+
+
+def floor_notes(table: List[Row]) -> List[str]:
+    """A line for each floor the medians miss: within noise (the fastest repetitions meet it), or what
+    bounds it; a miss is never left without a line."""
+    notes = []
+    for r in table:
+        if r.verdict != "FAIL":
+            continue
+        if r.bests_pass:
+            notes.append(f"{r.label} vs {r.peer_label}: the medians miss the floor ({r.ratio}) but the fastest "
+                         f"repetitions meet it ({r.best_ratio}), so the gap is within this machine's run-to-run "
+                         "noise; a larger --repeat settles it")
+        else:
+            notes.append(f"{r.label} vs {r.peer_label} ({r.ratio}): "
+                         + KNOWN_GAPS.get(r.label, "misses its floor; nothing recorded yet explains it"))
+    return notes
 
 
 def comparison_table(table: List[Row]) -> str:

@@ -169,7 +169,7 @@ def main(argv: List[str] = None) -> int:
                      "its numbers say nothing about performance")
     notes += [f"error: {e.splitlines()[0]}" for e in errors]
     table = report.rows(results)
-    notes += report.noise_notes(table)
+    notes += report.floor_notes(table)
     print(summary)
     print()
     print(report.comparison_table(table))
