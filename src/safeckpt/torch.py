@@ -292,7 +292,7 @@ def training_state(model: torch.nn.Module, optimizer=None, scheduler=None, scale
     for part, owner in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if owner is not None:
             state[part] = owner.state_dict()
-    state["rng"] = _rng_state()
+    state["rng"] = rng_state()
     state["extra"] = extra
     return state
 
@@ -324,11 +324,15 @@ def restore_training_state(state: Mapping, model: torch.nn.Module, optimizer=Non
             # a copy: LambdaLR.load_state_dict pops keys from the dict it is given
             owner.load_state_dict(dict(state[part]))
     if "rng" in state:
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     return state.get("extra")
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
+    """The global random generators' states: Python's, numpy's legacy one, torch's (and CUDA's once used).
+
+    >>> saved = rng_state(); torch.rand(3); set_rng_state(saved)   # the same draws again
+    """
     version, internal, gauss_next = random.getstate()
     algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     rng: Dict[str, Any] = {
@@ -345,7 +349,8 @@ def _rng_state() -> Dict[str, Any]:
     return rng
 
 
-def _set_rng_state(rng: Mapping) -> None:
+def set_rng_state(rng: Mapping) -> None:
+    """Set the global random generators to what `rng_state` gave (a part may be missing)."""
     if not isinstance(rng, Mapping):
         raise errors.StateFormatError(f"the training state's 'rng' part is a {type(rng).__name__}, not a dict")
     if "python" in rng:

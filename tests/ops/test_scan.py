@@ -436,3 +436,14 @@ def test_an_npy_header_numpy_cannot_tokenize_is_invalid_not_an_internal_error():
     report = scan_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + bytes(8))
     assert report.error is not None and report.error.startswith("invalid npy header: numpy refuses its header")
     assert "internal error" not in report.error
+
+
+def test_a_json_document_is_safe_and_text_that_is_not_json_is_not_known_to_be(tmp_path):
+    (tmp_path / "state.json").write_text('{"format": "safeckpt-state", "state": [1, 2.5, null]}')
+    report = scan(tmp_path / "state.json")
+    assert (report.format, report.verdict) == ("json", "safe")
+    for name, text in [("broken.json", '{"a": 1'), ("words.txt", "hello"), ("list.json", "[" * 100_000)]:
+        (tmp_path / name).write_text(text)
+        assert scan(tmp_path / name).verdict == "suspicious", name  # a loader's view is not known
+    (tmp_path / "pickle_after_brace").write_bytes(b"{" + pickle.dumps(print))
+    assert scan(tmp_path / "pickle_after_brace").verdict != "safe"

@@ -403,7 +403,7 @@ def test_async_save_holds_the_values_at_save_time(tmp_path):
             big[:] = -1
             mgr.wait()
             restored = mgr.restore(step)
-            assert_same(restored["model"], expected["model"])
+            assert_same(dict(restored["model"]), expected["model"])
             assert_same(restored["big"], expected["big"])
         assert [info.step for info in mgr.list()] == [1, 2, 3]
 

@@ -100,7 +100,7 @@ def test_the_document_is_strict_json_with_readable_tensor_names():
     tensors, document = split_state(every_leaf())
     text = json.dumps(document, allow_nan=False)  # raises on a NaN or infinity left in the document
     assert "NaN" not in text and "Infinity" not in text
-    assert document["schema"] == SCHEMA_VERSION
+    assert document["schema"] == 1 < SCHEMA_VERSION  # nothing here needs schema 2
     assert {"torch/BF16", "numpy/F8_E4M3", "jax/f32", "awkward names/a~1b", "awkward names/a~01b",
             "awkward names/a.b", "mixed_keys/0", "mixed_keys/0~2", "numpy_scalars/0"} <= tensors.keys()
     assert document["tensors"]["torch/grad"] == {
@@ -119,9 +119,13 @@ def test_big_ints_and_int_keys_keep_their_types():
     assert [type(k) for k in back["state"]] == [int, str] and type(back["state"]["0"]) is float
 
 
-def test_containers_come_back_as_their_base_types():
+def test_other_containers_come_back_as_their_base_types():
     Point = namedtuple("Point", "x y")
-    state = OrderedDict(b=Point(1, 2), a=[3])
+
+    class Config(dict):
+        pass
+
+    state = Config(b=Point(1, 2), a=[3])
     back = join_state(*split_state(state))
     assert type(back) is dict and list(back) == ["b", "a"] and back["b"] == (1, 2) and type(back["b"]) is tuple
 

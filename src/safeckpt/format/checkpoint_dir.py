@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
@@ -239,6 +240,50 @@ def decode_metrics(metrics: Mapping[str, Any]) -> dict:
 
 # --- listing ------------------------------------------------------------------------------
 
+def open_checkpoint(path, storage_options: Optional[Mapping[str, Any]] = None
+                    ) -> tuple[Storage, CheckpointInfo, Mapping[str, Any]]:
+    """One committed checkpoint directory, whatever its name (``step-00001200`` in a manager's
+    directory, ``epoch=3-step=120.ckpt`` written by Lightning): its storage (the folder
+    holding it), its info and its manifest, for `read_checkpoint` and `check_checkpoint`.
+
+    A directory without a manifest is not a committed checkpoint (`CheckpointError`); a
+    damaged manifest is an `IntegrityError`.
+
+    >>> storage, info, manifest = open_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")
+    >>> tensors, document = read_checkpoint(storage, info, manifest)
+    """
+    storage, name = holder(path, storage_options)
+    manifest_path = storage.display(name, MANIFEST_FILE)
+    if MANIFEST_FILE not in storage.files(name):
+        raise CheckpointError(f"is not a committed safeckpt checkpoint: it has no {MANIFEST_FILE}",
+                              path=storage.display(name))
+    raw = storage.read_bytes(name, MANIFEST_FILE)
+    manifest = decode_manifest(raw, manifest_path)
+    return storage, _info_from_manifest(manifest, storage.display(name), len(raw), manifest_path), manifest
+
+
+def is_checkpoint(path, storage_options: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether `path` is a directory holding a checkpoint's manifest (its name does not matter)."""
+    try:
+        storage, name = holder(path, storage_options)
+        return MANIFEST_FILE in storage.files(name)
+    except (OSError, CheckpointError):
+        return False
+
+
+def holder(path, storage_options: Optional[Mapping[str, Any]] = None, *, create: bool = False
+           ) -> tuple[Storage, str]:
+    """The storage of the folder that holds checkpoint directory `path` (local or a URL), and its name.
+
+    >>> holder("s3://bucket/run/last.ckpt")[1]
+    'last.ckpt'
+    """
+    text = os.fspath(path).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    folder = parent or ("/" if text.startswith("/") else ".")
+    return open_directory(folder, storage_options, create=create, missing_ok=not create), name
+
+
 def list_directory(storage: Storage) -> Listing:
     """Read the manifests of a checkpoint directory: committed, damaged, partial.
 
@@ -383,4 +428,4 @@ __all__ = ["TENSORS_FILE", "STATE_FILE", "MANIFEST_FILE", "OUR_FILES", "STATE_FO
            "CHECKPOINT_PREFIX", "STEP_DIGITS", "checkpoint_name", "step_from_name", "is_temporary_name",
            "directory_name", "CheckpointInfo", "by_step", "Damaged", "Listing", "CheckpointCheck", "clean_metrics",
            "decode_metrics", "ranked_best", "best", "list_directory", "inspect_directory",
-           "is_committed", "read_checkpoint", "check_checkpoint", "missing_file"]
+           "is_committed", "holder", "open_checkpoint", "is_checkpoint", "read_checkpoint", "check_checkpoint", "missing_file"]

@@ -204,13 +204,25 @@ class LocalStaging:
             file.flush()
             os.fsync(file.fileno())
 
-    def commit(self) -> None:
+    def commit(self, replace: bool = False) -> None:
+        """Rename the finished checkpoint into place. What is there already is refused, or with
+        `replace` (Lightning saves ``last.ckpt`` again and again) moved out of the way first and
+        deleted once the new one is in place: a reader sees the old one, then the new one."""
         fsync_directory(self.temp)
+        old = None
         if os.path.lexists(self.final):
-            raise CheckpointError("already exists (committed meanwhile by someone else?); checkpoints are never "
-                                  "overwritten: save under a new step", path=self.final)
+            if not replace:
+                raise CheckpointError("already exists (committed meanwhile by someone else?); checkpoints are "
+                                      "never overwritten: save under a new step", path=self.final)
+            old = self.storage.path(temporary_name(self.name, secrets.token_hex(6)))
+            os.rename(self.final, old)
         os.rename(self.temp, self.final)
         fsync_directory(self.storage.root)
+        if old is not None:
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.unlink(old)
 
     def abort(self) -> None:
         shutil.rmtree(self.temp, ignore_errors=True)
@@ -376,7 +388,9 @@ class FsspecStaging:
         with self.storage.fs.open(path, "wb") as file:
             yield file
 
-    def commit(self) -> None:
+    def commit(self, replace: bool = False) -> None:
+        """Nothing to rename: the manifest, written last, committed the files where they are (a
+        replaced checkpoint's manifest was removed before its files were written again)."""
         self.storage._refresh(self.storage.path(self.name))
 
     def abort(self) -> None:

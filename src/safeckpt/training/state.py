@@ -31,13 +31,25 @@ strings) and every other value a one-key object whose key is a tag::
     {"__bytes__": base64}
     {"__tuple__": [items]}
     {"__dict__": [[key, value], ...]}  a dict with a key that is not a str, or is a tag
+    {"__object__": [kind, parts]}      one of the `KEPT_TYPES` (schema 2), e.g.
+                                       ["argparse.Namespace", {"lr": 0.1}]
+    {"__type__": "module.QualName"}    a class object, by name only (schema 2)
 
 `join_state` is the exact inverse: the same types, dtypes and values (NaN,
 -0.0, big ints), key types and order, and tensors back in their framework, on
 their device when it is present (the CPU otherwise), with ``requires_grad``.
-Subclasses come back as their base type (an OrderedDict as a dict, a
-namedtuple as a tuple, a str subclass as str). Code is never stored: a
+The container types training frameworks put in their checkpoints come back as
+themselves (`KEPT_TYPES`: OrderedDict with torch's ``_metadata``,
+argparse.Namespace, Lightning's AttributeDict, OmegaConf's DictConfig and
+ListConfig, torch.Size); every other subclass comes back as its base type (a
+namedtuple as a tuple, a str subclass as str). A class object (Lightning's
+``hparams_type``) is stored by its qualified name and given back as the class
+only for `KNOWN_CLASSES` (never imported by a name read from the file); any
+other comes back as its name, with a warning. Code is never stored: a
 function, a set or any other object in the tree is refused with its path.
+
+A document is written with schema 1 unless it needs ``__object__`` or
+``__type__`` (schema 2), so that older readers still read what they can.
 """
 
 from __future__ import annotations
@@ -47,10 +59,12 @@ import binascii
 import math
 import os
 import sys
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -60,7 +74,7 @@ from ..format.header import METADATA_KEY
 from ..format.reader import to_logical
 from ..format.writer import RawTensor
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Real states nest a handful of levels. The cap turns a runaway structure into a clear
 # error long before Python's recursion limit (1000 frames; walking takes two per level).
@@ -69,7 +83,9 @@ MAX_DEPTH = 200
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 TENSOR, FLOAT, INT, BYTES, TUPLE, DICT = "__tensor__", "__float__", "__int__", "__bytes__", "__tuple__", "__dict__"
-_TAGS = frozenset((TENSOR, FLOAT, INT, BYTES, TUPLE, DICT))
+OBJECT, TYPE = "__object__", "__type__"
+_SCHEMA_1_TAGS = frozenset((TENSOR, FLOAT, INT, BYTES, TUPLE, DICT))
+_TAGS = _SCHEMA_1_TAGS | {OBJECT, TYPE}
 _SCALAR_TAGS = frozenset((FLOAT, INT, BYTES))
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _FRAMEWORKS = ("numpy", "torch", "jax")
@@ -79,6 +95,127 @@ _KEY_TYPES = (str, int, float, bytes, type(None))  # bool is an int
 _SOURCE_DEVICE = "_safeckpt_source_device"
 # Threads that fill a snapshot: one per core (memory copies scale with cores until bandwidth).
 _COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+# --- container types kept as themselves -------------------------------------------
+
+class KeptType(NamedTuple):
+    """A container type a state may hold, stored as its parts and rebuilt as itself.
+
+    `parts(value)` is the value as a plain dict or list, walked like any other (its
+    tensors are named by the value's own path); `extra(value)` anything else the type
+    carries (torch's ``_metadata`` on a state_dict), or None; `rebuild(parts, extra)`
+    makes the value again. They use only the modules named here: nothing is ever
+    imported by a name from a file.
+    """
+
+    module: str  # the top-level package of the type (checked before anything is imported)
+    qualname: str
+    parts: Callable[[Any], Any]
+    rebuild: Callable[[Any, Any], Any]
+    extra: Callable[[Any], Any] = lambda value: None
+
+
+def _ordered_dict(parts, metadata) -> Any:
+    result = OrderedDict(parts)
+    if metadata is not None:
+        result._metadata = metadata  # torch's per-module versions, read by load_state_dict
+    return result
+
+
+def _namespace(parts, _) -> Any:
+    import argparse
+
+    return argparse.Namespace(**parts)
+
+
+def _attribute_dict(parts, _=None) -> Any:
+    try:
+        from lightning.fabric.utilities.data import AttributeDict
+    except ImportError:
+        try:
+            from lightning_fabric.utilities.data import AttributeDict
+        except ImportError:
+            warnings.warn("an AttributeDict comes back as a dict: Lightning is not installed", stacklevel=4)
+            return dict(parts)
+    return AttributeDict(parts)
+
+
+def _omegaconf_parts(value) -> Any:
+    from omegaconf import OmegaConf
+
+    # unresolved: interpolations stay "${...}" and missing values "???", as they were
+    return OmegaConf.to_container(value, resolve=False, enum_to_str=True)
+
+
+def _omegaconf(parts, _) -> Any:
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        warnings.warn("an OmegaConf config comes back as a plain dict or list: omegaconf is not installed",
+                      stacklevel=4)
+        return parts
+    return OmegaConf.create(parts)
+
+
+def _torch_size(parts, _) -> Any:
+    return _torch().Size(parts)
+
+
+# kind (written in the document) -> how it is stored and rebuilt
+KEPT_TYPES: dict[str, KeptType] = {
+    "collections.OrderedDict": KeptType("collections", "OrderedDict", dict, _ordered_dict,
+                                        lambda value: getattr(value, "_metadata", None)),
+    "argparse.Namespace": KeptType("argparse", "Namespace", vars, _namespace),
+    "lightning.AttributeDict": KeptType("lightning", "AttributeDict", dict, _attribute_dict),
+    "omegaconf.DictConfig": KeptType("omegaconf", "DictConfig", _omegaconf_parts, _omegaconf),
+    "omegaconf.ListConfig": KeptType("omegaconf", "ListConfig", _omegaconf_parts, _omegaconf),
+    "torch.Size": KeptType("torch", "Size", list, _torch_size),
+}
+# The AttributeDict is one class under several packages (lightning, lightning_fabric, pytorch_lightning).
+_PACKAGE_ALIASES = {"lightning_fabric": "lightning", "pytorch_lightning": "lightning"}  # see _LIGHTNING_PACKAGES
+_BY_TYPE_NAME = {(kept.module, kept.qualname): kind for kind, kept in KEPT_TYPES.items()}
+
+
+def kept_kind(value) -> Optional[str]:
+    """The `KEPT_TYPES` kind of `value`'s exact type, or None (imports nothing)."""
+    kind = type(value)
+    package = kind.__module__.split(".")[0]
+    return _BY_TYPE_NAME.get((_PACKAGE_ALIASES.get(package, package), kind.__qualname__))
+
+
+#: qualified names of the classes `join_state` gives back as classes; any other comes back as its name.
+KNOWN_CLASSES = ("builtins.dict", "collections.OrderedDict", "argparse.Namespace", "omegaconf.dictconfig.DictConfig",
+                 "lightning.fabric.utilities.data.AttributeDict")
+_LIGHTNING_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning")
+
+
+def _class_name(value: type) -> str:
+    return f"{value.__module__}.{value.__qualname__}"
+
+
+def _class_from_name(name: str) -> Any:
+    """The class `name` stands for if it is one of `KNOWN_CLASSES`, else `name` (with a warning)."""
+    if name == "builtins.dict":
+        return dict
+    if name == "collections.OrderedDict":
+        return OrderedDict
+    if name == "argparse.Namespace":
+        import argparse
+
+        return argparse.Namespace
+    if name == "omegaconf.dictconfig.DictConfig":
+        try:
+            from omegaconf import DictConfig
+        except ImportError:
+            pass
+        else:
+            return DictConfig
+    elif name.endswith(".AttributeDict") and name.split(".")[0] in _LIGHTNING_PACKAGES:
+        return type(_attribute_dict({}))
+    warnings.warn(f"the class {name!r} in this state comes back as its name: only {', '.join(KNOWN_CLASSES)} "
+                  "come back as classes (a class named in a file is never imported)", stacklevel=4)
+    return name
 
 
 # --- what a value is -------------------------------------------------------------
@@ -95,7 +232,8 @@ def _framework(value) -> Optional[str]:
 
 
 def _kind(value) -> str:
-    """'scalar', 'tensor', 'dict', 'list', 'tuple', or '' for a value a state cannot hold."""
+    """'scalar', 'tensor', 'object' (a `KEPT_TYPES` type), 'class', 'dict', 'list', 'tuple', or ''
+    for a value a state cannot hold."""
     if value is None or isinstance(value, (bool, str, bytes)):
         return "scalar"
     if isinstance(value, np.generic):  # before int/float: np.float64 is a float
@@ -104,6 +242,10 @@ def _kind(value) -> str:
         return "scalar"
     if _framework(value) is not None:
         return "tensor"
+    if kept_kind(value) is not None:
+        return "object"
+    if isinstance(value, type):
+        return "class"
     if isinstance(value, Mapping):
         return "dict"
     if isinstance(value, list):
@@ -222,7 +364,7 @@ def split_state(state: Any) -> tuple[dict[str, np.ndarray], dict]:
     """
     splitter = _Splitter()
     tree = splitter.node(state, ())
-    return splitter.tensors, {"schema": SCHEMA_VERSION, "tree": tree, "tensors": splitter.records}
+    return splitter.tensors, {"schema": splitter.schema, "tree": tree, "tensors": splitter.records}
 
 
 class _Splitter:
@@ -231,6 +373,7 @@ class _Splitter:
         self.records: dict[str, dict] = {}
         self._names: dict[Any, str] = {}  # alias key -> tensor name
         self._open: set[int] = set()
+        self.schema = 1  # raised to 2 by the first value that needs a schema-2 tag
 
     def node(self, value, path: tuple):
         kind = _kind(value)
@@ -240,7 +383,19 @@ class _Splitter:
             return {TENSOR: self._tensor(value, path)}
         if not kind:
             raise _refusal(value, path)
+        if kind == "class":
+            self.schema = 2
+            return {TYPE: _class_name(value)}
         with _entered(self._open, value, path):
+            if kind == "object":
+                self.schema = 2
+                name = kept_kind(value)
+                kept = KEPT_TYPES[name]
+                body = [name, self.node(kept.parts(value), path)]
+                extra = kept.extra(value)
+                if extra is not None:
+                    body.append(self.node(extra, path + ("~extra",)))
+                return {OBJECT: body}
             if kind == "list":
                 return [self.node(item, path + (index,)) for index, item in enumerate(value)]
             if kind == "tuple":
@@ -365,7 +520,7 @@ def join_state(tensors: Mapping[str, np.ndarray], document: dict) -> Any:
     records = document.get("tensors")
     if "tree" not in document or not isinstance(records, Mapping):
         raise errors.StateFormatError("the document lacks 'tree' or 'tensors'; it was not written by split_state")
-    return _Joiner(tensors, records).node(document["tree"], ())
+    return _Joiner(tensors, records, _TAGS if schema >= 2 else _SCHEMA_1_TAGS).node(document["tree"], ())
 
 
 def _malformed(path: tuple, detail: str) -> errors.StateFormatError:
@@ -374,8 +529,9 @@ def _malformed(path: tuple, detail: str) -> errors.StateFormatError:
 
 
 class _Joiner:
-    def __init__(self, tensors: Mapping[str, Any], records: Mapping[str, Any]) -> None:
+    def __init__(self, tensors: Mapping[str, Any], records: Mapping[str, Any], tags: frozenset) -> None:
         self._tensors, self._records = tensors, records
+        self._tags = tags  # a schema-1 document may hold "__object__" as an ordinary key
         self._made: dict[str, Any] = {}
 
     def node(self, node, path: tuple):
@@ -387,8 +543,8 @@ class _Joiner:
             return [self.node(item, path + (index,)) for index, item in enumerate(node)]
         if not isinstance(node, dict):
             raise _malformed(path, f"a {type(node).__name__} is not part of a state document")
-        if len(node) != 1 or next(iter(node)) not in _TAGS:
-            if _TAGS & node.keys():
+        if len(node) != 1 or next(iter(node)) not in self._tags:
+            if self._tags & node.keys():
                 raise _malformed(path, f"an object mixes a tag with other keys ({sorted(node)[:5]})")
             return {key: self.node(item, path + (key,)) for key, item in node.items()}
         tag, body = next(iter(node.items()))
@@ -396,6 +552,12 @@ class _Joiner:
             return _decode_scalar(node, path)
         if tag == TENSOR:
             return self._tensor(body, path)
+        if tag == TYPE:
+            if not isinstance(body, str):
+                raise _malformed(path, f"{TYPE} holds a {type(body).__name__}, not a class name")
+            return _class_from_name(body)
+        if tag == OBJECT:
+            return self._object(body, path)
         if not isinstance(body, list):
             raise _malformed(path, f"{tag} holds a {type(body).__name__}, not a list")
         if tag == TUPLE:
@@ -407,6 +569,22 @@ class _Joiner:
             key = _decode_scalar(pair[0], path)
             result[key] = self.node(pair[1], path + (key,))
         return result
+
+    def _object(self, body, path: tuple):
+        if not isinstance(body, list) or len(body) not in (2, 3) or body[0] not in KEPT_TYPES:
+            raise _malformed(path, f"{OBJECT} holds {_short(body)}, not [kind, parts] of a kind this safeckpt "
+                                   f"keeps ({', '.join(KEPT_TYPES)})")
+        kind = body[0]
+        value = self.node(body[1], path)
+        extra = self.node(body[2], path + ("~extra",)) if len(body) == 3 else None
+        expected = (dict, list) if kind.startswith("omegaconf.") else (list,) if kind == "torch.Size" else (dict,)
+        if not isinstance(value, expected) or (kind == "argparse.Namespace" and not all(
+                isinstance(key, str) for key in value)):
+            raise _malformed(path, f"the parts of a {kind} are {_short(value)}")
+        try:
+            return KEPT_TYPES[kind].rebuild(value, extra)
+        except Exception as exc:  # noqa: BLE001 - a type's own constructor refusing these parts
+            raise _malformed(path, f"a {kind} cannot be made from its parts ({type(exc).__name__}: {exc})") from None
 
     def _tensor(self, name, path: tuple):
         if name in self._made:
@@ -601,7 +779,14 @@ class _Snapshotter:
             return self._tensor(value, path)
         if not kind:
             raise _refusal(value, path)
+        if kind == "class":
+            return value
         with _entered(self._open, value, path):
+            if kind == "object":
+                kept = KEPT_TYPES[kept_kind(value)]
+                extra = kept.extra(value)
+                return kept.rebuild(self.node(kept.parts(value), path),
+                                    None if extra is None else self.node(extra, path + ("~extra",)))
             if kind == "list":
                 return [self.node(item, path + (index,)) for index, item in enumerate(value)]
             if kind == "tuple":

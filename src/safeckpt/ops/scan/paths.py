@@ -83,8 +83,8 @@ def _scan_directory(top: str) -> ScanReport:
                 return _finish_directory(report, skipped, links)
             count += 1
             child = scan(entry.path)
-            if child.format == "unknown" and all(f.severity == INFO for f in child.findings) \
-                    and (child.error or "").startswith(NOT_A_CHECKPOINT):
+            unreadable = child.format == "unknown" and (child.error or "").startswith(NOT_A_CHECKPOINT)
+            if (unreadable or child.format == "json") and all(f.severity == INFO for f in child.findings):
                 skipped.append(os.path.relpath(entry.path, top))
                 continue
             report.files.append(child)

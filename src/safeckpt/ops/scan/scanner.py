@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import struct
@@ -80,6 +81,9 @@ MAX_TAR_RECORDS = 1 << 20
 TRACEBACK_ENV = "SAFECKPT_TRACEBACK"
 # Bytes read to recognise a format (a tar header ends at 512) or an archive member.
 _HEAD_BYTES = 4096
+# JSON documents (a checkpoint's state.json and manifest.json, configs) up to this size are
+# parsed to be recognised; a larger text file is "not a checkpoint format" like any other.
+MAX_JSON_BYTES = 64 << 20
 # Pickle streams up to this size are copied out of the mmap before they are read: the
 # machine searches newline-terminated arguments much faster in bytes than in a view.
 MAX_COPIED_PICKLE = 64 << 20
@@ -244,6 +248,10 @@ class _Scanner:
             return formats[0]
         if stream is not None:
             return stream
+        if _is_json_document(view):
+            self.add(INFO, "json", "a JSON document", "no loader runs code from it: pickle.load and torch.load "
+                     "stop at its first byte, which is no pickle opcode", member, 0)
+            return "json"
         self.fail(f"{NOT_A_CHECKPOINT} (it starts with {head[:16]!r})", member)
         return "unknown"
 
@@ -773,6 +781,18 @@ _ZIP_TAIL = 0xFFFF + 22 + 4096
 def _ends_like_zip(view: memoryview) -> bool:
     """An end-of-central-directory signature where zip readers look for one."""
     return b"PK\x05\x06" in bytes(view[max(0, len(view) - _ZIP_TAIL):])
+
+
+def _is_json_document(view: memoryview) -> bool:
+    """A UTF-8 JSON object or array (what pickle.load and torch.load refuse at byte 0: neither
+    whitespace, "{" nor "[" is a pickle opcode), small enough to parse."""
+    if view.nbytes > MAX_JSON_BYTES or bytes(view[:_HEAD_BYTES]).lstrip(b" \t\r\n")[:1] not in (b"{", b"["):
+        return False
+    try:
+        json.loads(bytes(view).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def _our_zip(view: memoryview, path: str) -> Optional[zip_archive.ZipArchive]:

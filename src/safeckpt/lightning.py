@@ -1,0 +1,161 @@
+"""safeckpt inside PyTorch Lightning: `SafeCheckpointIO`, checkpoints that hold no pickle.
+
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning.pytorch.callbacks import ModelCheckpoint
+    >>> from safeckpt.lightning import SafeCheckpointIO
+    >>> trainer = Trainer(plugins=[SafeCheckpointIO()], callbacks=[ModelCheckpoint(save_top_k=2, save_last=True)])
+    >>> trainer.fit(model)                        # epoch=0-step=50.ckpt/, last.ckpt/: no pickle anywhere
+    >>> trainer.fit(model, ckpt_path="last")      # resumes from last.ckpt/
+
+Every checkpoint Lightning writes through its CheckpointIO -- `ModelCheckpoint`'s top-k,
+``last``, every-n-steps/epochs and ``save_weights_only`` ones, and
+``trainer.save_checkpoint(path)`` -- becomes a directory under the name Lightning chose
+(``epoch=3-step=120.ckpt/``), in the format `CheckpointManager` writes
+(`safeckpt.format.checkpoint_dir`): the tensors in ``tensors.safetensors``, everything else
+of the checkpoint dict as JSON in ``state.json`` (`safeckpt.training.state`: tuples stay
+tuples, int keys ints, OrderedDicts, ``argparse.Namespace``, ``AttributeDict`` and OmegaConf
+configs come back as themselves), and the BLAKE3 ``manifest.json`` written last. It is
+written under a temporary name and renamed into place, so a crash never leaves half a
+checkpoint under the real name; saving again under a name that exists (``last.ckpt``)
+replaces the old one only once the new one is complete. `load_checkpoint` checks every file
+against the manifest before anything is handed to Lightning.
+
+With ``capture_rng=True`` each checkpoint also holds the global random generators (Python,
+numpy, torch, CUDA once used; `safeckpt.torch.rng_state`), and loading it sets them back, so
+a resumed run draws what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Callable, Optional, Union
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from . import errors
+from .format.checkpoint_dir import OUR_FILES, holder, is_checkpoint, open_checkpoint, read_checkpoint
+from .format.checkpoint_storage import is_url
+from .sinks.checkpoint import write_checkpoint
+from .training.state import join_state, split_state
+
+#: the key under which ``capture_rng=True`` keeps the random generators in a checkpoint
+RNG_KEY = "safeckpt_rng_state"
+
+MapLocation = Union[None, str, Any, dict, Callable]
+
+
+class SafeCheckpointIO(CheckpointIO):
+    """A Lightning `CheckpointIO` that writes checkpoints as safetensors + JSON directories, never a pickle.
+
+    `verify` checks each file against its BLAKE3 manifest when loading; `capture_rng` saves
+    and restores the global random generators with every checkpoint.
+
+    >>> Trainer(plugins=[SafeCheckpointIO()])
+    >>> Fabric(plugins=[SafeCheckpointIO()])
+    """
+
+    def __init__(self, *, verify: bool = True, capture_rng: bool = False) -> None:
+        self.verify = verify
+        self.capture_rng = capture_rng
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: "os.PathLike | str",
+                        storage_options: Optional[Any] = None) -> None:
+        """Write `checkpoint` as the directory `path` (the name Lightning chose), atomically."""
+        if storage_options is not None:
+            raise TypeError(f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not "
+                            f"supported for `{type(self).__name__}`: leave it out")
+        if self.capture_rng:
+            from .torch import rng_state
+
+            checkpoint = {**checkpoint, RNG_KEY: rng_state()}
+        path = os.fspath(path)
+        tensors, document = split_state(checkpoint)
+        step = checkpoint.get("global_step", 0)
+        storage, name = holder(path, create=True)
+        if storage.remote and storage.exists(name):
+            storage.remove_checkpoint(name, OUR_FILES)  # object stores: un-commit the old one before rewriting
+        staging = storage.begin(name)
+        try:
+            write_checkpoint(staging, step if isinstance(step, int) and not isinstance(step, bool) else 0,
+                             time.time(), {}, tensors, document)
+            staging.commit(replace=True)
+        except BaseException:
+            staging.abort()
+            raise
+
+    def load_checkpoint(self, path: "os.PathLike | str", map_location: MapLocation = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """The checkpoint dict saved at `path`, each file checked against its manifest first.
+
+        `map_location` moves the tensors as torch.load would (a device, a device name, a dict
+        from saved to new device names, or a function of ``(tensor, saved_device)``);
+        `weights_only` changes nothing: nothing in these checkpoints can run code.
+        """
+        path = os.fspath(path)
+        if not is_checkpoint(path):
+            if not is_url(path) and not os.path.exists(path):
+                raise FileNotFoundError(f"Checkpoint file not found: {path}")
+            raise errors.CheckpointError(
+                "is not a safeckpt checkpoint directory (a pickled .ckpt is not read by SafeCheckpointIO yet: "
+                "convert it with `safeckpt convert`, which never runs its code)", path=path)
+        storage, info, manifest = open_checkpoint(path)
+        tensors, document = read_checkpoint(storage, info, manifest, verify=self.verify)
+        checkpoint = join_state(tensors, document)
+        if map_location is not None:
+            checkpoint = _mapped(checkpoint, map_location)
+        rng = checkpoint.pop(RNG_KEY, None) if isinstance(checkpoint, dict) else None
+        if rng is not None and self.capture_rng:
+            from .torch import set_rng_state
+
+            set_rng_state(rng)
+        return checkpoint
+
+    def remove_checkpoint(self, path: "os.PathLike | str") -> None:
+        """Delete the checkpoint at `path`: the manifest first (it stops being a checkpoint), then the rest."""
+        path = os.fspath(path)
+        storage, name = holder(path)
+        if is_checkpoint(path):
+            storage.remove_checkpoint(name, OUR_FILES)
+        elif not storage.remote and os.path.lexists(path):  # a file Lightning left (an old pickle, a link)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+
+    def teardown(self) -> None:
+        """Nothing is held between calls."""
+
+
+def _mapped(tree: Any, map_location: MapLocation) -> Any:
+    """The tree with every torch tensor moved as torch.load's `map_location` would move it."""
+    import torch
+
+    def move(tensor):
+        if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+            moved = map_location(tensor, str(tensor.device))
+            return moved if isinstance(moved, torch.Tensor) else tensor
+        if isinstance(map_location, dict):
+            target = map_location.get(str(tensor.device))
+            return tensor if target is None else tensor.to(target)
+        return tensor.to(map_location)
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            return move(value)
+        if isinstance(value, dict):
+            for key in list(value):
+                value[key] = walk(value[key])
+            return value
+        if isinstance(value, list):
+            value[:] = [walk(item) for item in value]
+            return value
+        if isinstance(value, tuple) and type(value) is tuple:
+            return tuple(walk(item) for item in value)
+        return value
+
+    return walk(tree)
+
+
+__all__ = ["SafeCheckpointIO", "RNG_KEY"]

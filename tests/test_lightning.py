@@ -1,0 +1,197 @@
+"""SafeCheckpointIO inside the real Lightning Trainer and Fabric, on the CPU: no pickle on disk, exact resumes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+L = pytest.importorskip("lightning")
+
+from lightning.fabric import Fabric
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from torch.utils.data import DataLoader, TensorDataset
+
+import safeckpt
+from safeckpt import errors
+from safeckpt.lightning import SafeCheckpointIO
+
+from tests.training.trees import assert_same
+
+
+class TinyModel(LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.01, dropout: float = 0.0, namespace=None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Dropout(dropout), torch.nn.ReLU(),
+                                       torch.nn.Linear(width, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.95))
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5)}
+
+
+def data() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=generator)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+
+def trainer(directory, max_steps: int, io=None, max_epochs=None, **checkpointing) -> Trainer:
+    callback = ModelCheckpoint(dirpath=directory, **checkpointing) if checkpointing else \
+        ModelCheckpoint(dirpath=directory, save_last=True)
+    return Trainer(max_steps=max_steps, max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, plugins=[io] if io is not None else None, callbacks=[callback],
+                   num_sanity_val_steps=0)
+
+
+def weights(model) -> dict:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_model_checkpoint_writes_directories_with_no_pickle(tmp_path):
+    seed_everything(0)
+    model = TinyModel(namespace=argparse.Namespace(depth=2))
+    run = trainer(tmp_path, 12, SafeCheckpointIO(), save_top_k=2, monitor="train_loss", save_last=True,
+                  every_n_train_steps=3)
+    run.fit(model, data())
+    names = sorted(os.listdir(tmp_path))
+    assert "last.ckpt" in names and len([n for n in names if n != "last.ckpt"]) == 2, names  # top-2 kept
+    for name in names:
+        assert os.path.isdir(tmp_path / name)
+        assert sorted(os.listdir(tmp_path / name)) == ["manifest.json", "state.json", "tensors.safetensors"]
+        for file in os.listdir(tmp_path / name):
+            assert safeckpt.scan(tmp_path / name / file).verdict == "safe"
+        assert safeckpt.verify(tmp_path / name / "tensors.safetensors").ok
+    loaded = SafeCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")
+    assert loaded["global_step"] == 12 and type(loaded["hyper_parameters"]["namespace"]) is argparse.Namespace
+    group = loaded["optimizer_states"][0]["param_groups"][0]
+    assert group["betas"] == (0.8, 0.95) and type(group["betas"]) is tuple
+    assert all(type(key) is int for key in loaded["optimizer_states"][0]["state"])
+    callback_state = next(value for key, value in loaded["callbacks"].items() if key.startswith("ModelCheckpoint"))
+    assert isinstance(callback_state["best_model_score"], torch.Tensor)
+    assert len(callback_state["best_k_models"]) == 2
+
+
+def test_the_checkpoint_dict_round_trips_exactly(tmp_path):
+    seed_everything(0)
+    model = TinyModel()
+    run = trainer(tmp_path / "run", 5, SafeCheckpointIO())
+    run.fit(model, data())
+    checkpoint = run._checkpoint_connector.dump_checkpoint()
+    io = SafeCheckpointIO()
+    io.save_checkpoint(checkpoint, tmp_path / "exact.ckpt")
+    assert_same(io.load_checkpoint(tmp_path / "exact.ckpt"), checkpoint)
+
+
+def resumed_weights(tmp_path, io_factory, dropout: float = 0.0, stop: int = 6, end: int = 12,
+                    epochs: tuple = (None, None)) -> dict:
+    """Train `stop` steps (or `epochs[0]` epochs), saving last.ckpt, then resume in a new Trainer
+    from "last" to `end` steps (or `epochs[1]` epochs)."""
+    seed_everything(0)
+    first = trainer(tmp_path, stop, io_factory(), max_epochs=epochs[0])
+    first.fit(TinyModel(dropout=dropout), data())
+    seed_everything(123)  # a resumed process does not start where the first one stopped
+    model = TinyModel(dropout=dropout)
+    second = trainer(tmp_path, end, io_factory(), max_epochs=epochs[1])
+    second.fit(model, data(), ckpt_path="last")
+    return weights(model)
+
+
+def test_a_resume_from_last_equals_the_same_resume_under_torch_checkpoint_io(tmp_path):
+    ours = resumed_weights(tmp_path / "ours", SafeCheckpointIO)
+    theirs = resumed_weights(tmp_path / "theirs", TorchCheckpointIO)
+    assert_same(ours, theirs)
+
+
+def test_with_capture_rng_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    # Dropout draws from torch's generator at every step. The first run stops after a whole epoch:
+    # stopped by max_steps, Lightning's own resume runs the epoch's end again (its loops, not the IO).
+    def resumed(io_factory):
+        return resumed_weights(tmp_path / str(len(os.listdir(tmp_path))), io_factory, dropout=0.5, stop=-1,
+                               end=-1, epochs=(1, 2))
+
+    seed_everything(0)
+    model = TinyModel(dropout=0.5)
+    trainer(tmp_path / "straight", -1, SafeCheckpointIO(), max_epochs=2).fit(model, data())
+    assert_same(resumed(lambda: SafeCheckpointIO(capture_rng=True)), weights(model))
+    with pytest.raises(AssertionError):  # without the generators, the resumed run draws other masks
+        assert_same(resumed(SafeCheckpointIO), weights(model))
+
+
+def test_async_checkpoint_io_wrapping_works(tmp_path):
+    seed_everything(0)
+    model = TinyModel()
+    run = trainer(tmp_path, 6, AsyncCheckpointIO(SafeCheckpointIO()), save_top_k=-1, every_n_train_steps=2)
+    run.fit(model, data())
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"], names
+    assert SafeCheckpointIO().load_checkpoint(tmp_path / names[-1])["global_step"] == 6
+
+
+def test_save_checkpoint_replaces_an_existing_checkpoint_only_when_complete(tmp_path):
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, tmp_path / "last.ckpt")
+    io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, tmp_path / "last.ckpt")
+    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # the old one and every temporary are gone
+    with pytest.raises(errors.UnsupportedStateError, match=r"state\['bad'\]"):
+        io.save_checkpoint({"global_step": 3, "bad": lambda: 1}, tmp_path / "last.ckpt")
+    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2 and os.listdir(tmp_path) == ["last.ckpt"]
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({}, tmp_path / "x.ckpt", storage_options={"a": 1})
+
+
+def test_remove_and_load_errors(tmp_path):
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError):
+        io.load_checkpoint(tmp_path / "a.ckpt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "old.ckpt")
+    with pytest.raises(errors.CheckpointError, match="not a safeckpt checkpoint"):
+        io.load_checkpoint(tmp_path / "old.ckpt")
+    io.remove_checkpoint(tmp_path / "old.ckpt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path):
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.arange(100.0)}, tmp_path / "a.ckpt")
+    tensors = tmp_path / "a.ckpt" / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 1
+    tensors.write_bytes(data)
+    with pytest.raises(errors.IntegrityError):
+        io.load_checkpoint(tmp_path / "a.ckpt")
+
+
+def test_fabric_save_and_load_round_trip(tmp_path):
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[SafeCheckpointIO()])
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = fabric.setup(model, optimizer)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    fabric.save(tmp_path / "state.ckpt", {"model": model, "optimizer": optimizer, "epoch": 3})
+    expected = weights(model)
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    fresh, fresh_optimizer = fabric.setup(fresh, fresh_optimizer)
+    state = {"model": fresh, "optimizer": fresh_optimizer}
+    remainder = fabric.load(tmp_path / "state.ckpt", state)
+    assert remainder == {"epoch": 3}
+    assert_same(weights(fresh), expected)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
