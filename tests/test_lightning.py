@@ -195,3 +195,29 @@ def test_fabric_save_and_load_round_trip(tmp_path):
     assert remainder == {"epoch": 3}
     assert_same(weights(fresh), expected)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_load_from_checkpoint_builds_the_module_from_its_hyperparameters(tmp_path):
+    from safeckpt.lightning import load_from_checkpoint
+
+    seed_everything(0)
+    model = TinyModel(width=6, lr=0.02, namespace=argparse.Namespace(depth=3))
+    trainer(tmp_path, 4, SafeCheckpointIO()).fit(model, data())
+    loaded = load_from_checkpoint(TinyModel, tmp_path / "last.ckpt")
+    assert type(loaded) is TinyModel and loaded.hparams.width == 6 and loaded.hparams.lr == 0.02
+    assert vars(loaded.hparams.namespace) == {"depth": 3}
+    assert_same(weights(loaded), weights(model))
+    assert load_from_checkpoint(TinyModel, tmp_path / "last.ckpt", lr=0.5).hparams.lr == 0.5
+
+
+def test_load_from_checkpoint_never_imports_an_instantiator_named_in_the_file(tmp_path):
+    from safeckpt.lightning import load_from_checkpoint
+
+    canary = tmp_path / "ran"
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"global_step": 0, "state_dict": TinyModel().state_dict(),
+                        "hyper_parameters": {"_instantiator": "os.system", "width": f"; touch {canary}"}},
+                       tmp_path / "cli.ckpt")
+    with pytest.raises(errors.UnsafeFileError, match="never imports a name read from a file"):
+        load_from_checkpoint(TinyModel, tmp_path / "cli.ckpt")
+    assert not canary.exists()

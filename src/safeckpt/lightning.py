@@ -20,6 +20,9 @@ checkpoint under the real name; saving again under a name that exists (``last.ck
 replaces the old one only once the new one is complete. `load_checkpoint` checks every file
 against the manifest before anything is handed to Lightning.
 
+`load_from_checkpoint(MyModule, path)` does what ``MyModule.load_from_checkpoint(path)`` does
+(which calls ``torch.load`` itself, around any CheckpointIO) for these directories.
+
 With ``capture_rng=True`` each checkpoint also holds the global random generators (Python,
 numpy, torch, CUDA once used; `safeckpt.torch.rng_state`), and loading it sets them back, so
 a resumed run draws what an uninterrupted one would have.
@@ -128,6 +131,38 @@ class SafeCheckpointIO(CheckpointIO):
         """Nothing is held between calls."""
 
 
+def load_from_checkpoint(cls: type, checkpoint_path: "os.PathLike | str", map_location: MapLocation = None,
+                         strict: Optional[bool] = None, **kwargs: Any) -> Any:
+    """What ``cls.load_from_checkpoint(path)`` does, for a checkpoint `SafeCheckpointIO` wrote.
+
+    (Lightning's own ``load_from_checkpoint`` bypasses the CheckpointIO and calls ``torch.load``.)
+    The module (or data module) is built from the saved hyperparameters, updated with
+    `kwargs`, and given the saved state; files are checked against the manifest first. A
+    checkpoint whose hyperparameters name an ``_instantiator`` (LightningCLI's) is refused:
+    safeckpt never imports a name read from a file; build the module yourself and load its
+    ``state_dict`` instead.
+
+    >>> model = load_from_checkpoint(MyModule, "checkpoints/last.ckpt", map_location="cpu", lr=0.01)
+    """
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.core.saving import _load_state
+
+    checkpoint = SafeCheckpointIO().load_checkpoint(checkpoint_path, map_location=map_location)
+    hparams = checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    if "_instantiator" in hparams or "_instantiator" in kwargs:
+        raise errors.UnsafeFileError(
+            "the hyperparameters ask for the module to be built by an instantiator named in the file "
+            f"({hparams.get('_instantiator', kwargs.get('_instantiator'))!r}); safeckpt never imports a name read "
+            "from a file: build the module yourself and load checkpoint['state_dict'] into it",
+            path=os.fspath(checkpoint_path))
+    hparams.update(kwargs)
+    if not issubclass(cls, LightningModule):
+        return _load_state(cls, checkpoint, **kwargs)
+    model = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    tensors = [value for value in checkpoint.get("state_dict", {}).values() if hasattr(value, "device")]
+    return model.to(tensors[0].device) if tensors else model
+
+
 def _mapped(tree: Any, map_location: MapLocation) -> Any:
     """The tree with every torch tensor moved as torch.load's `map_location` would move it."""
     import torch
@@ -158,4 +193,4 @@ def _mapped(tree: Any, map_location: MapLocation) -> Any:
     return walk(tree)
 
 
-__all__ = ["SafeCheckpointIO", "RNG_KEY"]
+__all__ = ["SafeCheckpointIO", "load_from_checkpoint", "RNG_KEY"]
