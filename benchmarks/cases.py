@@ -624,6 +624,90 @@ def ckpt_restore_torch(cfg: dict) -> Op:
     return op
 
 
+# --- Lightning: the checkpoint a Trainer writes, through each CheckpointIO ----------------
+
+LIGHTNING_DIR = "lightning"
+
+
+def _lightning_checkpoint(cfg: dict) -> dict:
+    """The dict a Trainer saves for a module of a quarter of --size (256 MiB at 1 GiB): one real
+    training step with AdamW and StepLR (so the optimizer holds its two moments), then
+    `dump_checkpoint`, as ModelCheckpoint would save it."""
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    width = 1024
+    layers = max(1, cfg["size"] // 4 // (width * width * 4))
+
+    class Module(LightningModule):
+        def __init__(self, layers: int = 1, lr: float = 1e-3):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 10)}
+
+    trainer = Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Module(layers), DataLoader(TensorDataset(torch.ones(2, width)), batch_size=2))
+    return trainer._checkpoint_connector.dump_checkpoint()
+
+
+def _lightning_io(library: str):
+    if library == "ours":
+        from safeckpt.lightning import SafeCheckpointIO
+
+        return SafeCheckpointIO()
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    return TorchCheckpointIO()
+
+
+def _lightning_save_case(library: str) -> Callable[[dict], Op]:
+    """CheckpointIO.save_checkpoint of the Trainer's checkpoint; torch's file is fsynced as ours are."""
+    def prepare(cfg: dict) -> Op:
+        checkpoint, io = _lightning_checkpoint(cfg), _lightning_io(library)
+        target = os.path.join(_fresh_directory(cfg, LIGHTNING_DIR), "epoch=0-step=1.ckpt")
+        os.makedirs(os.path.dirname(target))
+
+        def op():
+            io.save_checkpoint(checkpoint, target)
+            if library != "ours":
+                with open(target, "rb") as f:
+                    os.fsync(f.fileno())
+        return op
+    return prepare
+
+
+def _lightning_load_case(library: str) -> Callable[[dict], Op]:
+    """CheckpointIO.load_checkpoint (ours checks every hash), then one byte of every page of the weights."""
+    def prepare(cfg: dict) -> Op:
+        io = _lightning_io(library)
+        target = os.path.join(_fresh_directory(cfg, LIGHTNING_DIR), "epoch=0-step=1.ckpt")
+        os.makedirs(os.path.dirname(target))
+        io.save_checkpoint(_lightning_checkpoint(cfg), target)
+        warm_tree(cfg, os.path.dirname(target)) if library == "ours" else warm(cfg, target)
+
+        def op():
+            checkpoint = io.load_checkpoint(target)
+            touch_pages_torch(checkpoint["state_dict"].values())
+            return checkpoint
+        return op
+    return prepare
+
+
+case("lightning.save.ours")(_lightning_save_case("ours"))
+case("lightning.save.torch_io")(_lightning_save_case("torch_io"))
+case("lightning.load.ours")(_lightning_load_case("ours"))
+case("lightning.load.torch_io")(_lightning_load_case("torch_io"))
+
+
 # --- the tools: diff, merge, verify, against the I/O they cannot avoid -----------------
 
 def read_files(names: list, cfg: dict, out: "str | None" = None) -> int:
