@@ -221,3 +221,63 @@ def test_load_from_checkpoint_never_imports_an_instantiator_named_in_the_file(tm
     with pytest.raises(errors.UnsafeFileError, match="never imports a name read from a file"):
         load_from_checkpoint(TinyModel, tmp_path / "cli.ckpt")
     assert not canary.exists()
+
+
+def test_verify_checks_each_lightning_checkpoint_of_a_folder_against_its_manifest(tmp_path):
+    io = SafeCheckpointIO()
+    for step in (1, 2):
+        io.save_checkpoint({"global_step": step, "w": torch.arange(1000.0) * step}, tmp_path / f"step={step}.ckpt")
+    report = safeckpt.verify(tmp_path)
+    assert report.ok and [os.path.basename(child.path) for child in report.children] == ["step=1.ckpt",
+                                                                                        "step=2.ckpt"]
+    assert all(child.kind == "checkpoint" and child.hashes == "verified" for child in report.children)
+    tensors = tmp_path / "step=2.ckpt" / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-8] ^= 1
+    tensors.write_bytes(data)
+    report = safeckpt.verify(tmp_path)
+    assert not report.ok and report.children[0].ok and not report.children[1].ok
+    assert "step=2.ckpt" in report.children[1].problems[0] and "'w'" in report.children[1].problems[0]
+
+
+KILLED_RUN = """
+import os, signal, sys
+from lightning.pytorch import Callback, seed_everything
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from safeckpt.lightning import SafeCheckpointIO
+from tests.test_lightning import TinyModel, data, trainer
+
+class KillAfter(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 7:  # last.ckpt holds step 6: the process dies mid-epoch, unannounced
+            os.kill(os.getpid(), signal.SIGKILL)
+
+seed_everything(0)
+io = SafeCheckpointIO() if sys.argv[2] == "safe" else TorchCheckpointIO()
+run = trainer(sys.argv[1], 12, io, save_last=True, every_n_train_steps=3)
+run.callbacks.append(KillAfter())
+run.fit(TinyModel(), data())
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_last_as_under_torch_checkpoint_io(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    resumed = {}
+    for kind, io_factory in (("safe", SafeCheckpointIO), ("torch", TorchCheckpointIO)):
+        directory = tmp_path / kind
+        child = subprocess.run([sys.executable, "-c", KILLED_RUN, str(directory), kind], cwd=root,
+                               capture_output=True, text=True, timeout=300)
+        assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+        assert "last.ckpt" in os.listdir(directory)
+        seed_everything(123)
+        model = TinyModel()
+        trainer(directory, 12, io_factory(), save_last=True, every_n_train_steps=3).fit(model, data(),
+                                                                                         ckpt_path="last")
+        resumed[kind] = weights(model)
+    assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "safe"))
+    assert_same(resumed["safe"], resumed["torch"])

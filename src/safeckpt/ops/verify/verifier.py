@@ -231,11 +231,17 @@ def _verify_directory(path: str, options: _Options) -> VerifyReport:
 
 
 def _verify_loose(path: str, options: _Options) -> VerifyReport:
-    """Each checkpoint file under a folder (by content; our manifests and JSON are skipped), on its own."""
+    """Each checkpoint file under a folder (by content; our manifests and JSON are skipped), on its own,
+    and each checkpoint directory under it (Lightning's ``epoch=3-step=120.ckpt/``) as a whole."""
     report = VerifyReport(path, "directory", hashes="unchecked")
     found: list[str] = []
+    checkpoints: list[str] = []
     for root, dirs, files in os.walk(path, followlinks=False):
         dirs.sort()
+        if root != path and MANIFEST_FILE in files and (TENSORS_FILE in files or STATE_FILE in files):
+            checkpoints.append(root)
+            dirs[:] = []
+            continue
         for name in sorted(files):
             candidate = os.path.join(root, name)
             if len(found) >= MAX_DIRECTORY_FILES:
@@ -243,13 +249,17 @@ def _verify_loose(path: str, options: _Options) -> VerifyReport:
                 break
             if _is_checkpoint_file(candidate):
                 found.append(candidate)
-    if not found:
+    if not found and not checkpoints:
         report.add_problem("error", f"{path}: no *.safetensors files (nor files of another format safeckpt "
                                     "reads) in this directory", "NotFound", path)
         return report
-    options.meter.plan(sum((_size(p) or 0) * (int(options.write or os.path.exists(p + MANIFEST_SUFFIX))
-                                               + int(options.sha256)) for p in found))
-    report.children = [_verify_path(candidate, options) for candidate in found]
+    checkpoint_bytes = sum(_size(os.path.join(c, name)) or 0 for c in checkpoints for name in os.listdir(c))
+    options.meter.plan(checkpoint_bytes * (1 + int(options.sha256)) + sum(
+        (_size(p) or 0) * (int(options.write or os.path.exists(p + MANIFEST_SUFFIX)) + int(options.sha256))
+        for p in found))
+    children = [(candidate, _verify_path(candidate, options)) for candidate in found]
+    children += [(directory, _verify_checkpoint(directory, None, options)) for directory in checkpoints]
+    report.children = [child for _, child in sorted(children, key=lambda item: item[0])]
     return report
 
 
