@@ -12,40 +12,16 @@ L = pytest.importorskip("lightning")
 
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
-from torch.utils.data import DataLoader, TensorDataset
 
 import safeckpt
 from safeckpt import errors
 from safeckpt.lightning import SafeCheckpointIO
 
+from tests.lightning_models import TinyModel, data
 from tests.training.trees import assert_same
-
-
-class TinyModel(LightningModule):
-    def __init__(self, width: int = 8, lr: float = 0.01, dropout: float = 0.0, namespace=None):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Dropout(dropout), torch.nn.ReLU(),
-                                       torch.nn.Linear(width, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=(0.8, 0.95))
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5)}
-
-
-def data() -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=generator)
-    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
 
 
 def trainer(directory, max_steps: int, io=None, max_epochs=None, **checkpointing) -> Trainer:
@@ -245,7 +221,8 @@ import os, signal, sys
 from lightning.pytorch import Callback, seed_everything
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safeckpt.lightning import SafeCheckpointIO
-from tests.test_lightning import TinyModel, data, trainer
+from tests.lightning_models import TinyModel, data
+from tests.test_lightning import trainer
 
 class KillAfter(Callback):
     def on_train_batch_end(self, trainer, *args):

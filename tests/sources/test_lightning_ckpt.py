@@ -12,24 +12,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from safeckpt.sources import open_source  # noqa: E402
 
-
-class TinyModel(pl.LightningModule):
-    def __init__(self, hidden: int = 8, lr: float = 0.05, config=None):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(),
-                                       torch.nn.Linear(hidden, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        return [opt], [sched]
+from tests.lightning_models import TinyModel, data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +20,11 @@ def lightning_ckpt(tmp_path_factory):
     from omegaconf import OmegaConf
     root = tmp_path_factory.mktemp("lightning")
     torch.manual_seed(0)
-    x = torch.randn(64, 4)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)),
-                                       batch_size=16)
     config = OmegaConf.create({"data": {"path": "/data/train", "batch": 16}, "tags": ["a", "b"]})
-    model = TinyModel(hidden=8, lr=0.05, config=config)
+    model = TinyModel(width=8, lr=0.05, config=config)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root, accelerator="cpu")
-    trainer.fit(model, data)
+    trainer.fit(model, data(batch_size=16))
     path = root / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path, model, trainer
@@ -68,12 +48,12 @@ def test_structure_tree_is_readable(lightning_ckpt):
         assert tree["epoch"] == trainer.current_epoch and tree["global_step"] == trainer.global_step == 4
         assert tree["pytorch-lightning_version"] == pl.__version__
         hp = tree["hyper_parameters"]
-        assert hp["hidden"] == 8 and hp["lr"] == 0.05
+        assert hp["width"] == 8 and hp["lr"] == 0.05
         # the omegaconf DictConfig came out as plain data
         assert hp["config"]["data"] == {"path": "/data/train", "batch": 16}
         assert hp["config"]["tags"] == ["a", "b"]
         assert tree["optimizer_states"][0]["param_groups"][0]["lr"] == 0.05
-        assert tree["lr_schedulers"][0]["step_size"] == 2
+        assert tree["lr_schedulers"][0]["step_size"] == 3
 
 
 def test_lightning_globals_are_allowlisted_or_named(lightning_ckpt):
@@ -103,5 +83,5 @@ def test_converts_the_state_dict(lightning_ckpt, tmp_path):
     from safeckpt import safe_open
     with safe_open(tmp_path / "model.safetensors") as f:
         tree = json.loads(f.metadata()["safeckpt.tree"])
-    assert tree["global_step"] == 4 and tree["hyper_parameters"]["hidden"] == 8
+    assert tree["global_step"] == 4 and tree["hyper_parameters"]["width"] == 8
     assert report.verified
