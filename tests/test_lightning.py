@@ -141,6 +141,11 @@ def test_remove_and_load_errors(tmp_path):
         io.load_checkpoint(tmp_path / "old.ckpt")
     io.remove_checkpoint(tmp_path / "old.ckpt")
     assert os.listdir(tmp_path) == []
+    (tmp_path / "mine.ckpt").mkdir()
+    (tmp_path / "mine.ckpt" / "notes.txt").write_text("not ours")
+    (tmp_path / "mine.ckpt" / "state.json").write_text("{}")  # a save that died before its manifest
+    io.remove_checkpoint(tmp_path / "mine.ckpt")
+    assert os.listdir(tmp_path / "mine.ckpt") == ["notes.txt"]  # what we did not write is never deleted
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path):

@@ -31,7 +31,6 @@ a resumed run draws what an uninterrupted one would have.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -121,11 +120,12 @@ class SafeCheckpointIO(CheckpointIO):
         storage, name = holder(path)
         if is_checkpoint(path):
             storage.remove_checkpoint(name, OUR_FILES)
-        elif not storage.remote and os.path.lexists(path):  # a file Lightning left (an old pickle, a link)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+        elif storage.remote or not os.path.lexists(path):
+            return
+        elif os.path.isdir(path) and not os.path.islink(path):
+            storage.remove_temporary(name, OUR_FILES)  # only files we write; a folder of anything else stays
+        else:
+            os.unlink(path)  # a file Lightning saved itself (an old pickled .ckpt) or its last.ckpt link
 
     def teardown(self) -> None:
         """Nothing is held between calls."""
