@@ -173,7 +173,8 @@ KEPT_TYPES: dict[str, KeptType] = {
     "torch.Size": KeptType("torch", "Size", list, _torch_size),
 }
 # The AttributeDict is one class under several packages (lightning, lightning_fabric, pytorch_lightning).
-_PACKAGE_ALIASES = {"lightning_fabric": "lightning", "pytorch_lightning": "lightning"}  # see _LIGHTNING_PACKAGES
+_LIGHTNING_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning")
+_PACKAGE_ALIASES = {package: "lightning" for package in _LIGHTNING_PACKAGES}
 _BY_TYPE_NAME = {(kept.module, kept.qualname): kind for kind, kept in KEPT_TYPES.items()}
 
 
@@ -187,7 +188,6 @@ def kept_kind(value) -> Optional[str]:
 #: qualified names of the classes `join_state` gives back as classes; any other comes back as its name.
 KNOWN_CLASSES = ("builtins.dict", "collections.OrderedDict", "argparse.Namespace", "omegaconf.dictconfig.DictConfig",
                  "lightning.fabric.utilities.data.AttributeDict")
-_LIGHTNING_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning")
 
 
 def _class_name(value: type) -> str:
