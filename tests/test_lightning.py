@@ -263,3 +263,19 @@ def test_a_killed_run_resumes_from_last_as_under_torch_checkpoint_io(tmp_path):
         resumed[kind] = weights(model)
     assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "safe"))
     assert_same(resumed["safe"], resumed["torch"])
+
+
+def test_map_location_moves_tensors_as_torch_load_would(tmp_path):
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(2), "nested": [{"b": torch.zeros(1)}]}, tmp_path / "a.ckpt")
+    moved = []
+
+    def to_meta(tensor, location):
+        moved.append(location)
+        return tensor.to("meta")
+
+    loaded = io.load_checkpoint(tmp_path / "a.ckpt", map_location=to_meta)
+    assert moved == ["cpu", "cpu"] and loaded["w"].is_meta and loaded["nested"][0]["b"].is_meta
+    assert io.load_checkpoint(tmp_path / "a.ckpt", map_location={"cpu": "meta"})["w"].is_meta
+    assert io.load_checkpoint(tmp_path / "a.ckpt", map_location=torch.device("meta"))["w"].is_meta
+    assert io.load_checkpoint(tmp_path / "a.ckpt", map_location="cpu")["w"].device.type == "cpu"
