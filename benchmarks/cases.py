@@ -220,6 +220,28 @@ for _library in ("ours", "safetensors", "torch_mmap", "torch_nommap"):
     case(f"load.full.{_library}")(_torch_load_case(True, _library))
 
 
+# --- a safe torch.load of the torch.save file: safe_load vs torch.load(weights_only=True) --
+
+def _safe_load_case(full: bool, mmap: bool) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        from safeckpt.torch import safe_load
+
+        warm(cfg, path(cfg, MODEL_PT))
+
+        def op():
+            tensors = safe_load(path(cfg, MODEL_PT), mmap=mmap)
+            if full:
+                touch_pages_torch(tensors.values())
+            return tensors
+        return op
+    return prepare
+
+
+case("safe_load.lazy.ours")(_safe_load_case(False, True))
+case("safe_load.full.ours")(_safe_load_case(True, True))
+case("safe_load.full.ours_nommap")(_safe_load_case(True, False))
+
+
 # --- load with numpy ---------------------------------------------------------------
 
 @case("load.numpy.ours")

@@ -27,6 +27,7 @@ ORDER = [
     "save.numpy.ours", "save.numpy.safetensors", "save.numpy.savez",
     "load.lazy.ours", "load.lazy.safetensors", "load.lazy.torch_mmap",
     "load.full.ours", "load.full.safetensors", "load.full.torch_mmap", "load.full.torch_nommap",
+    "safe_load.lazy.ours", "safe_load.full.ours", "safe_load.full.ours_nommap",
     "load.numpy.ours", "load.numpy.safetensors", "load.numpy.npz",
     "copy.ours", "copy.memcpy",
     "slice.pread_row.ours", "slice.pread_whole.ours",

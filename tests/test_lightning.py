@@ -129,6 +129,16 @@ def test_save_checkpoint_replaces_an_existing_checkpoint_only_when_complete(tmp_
         io.save_checkpoint({}, tmp_path / "x.ckpt", storage_options={"a": 1})
 
 
+def test_a_save_cleans_what_a_killed_save_of_the_same_name_left(tmp_path):
+    stale = tmp_path / ".tmp-last.ckpt-0123456789ab"
+    stale.mkdir()
+    (stale / "tensors.safetensors").write_bytes(b"half a file")
+    other = tmp_path / ".tmp-epoch=1.ckpt-0123456789ab"  # another name's: not ours to judge now
+    other.mkdir()
+    SafeCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert sorted(os.listdir(tmp_path)) == [".tmp-epoch=1.ckpt-0123456789ab", "last.ckpt"]
+
+
 def test_remove_and_load_errors(tmp_path):
     io = SafeCheckpointIO()
     io.save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
@@ -136,8 +146,8 @@ def test_remove_and_load_errors(tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(FileNotFoundError):
         io.load_checkpoint(tmp_path / "a.ckpt")
-    torch.save({"w": torch.ones(1)}, tmp_path / "old.ckpt")
-    with pytest.raises(errors.CheckpointError, match="not a safeckpt checkpoint"):
+    torch.save([torch.ones(1)], tmp_path / "old.ckpt")
+    with pytest.raises(errors.CheckpointError, match="holds a list, not a checkpoint dict"):
         io.load_checkpoint(tmp_path / "old.ckpt")
     io.remove_checkpoint(tmp_path / "old.ckpt")
     assert os.listdir(tmp_path) == []
@@ -270,12 +280,59 @@ def test_map_location_moves_tensors_as_torch_load_would(tmp_path):
     io.save_checkpoint({"global_step": 1, "w": torch.ones(2), "nested": [{"b": torch.zeros(1)}]}, tmp_path / "a.ckpt")
     moved = []
 
-    def to_meta(tensor, location):
+    def keep(storage, location):  # torch.load's form: a function of (storage, location)
         moved.append(location)
-        return tensor.to("meta")
+        return storage
 
-    loaded = io.load_checkpoint(tmp_path / "a.ckpt", map_location=to_meta)
-    assert moved == ["cpu", "cpu"] and loaded["w"].is_meta and loaded["nested"][0]["b"].is_meta
+    loaded = io.load_checkpoint(tmp_path / "a.ckpt", map_location=keep)
+    assert moved == ["cpu", "cpu"] and torch.equal(loaded["w"], torch.ones(2))
     assert io.load_checkpoint(tmp_path / "a.ckpt", map_location={"cpu": "meta"})["w"].is_meta
     assert io.load_checkpoint(tmp_path / "a.ckpt", map_location=torch.device("meta"))["w"].is_meta
     assert io.load_checkpoint(tmp_path / "a.ckpt", map_location="cpu")["w"].device.type == "cpu"
+
+
+def test_a_run_begun_under_torch_checkpoint_io_resumes_from_its_pickled_ckpt(tmp_path):
+    # the first half under Lightning's default IO (a pickle), the second under ours: as if all torch
+    seed_everything(0)
+    trainer(tmp_path / "old", 6, TorchCheckpointIO()).fit(TinyModel(), data())
+    pickled = tmp_path / "old" / "last.ckpt"
+    assert os.path.isfile(pickled)
+    resumed = {}
+    for kind, io in (("safe", SafeCheckpointIO()), ("torch", TorchCheckpointIO())):
+        seed_everything(123)
+        model = TinyModel()
+        trainer(tmp_path / kind, 12, io).fit(model, data(), ckpt_path=str(pickled))
+        resumed[kind] = weights(model)
+    assert_same(resumed["safe"], resumed["torch"])
+    assert os.path.isdir(tmp_path / "safe" / "last.ckpt")  # and from there on, no pickle
+
+
+def test_a_pickled_ckpt_loads_as_torch_would_with_its_namespace(tmp_path):
+    from safeckpt.lightning import load_from_checkpoint
+
+    seed_everything(0)
+    model = TinyModel(width=6, namespace=argparse.Namespace(depth=3))
+    trainer(tmp_path, 4, TorchCheckpointIO()).fit(model, data())
+    pickled = tmp_path / "last.ckpt"
+    with pytest.raises(Exception, match="Unsupported global"):  # what Lightning's default load meets
+        torch.load(pickled, weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        expected = torch.load(pickled, weights_only=True)
+    assert_same(SafeCheckpointIO().load_checkpoint(pickled), expected)
+    loaded = load_from_checkpoint(TinyModel, pickled)
+    assert loaded.hparams.width == 6 and type(loaded.hparams.namespace) is argparse.Namespace
+    assert_same(weights(loaded), weights(model))
+
+
+def test_a_malicious_pickled_ckpt_is_refused_and_never_run(tmp_path):
+    from safeckpt.lightning import load_from_checkpoint
+
+    from tests.ops.malicious_corpus import malicious_torch_file
+
+    canary = tmp_path / "ran"
+    malicious_torch_file(tmp_path / "evil.ckpt", canary)
+    with pytest.raises(errors.UnsafeFileError, match="malicious"):
+        SafeCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
+    with pytest.raises(errors.UnsafeFileError):
+        load_from_checkpoint(TinyModel, tmp_path / "evil.ckpt")
+    assert not canary.exists()

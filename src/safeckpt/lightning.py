@@ -21,7 +21,8 @@ replaces the old one only once the new one is complete. `load_checkpoint` checks
 against the manifest before anything is handed to Lightning.
 
 `load_from_checkpoint(MyModule, path)` does what ``MyModule.load_from_checkpoint(path)`` does
-(which calls ``torch.load`` itself, around any CheckpointIO) for these directories.
+(which calls ``torch.load`` itself, around any CheckpointIO) for these directories and for
+pickled ``.ckpt`` files, whose code it never runs.
 
 With ``capture_rng=True`` each checkpoint also holds the global random generators (Python,
 numpy, torch, CUDA once used; `safeckpt.torch.rng_state`), and loading it sets them back, so
@@ -31,6 +32,7 @@ a resumed run draws what an uninterrupted one would have.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -38,14 +40,17 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from . import errors
 from .format.checkpoint_dir import OUR_FILES, holder, is_checkpoint, open_checkpoint, read_checkpoint
-from .format.checkpoint_storage import is_url
+from .format.checkpoint_storage import is_url, temporary_name
 from .sinks.checkpoint import write_checkpoint
 from .training.state import join_state, split_state
 
 #: the key under which ``capture_rng=True`` keeps the random generators in a checkpoint
 RNG_KEY = "safeckpt_rng_state"
 
-MapLocation = Union[None, str, Any, dict, Callable]
+# The random part of a temporary name (`checkpoint_storage.temporary_name`).
+_TOKEN = re.compile(r"[0-9a-f]{12}")
+
+MapLocation = Union[None, str, Any, dict, Callable]  # as torch.load's: a function takes (storage, location)
 
 
 class SafeCheckpointIO(CheckpointIO):
@@ -78,6 +83,8 @@ class SafeCheckpointIO(CheckpointIO):
         storage, name = holder(path, create=True)
         if storage.remote and storage.exists(name):
             storage.remove_checkpoint(name, OUR_FILES)  # object stores: un-commit the old one before rewriting
+        if not storage.remote:
+            _remove_stale_temporaries(storage, name)
         staging = storage.begin(name)
         try:
             write_checkpoint(staging, step if isinstance(step, int) and not isinstance(step, bool) else 0,
@@ -91,22 +98,28 @@ class SafeCheckpointIO(CheckpointIO):
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         """The checkpoint dict saved at `path`, each file checked against its manifest first.
 
-        `map_location` moves the tensors as torch.load would (a device, a device name, a dict
-        from saved to new device names, or a function of ``(tensor, saved_device)``);
-        `weights_only` changes nothing: nothing in these checkpoints can run code.
+        A pickled ``.ckpt`` (from Lightning's default ``TorchCheckpointIO``) is read with
+        `safeckpt.torch.safe_load`: nothing in it is run, and a malicious one raises
+        `UnsafeFileError`. `map_location` moves the tensors as torch.load would (a device, a
+        device name, a dict from saved to new device names, or a function of
+        ``(storage, location)``); `weights_only` changes nothing: nothing here can run code.
         """
+        from .torch.unpickle import map_tensors, safe_load
+
         path = os.fspath(path)
-        if not is_checkpoint(path):
-            if not is_url(path) and not os.path.exists(path):
-                raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            raise errors.CheckpointError(
-                "is not a safeckpt checkpoint directory (a pickled .ckpt is not read by SafeCheckpointIO yet: "
-                "convert it with `safeckpt convert`, which never runs its code)", path=path)
-        storage, info, manifest = open_checkpoint(path)
-        tensors, document = read_checkpoint(storage, info, manifest, verify=self.verify)
-        checkpoint = join_state(tensors, document)
-        if map_location is not None:
-            checkpoint = _mapped(checkpoint, map_location)
+        if is_checkpoint(path):
+            storage, info, manifest = open_checkpoint(path)
+            tensors, document = read_checkpoint(storage, info, manifest, verify=self.verify)
+            checkpoint = map_tensors(join_state(tensors, document), map_location)
+        elif is_url(path):
+            raise errors.CheckpointError("is not a safeckpt checkpoint directory (a pickled .ckpt is read from "
+                                         "local files only)", path=path)
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        else:  # a .ckpt saved by TorchCheckpointIO: read by the restricted pickle machine, never run
+            checkpoint = safe_load(path, map_location=map_location)
+            if not isinstance(checkpoint, dict):
+                raise errors.CheckpointError(f"holds a {type(checkpoint).__name__}, not a checkpoint dict", path=path)
         rng = checkpoint.pop(RNG_KEY, None) if isinstance(checkpoint, dict) else None
         if rng is not None and self.capture_rng:
             from .torch import set_rng_state
@@ -131,9 +144,21 @@ class SafeCheckpointIO(CheckpointIO):
         """Nothing is held between calls."""
 
 
+def _remove_stale_temporaries(storage: Any, name: str) -> None:
+    """The temporaries a save of `name` left when its process died (Lightning saves one name at a
+    time, from one process): our files in them are deleted, anything else stays."""
+    prefix = temporary_name(name, "")
+    for entry, is_dir in storage.entries().items():
+        if is_dir and entry.startswith(prefix) and _TOKEN.fullmatch(entry[len(prefix):]):
+            storage.remove_temporary(entry, OUR_FILES)
+
+
 def load_from_checkpoint(cls: type, checkpoint_path: "os.PathLike | str", map_location: MapLocation = None,
                          strict: Optional[bool] = None, **kwargs: Any) -> Any:
-    """What ``cls.load_from_checkpoint(path)`` does, for a checkpoint `SafeCheckpointIO` wrote.
+    """What ``cls.load_from_checkpoint(path)`` does, without running anything from the file.
+
+    `checkpoint_path` is a checkpoint `SafeCheckpointIO` wrote or a pickled ``.ckpt``
+    (read by the restricted pickle machine: a malicious one raises `UnsafeFileError`).
 
     (Lightning's own ``load_from_checkpoint`` bypasses the CheckpointIO and calls ``torch.load``.)
     The module (or data module) is built from the saved hyperparameters, updated with
@@ -161,36 +186,6 @@ def load_from_checkpoint(cls: type, checkpoint_path: "os.PathLike | str", map_lo
     model = _load_state(cls, checkpoint, strict=strict, **kwargs)
     tensors = [value for value in checkpoint.get("state_dict", {}).values() if hasattr(value, "device")]
     return model.to(tensors[0].device) if tensors else model
-
-
-def _mapped(tree: Any, map_location: MapLocation) -> Any:
-    """The tree with every torch tensor moved as torch.load's `map_location` would move it."""
-    import torch
-
-    def move(tensor):
-        if callable(map_location) and not isinstance(map_location, (str, torch.device)):
-            moved = map_location(tensor, str(tensor.device))
-            return moved if isinstance(moved, torch.Tensor) else tensor
-        if isinstance(map_location, dict):
-            target = map_location.get(str(tensor.device))
-            return tensor if target is None else tensor.to(target)
-        return tensor.to(map_location)
-
-    def walk(value):
-        if isinstance(value, torch.Tensor):
-            return move(value)
-        if isinstance(value, dict):
-            for key in list(value):
-                value[key] = walk(value[key])
-            return value
-        if isinstance(value, list):
-            value[:] = [walk(item) for item in value]
-            return value
-        if isinstance(value, tuple) and type(value) is tuple:
-            return tuple(walk(item) for item in value)
-        return value
-
-    return walk(tree)
 
 
 __all__ = ["SafeCheckpointIO", "load_from_checkpoint", "RNG_KEY"]

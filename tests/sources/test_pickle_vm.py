@@ -644,12 +644,15 @@ def test_python2_strings_and_names():
     assert load(b"F1.5\n.").value == 1.5
 
 
-def test_lightning_attribute_dict_becomes_a_dict():
+def test_lightning_attribute_dict_becomes_a_dict_that_knows_what_it_was():
+    from safeckpt.sources.pickle_records import KeptDict
+
     for module in ("pytorch_lightning.utilities.parsing", "lightning.fabric.utilities.data"):
         data = (b"\x80\x02" + glob(module, "AttributeDict") + b")\x81}b(" + ustr("lr") + b"G?\xb9\x99"
                 b"\x99\x99\x99\x99\x9a" + ustr("name") + ustr("net") + b"u.")
         result = load(data)
-        assert result.value == {"lr": 0.1, "name": "net"} and type(result.value) is dict
+        assert result.value == {"lr": 0.1, "name": "net"} and type(result.value) is KeptDict
+        assert result.value.kind == "lightning.AttributeDict"
         assert all(g.allowed for g in result.globals)
 
 

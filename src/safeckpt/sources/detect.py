@@ -171,8 +171,9 @@ _OPENERS: dict[str, Callable[[str, bytes], TensorSource]] = {
 }
 
 # Names a model folder's single checkpoint usually has, most preferred first.
+# tensors.safetensors: a training checkpoint directory (CheckpointManager's step, SafeCheckpointIO's *.ckpt/).
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.ckpt",
-                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "tensors.safetensors")
 
 
 def _open_directory(path: str) -> TensorSource:

@@ -41,8 +41,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .pickle_records import (PickleError, Placeholder, PlaceholderCall, StorageRef, TensorRef, TorchDType,
-                             TorchStorageType, brief)
+from .pickle_records import (KeptDict, KeptList, PathText, PickleError, Placeholder, PlaceholderCall, StorageRef,
+                             TensorRef, TorchDevice, TorchDType, TorchSize, TorchStorageType, WindowsPathText, brief)
 
 __all__ = ["ALLOWLIST", "EXTENSION_TABLE", "Rebuild", "Pending"]
 
@@ -299,13 +299,13 @@ def _type_only(name: str) -> Callable:
 
 
 def _torch_size(dims: Any = ()) -> tuple:
-    return _int_tuple(tuple(dims) if isinstance(dims, list) else dims, "torch.Size")
+    return TorchSize(_int_tuple(tuple(dims) if isinstance(dims, list) else dims, "torch.Size"))
 
 
 def _torch_device(kind: Any, index: Any = None) -> str:
     if not isinstance(kind, str) or len(kind) > 64 or (index is not None and type(index) is not int):
         raise PickleError("torch.device() only from a short name and an optional index")
-    return kind if index is None else f"{kind}:{index}"
+    return TorchDevice(kind if index is None else f"{kind}:{index}")
 
 
 def _defaultdict(default_factory: Any = None, items: Any = ()) -> dict:
@@ -318,7 +318,7 @@ def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
 
 
 def _plain_dict(*args: Any, **kwargs: Any) -> dict:
-    """A plain-data class (Namespace, AttributeDict): BUILD and SETITEMS fill the dict."""
+    """A plain-data record (DCP metadata): BUILD and SETITEMS fill the dict."""
     out: dict = {}
     if len(args) == 1 and isinstance(args[0], dict):
         out.update(args[0])
@@ -326,12 +326,19 @@ def _plain_dict(*args: Any, **kwargs: Any) -> dict:
     return out
 
 
+def _kept_dict(kind: str) -> Callable:
+    """A plain-data class (Namespace, AttributeDict): BUILD and SETITEMS fill the dict."""
+    def make(*args: Any, **kwargs: Any) -> KeptDict:
+        return KeptDict(kind, _plain_dict(*args, **kwargs))
+    return make
+
+
 def _join_posix(*parts: Any) -> str:
-    return posixpath.join(*_str_parts(parts)) if parts else "."
+    return PathText(posixpath.join(*_str_parts(parts)) if parts else ".")
 
 
 def _join_windows(*parts: Any) -> str:
-    return ntpath.join(*_str_parts(parts)) if parts else "."
+    return WindowsPathText(ntpath.join(*_str_parts(parts)) if parts else ".")
 
 
 def _str_parts(parts: tuple) -> tuple:
@@ -355,9 +362,9 @@ class _PendingOmega(Pending):
             return None
         content = state.get("_content")
         if isinstance(content, dict):
-            return {k: v for k, v in content.items()}
+            return KeptDict("omegaconf.DictConfig", content)
         if isinstance(content, list):
-            return list(content)
+            return KeptList("omegaconf.ListConfig", content)
         return content  # None, "???" or an interpolation string
 
 
@@ -457,8 +464,8 @@ def _regex(pattern: Any, flags: Any = 0) -> dict:
 
 def _counter(items: Any = ()) -> dict:
     if isinstance(items, dict):
-        return dict(items)
-    return dict(collections.Counter(_plain_iterable(items)))
+        return KeptDict("collections.Counter", items)
+    return KeptDict("collections.Counter", collections.Counter(_plain_iterable(items)))
 
 
 def _deque(items: Any = (), maxlen: Any = None) -> list:
@@ -600,7 +607,8 @@ def _build_allowlist() -> dict:
             name = prefix + cls.replace("Storage", "Tensor")
             add(name, _type_only(name))
     add("copyreg._reconstructor", _copyreg_reconstructor)
-    add(["argparse.Namespace", "types.SimpleNamespace"], _plain_dict)
+    add("argparse.Namespace", _kept_dict("argparse.Namespace"))
+    add("types.SimpleNamespace", _kept_dict("types.SimpleNamespace"))
     add(_DCP_RECORDS, _plain_dict)
     add("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", _enum_value)
     add("torch.serialization._get_layout", _torch_layout)
@@ -618,7 +626,7 @@ def _build_allowlist() -> dict:
     add(["pytorch_lightning.utilities.parsing.AttributeDict",
          "lightning.pytorch.utilities.parsing.AttributeDict",
          "lightning.fabric.utilities.data.AttributeDict",
-         "lightning_fabric.utilities.data.AttributeDict"], _plain_dict)
+         "lightning_fabric.utilities.data.AttributeDict"], _kept_dict("lightning.AttributeDict"))
     add(["pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.Path",
          "pathlib._local.PosixPath", "pathlib._local.PurePosixPath"], _join_posix)
     add(["pathlib.WindowsPath", "pathlib.PureWindowsPath",

@@ -18,7 +18,8 @@ from typing import Any, Optional
 from safeckpt.errors import SafeckptError
 
 __all__ = ["PickleError", "brief", "Placeholder", "PlaceholderCall", "HugeInt", "TorchDType",
-           "TorchStorageType", "StorageRef", "TensorRef"]
+           "TorchStorageType", "StorageRef", "TensorRef", "KeptDict", "KeptList", "TorchSize", "TorchDevice",
+           "PathText"]
 
 
 class PickleError(SafeckptError, ValueError):
@@ -142,3 +143,50 @@ class TensorRef:
     dtype: Optional[TorchDType] = None
     parameter: bool = False
 
+
+
+# Plain-data objects, kept as the plain value they hold (so every reader sees a dict, a
+# list, a tuple or a str) and marked with what they were, so that a reader that rebuilds
+# objects (`safeckpt.torch.safe_load`) can give back the same class -- from its own table
+# of kinds (`training.state.KEPT_TYPES`), never by a name read from the file.
+
+class KeptDict(dict):
+    """An object kept as its attributes; `kind` is what it was (``"argparse.Namespace"``)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+
+
+class KeptList(list):
+    """A list-like object kept as its items; `kind` is what it was (``"omegaconf.ListConfig"``)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str, items: Any = ()) -> None:
+        super().__init__(items)
+        self.kind = kind
+
+
+class TorchSize(tuple):
+    """A ``torch.Size`` (a tuple of ints)."""
+
+    __slots__ = ()
+
+
+class TorchDevice(str):
+    """A ``torch.device``, as its name (``"cuda:0"``)."""
+
+    __slots__ = ()
+
+
+class PathText(str):
+    """A ``pathlib`` path, as its text; `windows` tells a Windows path from a POSIX one."""
+
+    windows = False
+
+
+class WindowsPathText(PathText):
+    windows = True

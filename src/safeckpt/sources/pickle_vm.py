@@ -952,9 +952,15 @@ def op_build(m: _Machine, pos: int) -> int:
                 m.memo[key] = new
     elif isinstance(obj, PlaceholderCall):
         obj.state.extend(m.fit(obj, [state]))
-    elif isinstance(obj, dict) and not isinstance(obj, collections.OrderedDict):
-        # plain-data classes (Namespace, AttributeDict) keep their __dict__ as items;
-        # attributes of an OrderedDict (torch's state_dict._metadata) are not items
+    elif isinstance(obj, collections.OrderedDict):
+        # attributes of an OrderedDict (torch's state_dict._metadata) are not items: kept
+        # as attributes (torch's weights_only loader keeps them too), plain names only
+        if isinstance(state, dict):
+            names = [k for k in state if type(k) is str and k.isidentifier() and not k.startswith("__")]
+            values = m.fit(obj, [state[k] for k in names])
+            obj.__dict__.update(zip(names, values))
+    elif isinstance(obj, dict):
+        # plain-data classes (Namespace, AttributeDict) keep their __dict__ as items
         inst, slots = (state if isinstance(state, tuple) and len(state) == 2 else (state, None))
         for part in (inst, slots):
             if isinstance(part, dict):

@@ -76,7 +76,10 @@ def is_tensor_like(x: Any) -> bool:
 class PickleSource(TensorSource):
     """Tensors and structure of a pickle-based checkpoint, read through `pickle_vm`.
 
-    `storage_bytes(key)` gives a storage's raw bytes (a zero-copy view of the file).
+    `value` is the object the pickle machine made (records, placeholders and plain data,
+    before it is flattened into `tree`); `storage_view(key)` gives a storage's raw bytes
+    (a zero-copy view of the file, in the file's `byteorder`) and `storage_span(key)` where
+    they lie in the file.
     """
 
     def __init__(self, path: str, *, format: str, result: Any, globals: list, findings: list,
@@ -86,8 +89,9 @@ class PickleSource(TensorSource):
         self.format = format
         self.globals = globals
         self.pickle_findings = list(findings)
+        self.value = result
         self._storage_bytes = storage_bytes
-        self._byteorder = byteorder
+        self.byteorder = byteorder
         self._mapping = mapping
         self._details = details
         flat = flatten(result, is_tensor_like, describe_object)
@@ -191,14 +195,25 @@ class PickleSource(TensorSource):
                 f"but its record holds only {len(raw)} bytes", path=self.path, tensor=name)
         usable = declared - declared % np_dtype.itemsize
         array = np.frombuffer(raw, np.uint8, usable).view(np_dtype)
-        if self._byteorder == "big" and np_dtype.itemsize > 1:
+        if self.byteorder == "big" and np_dtype.itemsize > 1:
             array = array.byteswap().view(np_dtype)
             array.flags.writeable = False
         return array
 
+    def storage_view(self, key: str) -> memoryview:
+        """The raw bytes of storage `key`, as the file holds them (SourceError if it holds none)."""
+        return self._storage_bytes(key)
+
+    def storage_span(self, key: str) -> Optional[FileSpan]:
+        """Where storage `key`'s bytes lie in the file; None when they are not a plain range of it."""
+        if self._mapping is None:
+            return None
+        span = _span_in(self._mapping, self._storage_bytes(key))
+        return None if span is None else FileSpan(self.path, span[0], span[1] - span[0])
+
     def file_span(self, name: str) -> Optional[FileSpan]:
         obj = self._objects.get(name)
-        if self._mapping is None or self._byteorder != "little" or not isinstance(obj, TensorRef) \
+        if self._mapping is None or self.byteorder != "little" or not isinstance(obj, TensorRef) \
                 or not isinstance(obj.storage, StorageRef):
             return None
         info = self._infos[name]
@@ -240,6 +255,7 @@ class PickleSource(TensorSource):
 
     def close(self) -> None:
         self._objects.clear()
+        self.value = None
         self._storage_bytes = _closed  # drops the archive and its views of the mapping
         unmap(self._mapping)
 

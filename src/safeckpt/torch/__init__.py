@@ -30,10 +30,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import numpy as np
 import torch
 
-from . import api, errors
-from .api import safe_open  # noqa: F401  (as in safetensors.torch)
-from .format.writer import RawTensor, tensor_chunks
-from .tensor_spec import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (as in safetensors.torch)
+from .. import api, errors
+from ..api import safe_open  # noqa: F401  (as in safetensors.torch)
+from ..format.writer import RawTensor, tensor_chunks
+from ..tensor_spec import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (as in safetensors.torch)
+from .unpickle import Placeholder, PlaceholderCall, safe_load  # noqa: F401
 
 
 # --- shared (tied) tensors: safetensors.torch's helpers, same names and results ---
