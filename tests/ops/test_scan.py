@@ -337,8 +337,12 @@ def test_directory_is_scanned_recursively(tmp_path, malicious_corpus):
     report = scan(tmp_path)
     assert report.format == "directory" and report.verdict == "malicious" and report.exit_code() == 1
     assert sorted(os.path.relpath(r.path, tmp_path) for r in report.files) == ["a/b/evil.bin", "a/b/w.pkl"]
-    assert [f.kind for f in report.findings] == ["skipped-files"]
+    assert [f.kind for f in report.findings] == ["skipped-files", "pickled-files"]
+    explained = report.findings[1]
+    assert explained.what == "2 pickles: a/b/evil.bin, a/b/w.pkl"
+    assert "a/b/evil.bin would import and call" in explained.why and "w.pkl would" not in explained.why
     (tmp_path / "a" / "b" / "evil.bin").unlink()
+    assert "all name only data" in scan(tmp_path).findings[1].why
     assert scan(tmp_path).verdict == "safe"
     os.symlink(tmp_path / "gone.pt", tmp_path / "broken.pt")
     assert scan(tmp_path).exit_code() == 2

@@ -8,15 +8,18 @@ draws a progress bar on stderr when the work takes more than a second.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import click
 
+from .. import errors
 from . import output, short_help
 from .output import grouped, human_bytes, printable
 
 if TYPE_CHECKING:
     from ..ops.convert import ConvertReport
+    from ..torch.folders import FolderReport
 
 # Rows of the overflow table and names of skipped tensors shown (all of them with --json).
 SHOWN_ROWS = 20
@@ -29,7 +32,9 @@ EXIT_CODES = ("\b\nExit codes:\n  0  converted (and verified, with --verify)\n"
 JSON_HELP = ("Print one JSON document: {command, ok, exit_code, error, error_type, warnings, source, source_format, "
              "outputs, index, tensors, bytes_written, aliases, skipped, cast, overflow, underflow, verified, "
              "seconds, scan_verdict, notes, copied}; cast is the target dtype (null: none); copied, a model folder's other "
-             "files copied beside the output; a refused source adds scan.")
+             "files copied beside the output; a refused source adds scan. A training folder gives {source, model (the "
+             "model's report, or null), states [{source, source_format, outputs, tensors, scan_verdict, objects}], "
+             "copied, outputs, seconds, notes}.")
 FORCE_HELP = "Replace DST if it exists (never an input); without it an existing DST is refused."
 
 
@@ -99,6 +104,11 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
     """Convert SRC (PyTorch .bin/.pt/.pth, Lightning or SD .ckpt, npz, sharded folder, safetensors,
     ...) into safetensors at DST, a file or a directory.
 
+    A training checkpoint folder (a transformers Trainer's checkpoint-500/, an
+    accelerate save_state folder) becomes a folder with no pickle in it: the model
+    as below, each other pickle NAME.pt as NAME.safetensors + NAME.json (read back
+    with safeckpt.training.join_state), the other files copied.
+
     Tensors stream from the mapped source one at a time, so memory stays near the
     largest tensor. The file's pickles are read by a restricted machine that never
     runs code; a source the scan finds malicious is refused unless
@@ -114,15 +124,22 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
       safeckpt convert big.bin out/model.safetensors --shard-size 5GB --verify
       safeckpt convert last.ckpt weights.safetensors --exclude 'loss.*' --json
       safeckpt convert dump.bin model.safetensors --template layout.json
+      safeckpt convert checkpoint-500/ safe-checkpoint-500/
     """
     if drop_ema and ema_only:
         output.fail(output.EXIT_ERROR, "--drop-ema and --ema-only exclude each other")
     ema = "drop" if drop_ema else "only" if ema_only else None
 
-    def work(progress: output.ProgressBar) -> ConvertReport:
-        from ..ops.convert import convert
+    def work(progress: output.ProgressBar) -> "ConvertReport | FolderReport":
+        from ..ops.convert import convert, state_files
         from ..sources import open_source
 
+        if template is None and os.path.isdir(src) and state_files(src):
+            return _training_folder()(
+                src, dst, shard_size=shard_size, dtype=dtype, select=select or None, exclude=exclude or None,
+                extract=None if extract.lower() == "none" else extract, ema=ema, verify=verify,
+                allow_unsafe_structure=allow_unsafe_structure, source_hash=not no_source_hash, progress=progress,
+                overwrite=force)
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(open_source(src, template=template)) if template else src
             return convert(source, dst, shard_size=shard_size, dtype=dtype, select=select or None,
@@ -134,8 +151,22 @@ def command(src: str, dst: str, shard_size: Optional[str], dtype: Optional[str],
     output.finish(output.EXIT_OK, report_dict(report))
 
 
-def report_dict(report: ConvertReport) -> dict[str, Any]:
+def _training_folder() -> Callable[..., FolderReport]:
+    """`convert_folder`, which reads the pickles with torch; without torch, one clear error."""
+    try:
+        from ..torch.folders import convert_folder
+    except ImportError as exc:
+        raise errors.SafeckptError(f"this folder holds pickled training state (optimizer, scheduler, RNG states): "
+                                   f"turning it into safetensors + JSON needs torch ({exc}); pip install torch") \
+            from None
+    return convert_folder
+
+
+def report_dict(report: "ConvertReport | FolderReport") -> dict[str, Any]:
     """The report's fields for --json (notes in the command line's words)."""
+    if hasattr(report, "states"):
+        model = report_dict(report.model) if report.model is not None else None
+        return dict(report.to_dict(), model=model, notes=output.cli_notes(report.notes))
     return dict(report.to_dict(), notes=output.cli_notes(report.notes))
 
 
@@ -146,5 +177,22 @@ def run(work: Callable[[output.ProgressBar], ConvertReport], dst: str, as_json: 
     label = {"converted": "converting", "cast": "casting"}.get(verb, verb)
     report = output.run_writing(work, label, dst, as_json)
     if not as_json:
-        _summary(report, verb)
+        _folder_summary(report) if hasattr(report, "states") else _summary(report, verb)
     return report
+
+
+def _folder_summary(report: FolderReport) -> None:
+    if report.model is not None:
+        _summary(report.model)
+    console = output.make_console()
+    for state in report.states:
+        outputs = ", ".join(printable(os.path.basename(p)) for p in state.outputs)
+        console.print(f"converted {printable(state.source)} ({state.source_format}, scan: {state.scan_verdict}) -> "
+                      f"{outputs}: {grouped(state.tensors)} tensors", markup=False)
+    copied = [p for p in report.copied if report.model is None or p not in report.model.copied]
+    if copied:
+        console.print(f"copied: {', '.join(printable(p) for p in copied[:5])}{', ...' if len(copied) > 5 else ''}",
+                      markup=False)
+    for note in output.cli_notes(report.notes):
+        console.print(output.NOTE_PREFIX + note, markup=False)
+    console.print(f"no pickle in the output; {report.seconds:.2f} s", markup=False)

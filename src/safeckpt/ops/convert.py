@@ -92,6 +92,8 @@ WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetens
                    ".msgpack", ".npy", ".npz", ".gguf", ".onnx", ".pdparams", ".joblib")
 # Containers a file is recognised as by its first bytes that hold tensors or code, whatever its name.
 WEIGHT_CONTAINERS = frozenset({"safetensors", "zip", "npy", "tar", "pickle"})
+# Of those, the pickle-based ones: beside a model, a training run's state (optimizer.pt, rng_state.pth).
+STATE_CONTAINERS = frozenset({"zip", "tar", "pickle"})
 # --- the report --------------------------------------------------------------------
 
 @dataclass
@@ -350,16 +352,42 @@ def _folder_files(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | s
 
 def _holds_weights(path: str) -> bool:
     """True for a file named like weights or whose first bytes are a tensor container or a pickle."""
-    from ..sources.detect import SNIFF_BYTES, sniff  # at call time: detect grows with every format
-
     if path.lower().endswith(WEIGHT_SUFFIXES):
         return True
+    kind = sniffed(path)
+    return kind is None or kind in WEIGHT_CONTAINERS  # a FIFO or an unreadable file is not copied either
+
+
+def sniffed(path: str) -> Optional[str]:
+    """The container kind a regular file's first bytes show ("" for none); None when it cannot be read."""
+    from ..sources.detect import SNIFF_BYTES, sniff  # at call time: detect grows with every format
+
     try:
         with open_regular_file(path) as f:
-            head = f.read(SNIFF_BYTES)
+            return sniff(f.read(SNIFF_BYTES)) or ""
     except (OSError, errors.SafeckptError):
-        return True  # a FIFO or an unreadable file is not copied either
-    return sniff(head) in WEIGHT_CONTAINERS
+        return None
+
+
+def model_files_of(folder: "os.PathLike | str") -> set[str]:
+    """The files of the model a folder holds (its index and shards, or its one model file); empty for none."""
+    from ..sources import open_source  # at call time, as detect: it grows with every format
+
+    try:
+        with open_source(folder) as source:
+            return {os.path.abspath(path) for path in source.files()}
+    except errors.SafeckptError:
+        return set()
+
+
+def state_files(folder: "os.PathLike | str", model_files: Optional[set[str]] = None) -> list[str]:
+    """Names of a folder's top-level files that are pickles (torch zips, legacy files, plain pickles) and not
+    its model: a training checkpoint's optimizer, scheduler and RNG states (`safeckpt.torch.folders`)."""
+    folder = os.fspath(folder)
+    model = model_files_of(folder) if model_files is None else model_files
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False))
+    return [name for name in names
+            if os.path.abspath(os.path.join(folder, name)) not in model and sniffed(os.path.join(folder, name)) in STATE_CONTAINERS]
 
 
 # --- metadata ----------------------------------------------------------------------

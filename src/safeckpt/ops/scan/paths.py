@@ -130,6 +130,32 @@ def _finish_directory(report: ScanReport, skipped: list[str], links: list[str]) 
         shown = "; ".join(links[:5]) + ("; ..." if len(links) > 5 else "")
         report.findings.append(Finding(INFO, "skipped-links", f"{len(links)} folders",
                                        f"symbolic links not followed: {shown}", None, -1))
+    pickles = _pickles_explained(report)
+    if pickles is not None:
+        report.findings.append(pickles)
     report.verdict = max((r.verdict for r in report.files), key=VERDICT_RANK.__getitem__,
                          default=SAFE)
     return report
+
+
+# Formats whose loading runs a pickle program (torch.load, pickle.load).
+PICKLED_FORMATS = frozenset({"torch-zip", "torch-legacy", "torch-tar", "pickle"})
+
+
+def _pickles_explained(report: ScanReport) -> Optional[Finding]:
+    """Which files of a folder are pickles, and which of those would run code named in them when loaded."""
+    pickled = [child for child in report.files if child.format in PICKLED_FORMATS]
+    if not pickled:
+        return None
+    name = lambda child: os.path.relpath(child.path, report.path)  # noqa: E731
+    running = []
+    for child in pickled:
+        named = sorted({f.what for f in child.findings if f.severity != INFO})
+        if child.verdict != SAFE:
+            running.append(f"{name(child)} would import and call {len(named)} ({', '.join(named[:2])}"
+                           f"{', ...' if len(named) > 2 else ''})")
+    code = "; ".join(running[:3]) + ("; ..." if len(running) > 3 else "") if running else "all name only data"
+    shown = ", ".join(name(child) for child in pickled[:4]) + (", ..." if len(pickled) > 4 else "")
+    return Finding(INFO, "pickled-files", f"{len(pickled)} pickles: {shown}",
+                   f"torch.load runs them as programs; {code}. `safeckpt convert` of the folder makes them "
+                   "safetensors + JSON", None, -1)
