@@ -269,6 +269,10 @@ def test_malicious_files_are_refused_and_never_run(tmp_path):
     malicious_torch_file(tmp_path / "evil.pt", canary)
     with pytest.raises(errors.UnsafeFileError, match="refusing to load.*malicious"):
         safe_load(tmp_path / "evil.pt")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "pytorch_model.bin").write_bytes((tmp_path / "evil.pt").read_bytes())
+    with pytest.raises(errors.UnsafeFileError):  # a model folder: the file it opens is scanned
+        safe_load(tmp_path / "model")
     corpus = make_corpus(tmp_path / "corpus")
     for item in corpus:
         with pytest.raises(errors.UnsafeFileError):

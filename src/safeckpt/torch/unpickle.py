@@ -78,8 +78,7 @@ def safe_load(f: FileLike, map_location: MapLocation = None, mmap: bool = True) 
     >>> model.load_state_dict(state)
     """
     from ..format.checkpoint_dir import is_checkpoint, open_checkpoint, read_checkpoint
-    from ..ops.scan.guard import check_safety
-    from ..sources import open_source
+    from ..ops.scan.guard import check_safety, open_checked
     from ..sources.torch_file import PickleSource
     from ..training.state import join_state
 
@@ -88,9 +87,9 @@ def safe_load(f: FileLike, map_location: MapLocation = None, mmap: bool = True) 
             storage, info, manifest = open_checkpoint(path)
             tensors, document = read_checkpoint(storage, info, manifest, verify=True)
             return map_tensors(join_state(tensors, document), map_location)
-        check_safety([path], allow=False, action="load") if os.path.isfile(path) else None
-        source = open_source(path)
+        source = open_checked(path, allow_unsafe=False, action="load")
         try:
+            check_safety(source.files(), allow=False, action="load")  # a model folder: the files it opened
             if isinstance(source, PickleSource):
                 builder = _Builder(source, map_location, mmap)
                 try:
