@@ -30,6 +30,7 @@ locations, or a function of ``(storage, location)`` returning a storage.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import mmap as mmap_module
@@ -39,7 +40,6 @@ import shutil
 import sys
 import tempfile
 import types
-import collections
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -47,10 +47,14 @@ import numpy as np
 import torch
 
 from .. import errors
+from ..format.checkpoint_dir import is_checkpoint, open_checkpoint, read_checkpoint
 from ..frameworks.torch import from_numpy
+from ..ops.scan.guard import check_safety, open_checked
 from ..sources.pickle_allowlist import Rebuild
 from ..sources.pickle_records import (KeptDict, KeptList, PathText, Placeholder, PlaceholderCall, StorageRef,
                                       TensorRef, TorchDevice, TorchDType, TorchSize, TorchStorageType)
+from ..sources.torch_file import PickleSource
+from ..training.state import KEPT_TYPES, join_state
 
 __all__ = ["safe_load", "Placeholder", "PlaceholderCall"]
 
@@ -77,11 +81,6 @@ def safe_load(f: FileLike, map_location: MapLocation = None, mmap: bool = True) 
     >>> state = safe_load("pytorch_model.bin", map_location="cpu")
     >>> model.load_state_dict(state)
     """
-    from ..format.checkpoint_dir import is_checkpoint, open_checkpoint, read_checkpoint
-    from ..ops.scan.guard import check_safety, open_checked
-    from ..sources.torch_file import PickleSource
-    from ..training.state import join_state
-
     with _as_path(f) as path:
         if os.path.isdir(path) and is_checkpoint(path):
             storage, info, manifest = open_checkpoint(path)
@@ -166,7 +165,7 @@ def _view(storage: Any, dtype: torch.dtype, offset: int, size: tuple, stride: tu
 class _Builder:
     """Turns what the pickle machine read from one file into torch objects."""
 
-    def __init__(self, source: Any, map_location: MapLocation, mmap: bool) -> None:
+    def __init__(self, source: PickleSource, map_location: MapLocation, mmap: bool) -> None:
         self.source = source
         self.restore = torch.serialization._get_restore_location(map_location)
         self.mmap = mmap
@@ -331,8 +330,6 @@ def _kept(kind: str, parts: Any) -> Any:
         return types.SimpleNamespace(**parts) if all(isinstance(k, str) for k in parts) else parts
     if kind == "argparse.Namespace" and not all(isinstance(k, str) for k in parts):
         return parts
-    from ..training.state import KEPT_TYPES
-
     try:
         return KEPT_TYPES[kind].rebuild(parts, None)
     except Exception:  # noqa: BLE001 - a config library refusing a value: the plain value is still the data
@@ -364,8 +361,6 @@ def _class_named(name: str) -> Any:
             return None
         return getattr(omegaconf, _OMEGACONF_CLASSES[name])
     if name.endswith(".AttributeDict"):
-        from ..training.state import KEPT_TYPES
-
         made = KEPT_TYPES["lightning.AttributeDict"].rebuild({}, None)
         return type(made) if type(made) is not dict else None
     return None
