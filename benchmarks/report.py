@@ -253,6 +253,15 @@ KNOWN_GAPS = {
         "a gap of about 5% in medians and bests alike, not yet explained: the torch row writes the same "
         "bytes through the same writer, fsyncs included, and meets its floor (it was 1.00x in the previous "
         "committed run)",
+    "safe_load (a safe torch.load), lazy":
+        "a fixed cost of about 25-30 ms for the 315 tensors against torch.load's C++ unpickler: the scan "
+        "before loading (zip checks, CRCs of the small members, one pass of the Python pickle machine over "
+        "data.pkl, about 20 ms) and building the torch views (about 10 ms); the reader reuses the scan's "
+        "reading of data.pkl (one pickle pass, not two), and the pickle machine's speed is issue 19's work. "
+        "Once pages are read the gap is gone (the rows below)",
+    "merge --method linear of three checkpoints":
+        "0.74x in the previous committed run with the same merge code: this run's reading-and-writing "
+        "reference ran faster while the merge did not; within this machine's run-to-run spread",
 }
 
 

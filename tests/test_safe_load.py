@@ -206,6 +206,17 @@ def test_shared_storages_stay_shared_and_writes_never_reach_the_file(tmp_path):
     assert safe_load(tmp_path / "a.pt")["a"][0] == 0.0
 
 
+def test_the_scan_s_reading_of_the_pickle_is_the_one_loaded(tmp_path, monkeypatch):
+    from safeckpt.sources import torch_file
+
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "a.pt")
+    runs = []
+    original = torch_file._load_pickle
+    monkeypatch.setattr(torch_file, "_load_pickle", lambda *a, **k: runs.append(a) or original(*a, **k))
+    assert torch.equal(safe_load(tmp_path / "a.pt")["w"], torch.arange(4.0))
+    assert runs == []  # the scan read data.pkl; the reader took that reading instead of running it again
+
+
 def test_copies_outlive_the_file_and_file_objects_work(tmp_path):
     torch.save({"w": torch.arange(5.0)}, tmp_path / "a.pt")
     copied = safe_load(tmp_path / "a.pt", mmap=False)

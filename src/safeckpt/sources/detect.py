@@ -61,13 +61,16 @@ def sniff(head: bytes) -> Optional[str]:
     return None
 
 
-def open_source(path: "os.PathLike | str", *, template: Optional[object] = None) -> TensorSource:
+def open_source(path: "os.PathLike | str", *, template: Optional[object] = None,
+                readings: Optional[dict] = None) -> TensorSource:
     """Open any supported checkpoint for reading; the format comes from the content.
 
     `path` may be a file, a sharded model's index JSON, or a model folder (its
     index, or its single checkpoint file). `template` reads a raw ``.bin`` dump
     (a JSON template or a safetensors file naming each tensor's dtype and shape).
     Nothing in the file is executed: pickles go through the restricted machine.
+    `readings` are the machine's readings of the file's data.pkl from a scan made just
+    before (`ops.scan.scan(path, keep=readings)`), so that it is not run twice.
 
     >>> with open_source("pytorch_model.bin") as src:
     ...     print(src.describe(), src.keys()[:3])
@@ -84,6 +87,8 @@ def open_source(path: "os.PathLike | str", *, template: Optional[object] = None)
     opener = _OPENERS.get(kind) if kind else None
     if opener is None:
         _refuse(path, head)
+    if kind == "zip":
+        return _open_zip(path, head, readings)
     return opener(path, head)
 
 
@@ -119,7 +124,7 @@ def _open_safetensors(path: str, head: bytes) -> TensorSource:
     return SafetensorsSource(path)
 
 
-def _open_zip(path: str, head: bytes) -> TensorSource:
+def _open_zip(path: str, head: bytes, readings: Optional[dict] = None) -> TensorSource:
     from .npz import NpzSource
     from .base import map_file, unmap
     from .torch_file import open_torch_zip
@@ -130,7 +135,7 @@ def _open_zip(path: str, head: bytes) -> TensorSource:
     finally:
         unmap(mapping)
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-        return open_torch_zip(path)
+        return open_torch_zip(path, readings)
     if names and all(n.endswith(".npy") for n in names):
         return NpzSource(path)
     raise errors.UnknownFormatError(

@@ -323,8 +323,12 @@ def _load_pickle(data: Any, path: str, member: Optional[str] = None, **kwargs: A
     raise errors.SourceError(f"{member}: {detail}" if member else detail, path=path)
 
 
-def open_torch_zip(path: str) -> PickleSource:
-    """A ``torch.save`` zip checkpoint; storages are mapped zero-copy from the file."""
+def open_torch_zip(path: str, readings: Optional[dict] = None) -> PickleSource:
+    """A ``torch.save`` zip checkpoint; storages are mapped zero-copy from the file.
+
+    `readings` maps data.pkl bytes to the pickle machine's reading of them, made by a scan
+    of this file just before (`ops.scan.scan(path, keep=...)`): a data.pkl found there is
+    not run a second time."""
     mapping = map_file(path)
     try:
         archive = ZipArchive(mapping, path)
@@ -345,7 +349,9 @@ def open_torch_zip(path: str) -> PickleSource:
                 raise errors.SourceError(f"{member('byteorder')} says {byteorder!r}, not little or big",
                                          path=path)
         data_pkl = archive.read(member(DATA_PKL), max_size=MAX_PICKLE_BYTES)
-        result = _load_pickle(data_pkl, path, member(DATA_PKL))
+        result = readings.get(bytes(data_pkl)) if readings else None
+        if result is None:
+            result = _load_pickle(data_pkl, path, member(DATA_PKL))
 
         def storage_bytes(key: str) -> memoryview:
             name = member(f"data/{key}")

@@ -27,8 +27,9 @@ read by importing transformers and building it). accelerate's ``save_state`` wri
   reference to a class as ``{"__global__": "module.Name"}``;
 * other safetensors files are copied as they are.
 
-Every file is written atomically; a failure removes every file this run wrote and
-leaves existing ones untouched. An output that exists is replaced only with `overwrite`.
+Every pickle is scanned before anything is written, and every file is written
+atomically; a failure removes the files this run added (one it replaced, with `overwrite`,
+keeps its new content whole). An output that exists is replaced only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def convert_folder(src: "os.PathLike | str", dst: "os.PathLike | str", *, allow_
     verdicts = {name: check_safety([os.path.join(src, name)], allow_unsafe_structure, "convert").verdict
                 for name in names}
     os.makedirs(dst, exist_ok=True)
+    existing = set(os.listdir(dst))
     written: list[str] = []
     try:
         model = None
@@ -139,8 +141,8 @@ def convert_folder(src: "os.PathLike | str", dst: "os.PathLike | str", *, allow_
         for name in names:
             states.append(_convert_state(os.path.join(src, name), plans[name], verdicts[name], source_hash, written))
     except BaseException:
-        for path in written:
-            if os.path.isfile(path):
+        for path in written:  # what this run added; a file it replaced (overwrite) keeps its new content
+            if os.path.basename(path) not in existing and os.path.isfile(path):
                 os.unlink(path)
         raise
     copied = (list(model.copied) if model else []) + copied
@@ -161,10 +163,9 @@ def _plan_outputs(src: str, dst: str, names: list[str], overwrite: bool) -> dict
         for out in outs:
             base = os.path.basename(out)
             if base in taken or (base in inputs and base != name):
-                other = taken.get(base, base)
-                raise errors.OutputExistsError(
-                    f"would be written for {name} but is also {'written for ' + other if other != base else 'in the folder'}: "
-                    "rename one of them first", path=out)
+                clash = f"written for {taken[base]}" if base in taken else f"a file of {src}"
+                raise errors.OutputExistsError(f"would be written for {name} but is also {clash}: rename one of "
+                                               "them first; nothing was written", path=out)
             taken[base] = name
             if os.path.exists(out) and not overwrite:
                 raise errors.OutputExistsError("already exists; nothing was read or written. Replace it with "

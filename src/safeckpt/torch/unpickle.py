@@ -50,6 +50,7 @@ from .. import errors
 from ..format.checkpoint_dir import is_checkpoint, open_checkpoint, read_checkpoint
 from ..frameworks.torch import from_numpy
 from ..ops.scan.guard import check_safety, open_checked
+from ..sources import open_source
 from ..sources.pickle_allowlist import Rebuild
 from ..sources.pickle_records import (KeptDict, KeptList, PathText, Placeholder, PlaceholderCall, StorageRef,
                                       TensorRef, TorchDevice, TorchDType, TorchSize, TorchStorageType)
@@ -86,9 +87,15 @@ def safe_load(f: FileLike, map_location: MapLocation = None, mmap: bool = True) 
             storage, info, manifest = open_checkpoint(path)
             tensors, document = read_checkpoint(storage, info, manifest, verify=True)
             return map_tensors(join_state(tensors, document), map_location)
-        source = open_checked(path, allow_unsafe=False, action="load")
+        if os.path.isfile(path):
+            readings: dict = {}  # the scan's reading of data.pkl: the file's pickle is run once
+            check_safety([path], allow=False, action="load", keep=readings)
+            source = open_source(path, readings=readings)
+        else:
+            source = open_checked(path, allow_unsafe=False, action="load")
         try:
-            check_safety(source.files(), allow=False, action="load")  # a model folder: the files it opened
+            if not os.path.isfile(path):
+                check_safety(source.files(), allow=False, action="load")  # a model folder: the files it opened
             if isinstance(source, PickleSource):
                 builder = _Builder(source, map_location, mmap)
                 try:

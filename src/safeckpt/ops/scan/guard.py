@@ -32,18 +32,19 @@ def open_checked(path: "os.PathLike | str", allow_unsafe: bool, action: str = "c
         raise
 
 
-def check_safety(paths: list[str], allow: bool, action: str = "convert"):
+def check_safety(paths: list[str], allow: bool, action: str = "convert", keep: Optional[dict] = None):
     """Scan the files; a malicious one is refused unless `allow` (nothing is executed either way).
 
     Returns the report of the worst file (None for no files). `action` names the
-    refused operation in the message ("convert", "merge", ...).
+    refused operation in the message ("convert", "merge", ...). `keep` receives the
+    readings of the files' data.pkl (`scan_bytes`), for a reader that loads them next.
 
     >>> check_safety(["model.pt"], allow=False).verdict
     'safe'
     """
     worst: Optional[object] = None
     for path in paths:
-        report = scan(path)
+        report = scan(path, keep=keep) if keep is not None and os.path.isfile(path) else scan(path)
         if worst is None or VERDICT_RANK.get(report.verdict, 1) > VERDICT_RANK.get(worst.verdict, 1):
             worst = report
         if report.verdict == "malicious" and not allow:

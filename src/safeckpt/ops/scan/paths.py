@@ -23,13 +23,15 @@ from .scanner import NOT_A_CHECKPOINT, scan_bytes
 # Files scanned under one directory.
 MAX_DIRECTORY_FILES = 100_000
 
-def scan(path: "os.PathLike | str") -> ScanReport:
+def scan(path: "os.PathLike | str", *, keep: Optional[dict] = None) -> ScanReport:
     """Scan a file or, recursively, a directory; the file is read, never executed.
 
     >>> scan("model.pt").verdict
     'safe'
     >>> [(r.path, r.verdict) for r in scan("downloads/").files]
     [('downloads/model.ckpt', 'malicious'), ('downloads/w.npz', 'safe')]
+
+    `keep` (a file only): as in `scan_bytes`, receives the readings of its data.pkl.
     """
     path = os.fspath(path)
     try:
@@ -43,7 +45,7 @@ def scan(path: "os.PathLike | str") -> ScanReport:
                                  "not read, since reading it could block; no loader reads a checkpoint from it")
     try:
         with mapped(path) as data:
-            return scan_bytes(data, path=path)
+            return scan_bytes(data, path=path, keep=keep)
     except OSError as exc:
         return _unreadable(path, f"cannot read: {exc.strerror or exc}")
 

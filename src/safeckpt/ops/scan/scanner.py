@@ -77,6 +77,8 @@ MAX_CRC_BYTES = 16 << 20
 MAX_INFLATED_MEMBER = 64 << 20
 # Records torch's legacy tar format lists in its 'storages' and 'tensors' members.
 MAX_TAR_RECORDS = 1 << 20
+# The largest data.pkl whose reading is kept for a reader that asked (`scan_bytes(keep=...)`).
+MAX_KEPT_PICKLE = 256 << 20
 # Set to see the traceback of an unexpected error instead of an error in the report.
 TRACEBACK_ENV = "SAFECKPT_TRACEBACK"
 # Bytes read to recognise a format (a tar header ends at 512) or an archive member.
@@ -120,15 +122,20 @@ AFTER = "after"        # a program reading a stream might: the bytes right after
 POSSIBLE = "possible"  # some program might (archive members, bytes after an archive)
 
 
-def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None) -> ScanReport:
+def scan_bytes(data: Any, *, path: str = "<bytes>", member: Optional[str] = None,
+               keep: Optional[dict] = None) -> ScanReport:
     """Scan a file held in memory (bytes, bytearray, mmap or memoryview).
 
     `member` names where the bytes came from (an archive member); findings carry it.
+    `keep`, a dict, receives each top-level ``data.pkl``'s bytes -> the pickle machine's
+    reading of them (`PickleResult`) where loading would read it the same way, so that a
+    reader that loads the file after the scan need not run the pickle a second time.
 
     >>> scan_bytes(b"cos\\nsystem\\n(S'echo hi'\\ntR.").verdict
     'malicious'
     """
     scanner = _Scanner(path)
+    scanner.keep = keep
     view = memoryview(data).cast("B")
     fmt = "unknown"
     try:
@@ -163,6 +170,7 @@ class _Pickle:
     ends: list[int] = field(default_factory=list)     # "bytes" reader first, then "file"
     complete: bool = False
     flagged: bool = False                             # named a global that is not allowlisted
+    result: Optional[PickleResult] = None             # the first reading, as the machine gave it
 
     @property
     def file_end(self) -> Optional[int]:
@@ -179,6 +187,8 @@ class _Scanner:
         self.errors: list[str] = []
         self.nested_scans = 0
         self.scanned: set[tuple] = set()    # (member, start) of every pickle already read
+        # data.pkl bytes -> the machine's reading of them, for a reader that asked (`scan_bytes(keep=...)`)
+        self.keep: Optional[dict[bytes, PickleResult]] = None
 
     # -- recording
     def add(self, severity: str, kind: str, what: str, why: str, member: Optional[str],
@@ -372,8 +382,10 @@ class _Scanner:
                     continue
                 if record_name == b"data.pkl" and records is None:
                     records = _miniz_records(miniz, entry)
-                self.stream(content, name, depth, trust=LOADED, key=key,
-                            records=records if record_name == b"data.pkl" else None)
+                _, first = self.stream(content, name, depth, trust=LOADED, key=key,
+                                       records=records if record_name == b"data.pkl" else None)
+                if record_name == b"data.pkl" and depth == 0:
+                    self.kept(content, first)
         return True
 
     def zip_for_numpy(self, view: memoryview, member: Optional[str], depth: int) -> None:
@@ -414,10 +426,20 @@ class _Scanner:
             return
         if record.name.lower().endswith(".pkl"):
             records = _storage_records(archive, record) if record.name.lower().endswith("data.pkl") else None
-            self.stream(content, name, depth, trust=LOADED, records=records,
-                        key=("zip", record.data_offset, record.compressed_size, record.method))
+            _, first = self.stream(content, name, depth, trust=LOADED, records=records,
+                                   key=("zip", record.data_offset, record.compressed_size, record.method))
+            if records is not None and depth == 0:
+                self.kept(content, first)
             return
         self.nested_member(content, name, depth, raw)
+
+    def kept(self, content: memoryview, first: _Pickle) -> None:
+        """Keep a data.pkl's reading for the caller that will load it, when loading reads it alike:
+        to its STOP, with no refusal and no frame anomaly (a strict reading would raise on those)."""
+        result = first.result
+        if self.keep is not None and result is not None and not result.refusals and not result.anomalies \
+                and len(content) <= MAX_KEPT_PICKLE:
+            self.keep[bytes(content)] = result
 
     def nested_member(self, content: memoryview, name: Optional[str], depth: int,
                       raw: bool = False) -> None:
@@ -638,7 +660,7 @@ class _Scanner:
                depth: int, where: str, out: _Pickle, records: Optional[dict[str, int]]) -> None:
         """A pickle that read to its STOP: everything it names, refuses and hides."""
         if not out.ends:
-            out.value, out.complete = result.value, True
+            out.value, out.complete, out.result = result.value, True, result
         out.ends.append(result.end)
         self.grade(result.globals, member, where)
         out.flagged = out.flagged or any(not g.allowed for g in result.globals)
