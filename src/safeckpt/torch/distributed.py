@@ -1,0 +1,468 @@
+"""torch.distributed.checkpoint (DCP) without pickle: every rank's shards in safetensors, the metadata in JSON.
+
+    >>> import torch.distributed.checkpoint as dcp
+    >>> from safeckpt.torch.distributed import SafeStorageWriter, SafeStorageReader
+    >>> dcp.save(state_dict, storage_writer=SafeStorageWriter("ckpt/step-100"))
+    >>> dcp.load(state_dict, storage_reader=SafeStorageReader("ckpt/step-100"))   # any world size
+
+DCP plans which rank saves which piece of every tensor (a `DTensor`'s shards, FSDP2's
+flat parameters, a replicated tensor once) and, when loading, which piece of the
+checkpoint each rank needs at its own sharding; this module is only its storage layer.
+DCP's own format keeps its metadata as a pickle and loads non-tensor values with
+``torch.load(weights_only=False)``; here nothing is a pickle.
+
+The directory (committed whole: written under ``.tmp-<name>-<hex>`` and renamed once
+every rank has finished, so a rank that dies leaves nothing under the real name)::
+
+    rank-00000.safetensors   what rank 0 saved: one tensor per chunk, named "<fqn>@<offsets>"
+    rank-00001.safetensors   ...
+    dcp.json                 the checkpoint's layout (below)
+    manifest.json            BLAKE3 of every file, range by range (written last)
+
+``dcp.json`` holds ``{"format": "safeckpt-dcp", "version": 1, "dcp_version": ...,
+"tensors": {fqn: {"dtype", "size", "requires_grad", "chunks": [{"offsets", "sizes",
+"file", "name"}]}}, "values": {fqn: {"file", "document"}}, "planner_data": ...}``: every
+tensor's global size and where each saved chunk lives; every non-tensor value as a state
+document (`safeckpt.training.split_state`, its tensors in the rank's file), so it comes
+back as itself (tuples, int keys, numpy arrays) without running anything.
+
+`SafeStorageReader` reads only the byte ranges its rank's plan needs (the rows of each
+chunk it overlaps), checking each range against the manifest first (``verify=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan,
+                                                  SavePlanner, WriteItemType)
+from torch.distributed.checkpoint.storage import WriteResult
+
+from .. import errors
+from ..format import integrity
+from ..format.checkpoint_dir import MANIFEST_FILE, holder
+from ..format.integrity import HASH, decode_manifest, encode_manifest, hash_bytes
+from ..format.writer import prepare
+from ..sinks.safetensors import from_prepared, write_stream
+from ..training.state import join_state, split_state
+
+__all__ = ["SafeStorageWriter", "SafeStorageReader", "DCP_FILE", "DCP_FORMAT"]
+
+DCP_FILE = "dcp.json"
+DCP_FORMAT = "safeckpt-dcp"
+DCP_VERSION = 1
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def rank_file(rank: int) -> str:
+    """The file rank `rank` writes its shards to."""
+    return f"rank-{rank:05d}.safetensors"
+
+
+def chunk_name(fqn: str, offsets: Any) -> str:
+    """The name a chunk of tensor `fqn` starting at `offsets` has in its rank's file."""
+    return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
+
+
+class SafeStorageWriter(StorageWriter):
+    """A DCP `StorageWriter`: each rank writes a safetensors file, the coordinator JSON + a manifest.
+
+    >>> dcp.save(state_dict, storage_writer=SafeStorageWriter("ckpt/step-100"))
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.rank = 0
+        self.is_coordinator = True
+        self._staging: Any = None
+        self._staging_dir: Optional[str] = None
+
+    def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self._staging, self._staging_dir = None, None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", _rank()))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """On the coordinator: create the staging directory every rank writes into."""
+        storage, name = holder(self.path, create=True)
+        if storage.remote:
+            raise errors.CheckpointError("distributed checkpoints are written to local (or shared) file systems "
+                                         "for now", path=self.path)
+        self._staging = storage.begin(name)
+        staging_dir = self._staging.temp
+        return [_with_storage_data(plan, {"staging": staging_dir, "rank": rank}) for rank, plan in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        """This rank's tensors (and non-tensor values' tensors) into its file, hashed while written."""
+        staging_dir, rank = plan.storage_data["staging"], plan.storage_data["rank"]
+        file_name = rank_file(rank)
+        path = os.path.join(staging_dir, file_name)
+        outputs, results, kept = [], [], []
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                value = _lookup(planner, item.index)
+                tensors, document = split_state(value)
+                prefix = f"{item.index.fqn}@value/"
+                for name, array in tensors.items():
+                    outputs.append(from_prepared(prepare(prefix + name, array, path)))
+                kept.append((item.index, {"file": file_name, "prefix": prefix, "document": document},
+                             sum(int(a.nbytes) for a in tensors.values())))
+                continue
+            tensor = planner.resolve_data(item)
+            array = _as_numpy(tensor.detach())
+            name = chunk_name(item.index.fqn, item.tensor_data.chunk.offsets)
+            outputs.append(from_prepared(prepare(name, array, path)))
+            results.append(WriteResult(index=item.index, size_in_bytes=int(array.nbytes),
+                                       storage_data={"file": file_name, "name": name}))
+        with open(path, "xb") as out:
+            written = write_stream(outputs, out, {"format": "pt"}, hashed=True, where=path)
+            out.flush()
+            os.fsync(out.fileno())
+        entry = _file_entry(written)
+        results += [WriteResult(index=index, size_in_bytes=nbytes, storage_data=data) for index, data, nbytes in kept]
+        # the file's manifest entry travels with the first result (every rank writes one file)
+        results.insert(0, WriteResult(index=MetadataIndex(f"{file_name}@manifest"), size_in_bytes=0,
+                                      storage_data={"manifest": {file_name: entry}}))
+        future: Future = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator: write dcp.json and the manifest, then commit the directory."""
+        files: dict[str, Any] = {}
+        storage: dict[Any, Any] = {}
+        for rank_results in results:
+            for result in rank_results:
+                data = result.storage_data
+                if "manifest" in data:
+                    files.update(data["manifest"])
+                else:
+                    storage[result.index] = data
+        document = _encode_metadata(metadata, storage)
+        raw = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        staging = self._staging
+        try:
+            with staging.open(DCP_FILE) as out:
+                out.write(raw)
+            files[DCP_FILE] = {"size": len(raw), HASH: hash_bytes(raw)}
+            manifest = encode_manifest({
+                "format": integrity.MANIFEST_FORMAT, "schema_version": integrity.MANIFEST_SCHEMA_VERSION,
+                "step": 0, "time": time.time(), "metrics": {}, "monitor": None, "hash": HASH, "files": files})
+            with staging.open(MANIFEST_FILE) as out:
+                out.write(manifest)
+            staging.commit(replace=True)
+        except BaseException:
+            staging.abort()
+            raise
+
+    def storage_meta(self) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        return StorageMeta(checkpoint_id=self.path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return not os.path.isfile(os.fspath(checkpoint_id))
+
+
+class SafeStorageReader(StorageReader):
+    """A DCP `StorageReader` for directories `SafeStorageWriter` wrote, at any world size.
+
+    >>> dcp.load(state_dict, storage_reader=SafeStorageReader("ckpt/step-100"))
+    """
+
+    def __init__(self, path: PathLike, *, verify: bool = True) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.verify = verify
+        self._layout: Optional[dict] = None
+        self._manifest: Optional[dict] = None
+
+    def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self._layout = self._manifest = None
+
+    def _read_layout(self) -> dict:
+        if self._layout is None:
+            manifest_path = os.path.join(self.path, MANIFEST_FILE)
+            try:
+                with open(manifest_path, "rb") as f:
+                    self._manifest = decode_manifest(f.read(), manifest_path)
+                with open(os.path.join(self.path, DCP_FILE), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError as exc:
+                raise errors.CheckpointError(f"is not a committed distributed checkpoint (no {os.path.basename(exc.filename)})",
+                                             path=self.path) from None
+            integrity.check_file(memoryview(raw), self._manifest["files"].get(DCP_FILE, {}), 
+                                 os.path.join(self.path, DCP_FILE))
+            self._layout = _decode_layout(raw, os.path.join(self.path, DCP_FILE))
+        return self._layout
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return _metadata_from(self._read_layout())
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._read_layout()
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        """Copy each piece this rank's plan asks for from the files, reading only its rows."""
+        layout = self._read_layout()
+        handles: dict[str, Any] = {}
+        try:
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO:
+                    value = self._value(item, layout, handles)
+                    _set_value(planner, item, value)
+                    continue
+                where = layout["storage"].get(_index_key(item.storage_index))
+                if where is None:
+                    raise errors.CheckpointError(f"{item.storage_index.fqn}: no chunk at "
+                                                 f"{list(item.storage_index.offset or ())} in the checkpoint",
+                                                 path=self.path)
+                handle, checker = self._open(handles, where["file"], "pt")
+                if checker is not None:
+                    checker.check(where["name"])
+                piece = handle.get_slice(where["name"])[tuple(slice(int(o), int(o) + int(n))
+                                                              for o, n in zip(item.storage_offsets, item.lengths))]
+                target = planner.resolve_tensor(item).detach()
+                if tuple(target.size()) != tuple(piece.size()):
+                    raise errors.CheckpointError(f"{item.dest_index.fqn}: a piece of {list(piece.size())} for a "
+                                                 f"destination of {list(target.size())}", path=self.path)
+                target.copy_(piece)
+                planner.commit_tensor(item, target)
+        finally:
+            for handle, _ in handles.values():
+                if handle is not None:
+                    handle.close()
+        future: Future = Future()
+        future.set_result(None)
+        return future
+
+    def _open(self, handles: dict, name: str, framework: str) -> tuple[Any, Optional[_RangeCheck]]:
+        """The file `name` of the checkpoint, opened once per framework, and its range checker."""
+        from ..api import safe_open
+
+        if (name, framework) in handles:
+            return handles[name, framework]
+        if os.path.basename(name) != name or name not in (self._manifest or {}).get("files", {}):
+            raise errors.CheckpointError(f"names a file {name!r} its manifest does not list", path=self.path)
+        path = os.path.join(self.path, name)
+        checker = None
+        if self.verify:
+            checker = handles.setdefault((name, "check"), (None, _RangeCheck(path, self._manifest["files"][name])))[1]
+            checker.check(None)
+        handles[name, framework] = (safe_open(path, framework=framework), checker)
+        return handles[name, framework]
+
+    def _value(self, item: ReadItem, layout: dict, handles: dict) -> Any:
+        where = layout["values"].get(item.storage_index.fqn)
+        if where is None:
+            raise errors.CheckpointError(f"{item.storage_index.fqn}: no value in the checkpoint", path=self.path)
+        tensors = {}
+        names = _document_tensors(where["document"])
+        if names:
+            handle, checker = self._open(handles, where["file"], "numpy")
+            for name in names:
+                if checker is not None:
+                    checker.check(where["prefix"] + name)
+                tensors[name] = np.array(handle.get_tensor(where["prefix"] + name))
+        return join_state(tensors, where["document"])
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return os.path.isfile(os.path.join(os.fspath(checkpoint_id), DCP_FILE))
+
+
+# --- helpers ------------------------------------------------------------------------
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _with_storage_data(plan: SavePlan, data: dict) -> SavePlan:
+    import dataclasses
+
+    return dataclasses.replace(plan, storage_data=data)
+
+
+def _lookup(planner: SavePlanner, index: MetadataIndex) -> Any:
+    lookup = getattr(planner, "lookup_object", None)
+    if lookup is None:
+        raise errors.CheckpointError(f"{index.fqn}: a non-tensor value, and the planner "
+                                     f"{type(planner).__name__} cannot give it unpickled (no lookup_object): "
+                                     "use DCP's DefaultSavePlanner or a subclass")
+    return lookup(index)
+
+
+def _set_value(planner: LoadPlanner, item: ReadItem, value: Any) -> None:
+    """What DefaultLoadPlanner.load_bytes does with the value it unpickles, given the value itself."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    if not isinstance(planner, DefaultLoadPlanner):
+        raise errors.CheckpointError(f"{item.dest_index.fqn}: a non-tensor value, and the planner "
+                                     f"{type(planner).__name__} takes values only as pickles: use DCP's "
+                                     "DefaultLoadPlanner or a subclass")
+    if planner.flatten_state_dict:
+        from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+        set_element(planner.original_state_dict, planner.mappings[item.dest_index.fqn], value)
+    else:
+        planner.state_dict[item.dest_index.fqn] = value
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    from ..frameworks.torch import to_numpy
+
+    return to_numpy(tensor.cpu() if tensor.device.type != "cpu" else tensor)
+
+
+def _file_entry(written: Any) -> dict:
+    (_, _, header_end), hashes = written.ranges[0], written.range_hashes
+    return {"size": written.size, HASH: written.file_hash, "hashed": integrity.RANGES,
+            "header": {"range": [0, header_end], HASH: hashes[0]},
+            "tensors": {name: {"range": [begin, end], HASH: digest}
+                        for (name, begin, end), digest in zip(written.ranges[1:], hashes[1:])}}
+
+
+class _RangeCheck:
+    """A rank file's manifest entry, checked range by range as they are first read: the header,
+    then each tensor (a chunk) whose rows are asked for, whole."""
+
+    def __init__(self, path: str, entry: dict) -> None:
+        self.path, self.entry = path, entry
+        self.checked: set = set()
+
+    def check(self, name: Optional[str]) -> None:
+        if name in self.checked:
+            return
+        recorded = self.entry.get("header") if name is None else self.entry.get("tensors", {}).get(name)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("range"), list):
+            raise errors.IntegrityError(f"the manifest records no hash for {'the header' if name is None else name}",
+                                        path=self.path)
+        begin, end = recorded["range"]
+        with open(self.path, "rb") as f:
+            f.seek(begin)
+            data = f.read(end - begin)
+        if len(data) != end - begin or hash_bytes(data) != recorded.get(HASH):
+            raise errors.IntegrityError(f"{'the header' if name is None else name}: bytes {begin}-{end} do not "
+                                        "match the manifest (the file was changed or damaged)", path=self.path,
+                                        tensor=name)
+        self.checked.add(name)
+
+
+def _index_key(index: MetadataIndex) -> str:
+    return chunk_name(index.fqn, index.offset or ())
+
+
+def _document_tensors(document: Any) -> list[str]:
+    """The names of the tensors a state document (`split_state`) records."""
+    records = document.get("tensors") if isinstance(document, dict) else None
+    return sorted(records) if isinstance(records, dict) else []
+
+
+def _encode_metadata(metadata: Metadata, storage: dict) -> dict:
+    tensors: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, BytesStorageMetadata):
+            continue
+        chunks = []
+        for chunk in entry.chunks:
+            where = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if where is None:
+                raise errors.CheckpointError(f"{fqn}: the chunk at {list(chunk.offsets)} was planned but no rank "
+                                             "wrote it")
+            chunks.append({"offsets": list(chunk.offsets), "sizes": list(chunk.sizes), **where})
+        props = entry.properties
+        tensors[fqn] = {"dtype": str(props.dtype).removeprefix("torch."), "size": list(entry.size),
+                        "requires_grad": bool(props.requires_grad), "chunks": chunks}
+    for index, where in storage.items():
+        if "document" in where:
+            values[index.fqn] = where
+    planner_tensors, planner_document = split_state(metadata.planner_data)
+    if planner_tensors:
+        raise errors.CheckpointError("the planner's data holds tensors; it is stored as JSON only")
+    return {"format": DCP_FORMAT, "version": DCP_VERSION, "dcp_version": metadata.version,
+            "tensors": tensors, "values": values, "planner_data": planner_document}
+
+
+def _decode_layout(raw: bytes, path: str) -> dict:
+    try:
+        layout = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.CheckpointError(f"is not JSON: {exc}", path=path) from None
+    if not isinstance(layout, dict) or layout.get("format") != DCP_FORMAT:
+        raise errors.CheckpointError(f"is not a {DCP_FORMAT} layout", path=path)
+    if layout.get("version") != DCP_VERSION:
+        raise errors.CheckpointError(f"has version {layout.get('version')!r}; this safeckpt reads "
+                                     f"{DCP_VERSION}", path=path)
+    storage = {}
+    for fqn, entry in _mapping(layout.get("tensors"), "tensors", path).items():
+        for chunk in _list(_mapping(entry, fqn, path).get("chunks"), f"{fqn}.chunks", path):
+            chunk = _mapping(chunk, fqn, path)
+            storage[chunk_name(fqn, _ints(chunk.get("offsets"), fqn, path))] = {
+                "file": str(chunk.get("file")), "name": str(chunk.get("name"))}
+    layout["storage"] = storage
+    _mapping(layout.get("values", {}), "values", path)
+    return layout
+
+
+def _metadata_from(layout: dict) -> Metadata:
+    state: dict[str, Any] = {}
+    for fqn, entry in layout["tensors"].items():
+        dtype = getattr(torch, str(entry.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise errors.CheckpointError(f"{fqn}: dtype {entry.get('dtype')!r} is not a torch dtype")
+        chunks = [ChunkStorageMetadata(offsets=torch.Size(_ints(c["offsets"], fqn, "")),
+                                       sizes=torch.Size(_ints(c["sizes"], fqn, ""))) for c in entry["chunks"]]
+        state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype, requires_grad=bool(entry.get("requires_grad"))),
+                                           torch.Size(_ints(entry["size"], fqn, "")), chunks)
+    for fqn in layout.get("values", {}):
+        state[fqn] = BytesStorageMetadata()
+    planner_data = join_state({}, layout["planner_data"]) if layout.get("planner_data") is not None else None
+    return Metadata(state_dict_metadata=state, planner_data=planner_data, version=layout.get("dcp_version"),
+                    storage_data={})
+
+
+def _mapping(value: Any, what: str, path: str) -> dict:
+    if not isinstance(value, dict):
+        raise errors.CheckpointError(f"{what} is not an object", path=path)
+    return value
+
+
+def _list(value: Any, what: str, path: str) -> list:
+    if not isinstance(value, list):
+        raise errors.CheckpointError(f"{what} is not a list", path=path)
+    return value
+
+
+def _ints(value: Any, what: str, path: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+        raise errors.CheckpointError(f"{what}: expected a list of non-negative integers", path=path or None)
+    return value

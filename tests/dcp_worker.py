@@ -1,0 +1,60 @@
+"""A rank of a gloo process group on the CPU, for the distributed checkpoint tests.
+
+`run(world_size, task, *args)` starts `world_size` processes (forkserver) that join one gloo
+group and call `task(rank, world_size, *args)`; each task returns something picklable, and
+`run` returns the list in rank order (a failed rank's error is raised in the parent).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, task, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        try:
+            queue.put((rank, "ok", task(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run(world_size: int, task, *args) -> list:
+    ctx = mp.get_context("forkserver")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, task, args, queue))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    try:
+        for _ in procs:
+            rank, status, value = queue.get(timeout=TIMEOUT_S)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed: {value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]

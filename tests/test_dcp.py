@@ -1,0 +1,135 @@
+"""safeckpt as the storage layer of torch.distributed.checkpoint: real dcp.save/dcp.load, gloo on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+
+from torch.distributed.checkpoint.api import CheckpointException
+
+import safeckpt
+from safeckpt.torch.distributed import SafeStorageReader, SafeStorageWriter
+
+from tests import dcp_worker
+from tests.files import tensor_bytes
+
+
+def single_state() -> dict:
+    torch.manual_seed(0)
+    return {"w": torch.randn(6, 4), "b": torch.arange(5, dtype=torch.bfloat16),
+            "nested": {"step": 7, "betas": (0.9, 0.99), "array": np.arange(3), "big": 2 ** 70},
+            "name": "run-1"}
+
+
+def empty_like(state: dict) -> dict:
+    return {"w": torch.zeros(6, 4), "b": torch.zeros(5, dtype=torch.bfloat16),
+            "nested": {"step": 0, "betas": None, "array": None, "big": None}, "name": None}
+
+
+def test_a_single_process_save_and_load_round_trips(tmp_path):
+    state = single_state()
+    dcp.save(state, storage_writer=SafeStorageWriter(tmp_path / "ckpt"))
+    names = sorted(os.listdir(tmp_path / "ckpt"))
+    assert names == ["dcp.json", "manifest.json", "rank-00000.safetensors"], names
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    for name in names:
+        assert safeckpt.scan(tmp_path / "ckpt" / name).verdict == "safe"
+    json.loads((tmp_path / "ckpt" / "dcp.json").read_text())
+    loaded = empty_like(state)
+    dcp.load(loaded, storage_reader=SafeStorageReader(tmp_path / "ckpt"))
+    assert tensor_bytes(loaded["w"]) == tensor_bytes(state["w"]) and torch.equal(loaded["b"], state["b"])
+    nested = loaded["nested"]
+    assert nested["step"] == 7 and nested["betas"] == (0.9, 0.99) and type(nested["betas"]) is tuple
+    assert nested["big"] == 2 ** 70 and np.array_equal(nested["array"], np.arange(3))
+    assert loaded["name"] == "run-1"
+
+
+def test_saving_again_replaces_the_checkpoint_whole(tmp_path):
+    state = single_state()
+    dcp.save(state, storage_writer=SafeStorageWriter(tmp_path / "ckpt"))
+    state["w"] += 1
+    dcp.save(state, storage_writer=SafeStorageWriter(tmp_path / "ckpt"))
+    loaded = empty_like(state)
+    dcp.load(loaded, storage_reader=SafeStorageReader(tmp_path / "ckpt"))
+    assert torch.equal(loaded["w"], state["w"])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_damaged_file_is_refused_before_it_is_used(tmp_path):
+    dcp.save(single_state(), storage_writer=SafeStorageWriter(tmp_path / "ckpt"))
+    data = bytearray((tmp_path / "ckpt" / "rank-00000.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "ckpt" / "rank-00000.safetensors").write_bytes(bytes(data))
+    # DCP raises a CheckpointException (a BaseException) holding each rank's error
+    with pytest.raises(CheckpointException, match=r"IntegrityError: .*rank-00000.safetensors: tensor 'b@0'"):
+        dcp.load(empty_like(single_state()), storage_reader=SafeStorageReader(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "dcp.json").write_text('{"format": "safeckpt-dcp", "version": 1, "tensors": []}')
+    with pytest.raises(CheckpointException, match="dcp.json: is 55 bytes but the manifest records"):
+        dcp.load(empty_like(single_state()), storage_reader=SafeStorageReader(tmp_path / "ckpt"))
+    with pytest.raises(CheckpointException, match="not a committed distributed checkpoint"):
+        dcp.load(empty_like(single_state()), storage_reader=SafeStorageReader(tmp_path / "nothing"))
+
+
+# --- across processes ----------------------------------------------------------------------
+
+ROWS, COLS = 8, 6
+
+
+def full_tensor(seed: int = 0) -> torch.Tensor:
+    return torch.arange(ROWS * COLS, dtype=torch.float32).reshape(ROWS, COLS) * (seed + 1)
+
+
+def _placement(name: str):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return {"shard0": Shard(0), "shard1": Shard(1), "replicate": Replicate()}[name]
+
+
+def save_sharded(rank: int, world_size: int, path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {"w": distribute_tensor(full_tensor(), mesh, [Shard(0)]),
+             "v": distribute_tensor(full_tensor(1)[:, :4].contiguous(), mesh, [Shard(0)]),
+             "plain": torch.arange(3.0), "epoch": 4}
+    dcp.save(state, storage_writer=SafeStorageWriter(path))
+
+
+def load_sharded(rank: int, world_size: int, path: str, placement: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [_placement(placement)]),
+             "v": distribute_tensor(torch.zeros(ROWS, 4), mesh, [_placement(placement)]),
+             "plain": torch.zeros(3), "epoch": 0}
+    dcp.load(state, storage_reader=SafeStorageReader(path))
+    # numpy copies: torch tensors would travel to the parent as shared memory of a process that exits
+    return {"w": state["w"].full_tensor().numpy().copy(), "v": state["v"].full_tensor().numpy().copy(),
+            "plain": state["plain"].numpy().copy(), "epoch": state["epoch"]}
+
+
+@pytest.mark.slow
+def test_dtensors_saved_by_two_ranks_load_at_any_world_size_and_placement(tmp_path):
+    path = str(tmp_path / "ckpt")
+    dcp_worker.run(2, save_sharded, path)
+    assert sorted(os.listdir(path)) == ["dcp.json", "manifest.json", "rank-00000.safetensors",
+                                        "rank-00001.safetensors"]
+    expected = {"w": full_tensor(), "v": full_tensor(1)[:, :4], "plain": torch.arange(3.0), "epoch": 4}
+    for placement in ("shard0", "shard1", "replicate"):
+        for got in dcp_worker.run(2, load_sharded, path, placement):
+            for key in ("w", "v", "plain"):
+                assert np.array_equal(got[key], expected[key].numpy()), (placement, key)
+            assert got["epoch"] == 4
+    alone = {"w": torch.zeros(ROWS, COLS), "v": torch.zeros(ROWS, 4), "plain": torch.zeros(3), "epoch": 0}
+    dcp.load(alone, storage_reader=SafeStorageReader(path))  # world size 1, no process group
+    assert torch.equal(alone["w"], expected["w"]) and torch.equal(alone["v"], expected["v"])
+    assert alone["epoch"] == 4
+
