@@ -14,6 +14,7 @@ dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint.api import CheckpointException
 
 import safeckpt
+import safeckpt.torch
 from safeckpt.torch.distributed import SafeStorageReader, SafeStorageWriter
 
 from tests import dcp_worker
@@ -133,3 +134,31 @@ def test_dtensors_saved_by_two_ranks_load_at_any_world_size_and_placement(tmp_pa
     assert torch.equal(alone["w"], expected["w"]) and torch.equal(alone["v"], expected["v"])
     assert alone["epoch"] == 4
 
+
+
+def test_a_distributed_checkpoint_is_a_source_for_every_tool(tmp_path):
+    from safeckpt.torch.distributed import consolidate
+
+    path = str(tmp_path / "ckpt")
+    dcp_worker.run(2, save_sharded, path)
+    with safeckpt.open_source(path) as source:
+        assert source.format == "safeckpt-dcp" and sorted(source.keys()) == ["plain", "v", "w"]
+        assert np.array_equal(source.read("w"), full_tensor().numpy())
+        assert source.tree["values"]["epoch"]["tree"] == 4
+    report = consolidate(path, tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["model.safetensors"]
+    model = safeckpt.torch.load_file(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(model["w"], full_tensor()) and torch.equal(model["v"], full_tensor(1)[:, :4])
+    assert report.tensors == 3
+    from tests.cli.runner import invoke
+
+    result = invoke("convert", path, str(tmp_path / "cli"), "--shard-size", "100B", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["outputs"]) == 3  # one shard a tensor, with an index
+    assert invoke("inspect", path).exit_code == 0
+    assert safeckpt.verify(path).ok
+    data = bytearray(open(os.path.join(path, "rank-00001.safetensors"), "rb").read())
+    data[-3] ^= 1
+    open(os.path.join(path, "rank-00001.safetensors"), "wb").write(bytes(data))
+    report = safeckpt.verify(path)
+    assert not report.ok and "rank-00001.safetensors" in str(report.to_dict())

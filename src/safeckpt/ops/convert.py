@@ -64,6 +64,7 @@ from ..format import writer
 from ..format.dtypes import DTYPES
 from ..format.storage import open_regular_file
 from ..sources.base import TensorInfo, TensorSource
+from ..sources.dcp_dir import is_dcp_directory
 from . import cast as casting
 from .destination import check_destination
 from .scan.guard import check_safety, open_checked
@@ -328,6 +329,8 @@ def _folder_files(src: "os.PathLike | str | TensorSource", dst: "os.PathLike | s
     if isinstance(src, TensorSource) or not os.path.isdir(src):
         return [], []
     folder = os.fspath(src)
+    if is_dcp_directory(folder):
+        return [], []  # a distributed checkpoint's files are its layout and manifest: nothing to copy
     names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
     kept = [name for name in names if not _holds_weights(os.path.join(folder, name))]
     if not kept:

@@ -50,27 +50,15 @@ from torch.distributed.checkpoint.storage import WriteResult
 from .. import errors
 from ..format import integrity
 from ..format.checkpoint_dir import MANIFEST_FILE, holder
-from ..format.integrity import HASH, decode_manifest, encode_manifest, hash_bytes
+from ..format.integrity import HASH, encode_manifest, hash_bytes
 from ..format.writer import prepare
 from ..sinks.safetensors import from_prepared, write_stream
+from ..sources.dcp_dir import DCP_FILE, DCP_FORMAT, DCP_VERSION, chunk_name, rank_file, read_layout
 from ..training.state import join_state, split_state
 
-__all__ = ["SafeStorageWriter", "SafeStorageReader", "DCP_FILE", "DCP_FORMAT"]
+__all__ = ["SafeStorageWriter", "SafeStorageReader", "consolidate"]
 
-DCP_FILE = "dcp.json"
-DCP_FORMAT = "safeckpt-dcp"
-DCP_VERSION = 1
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def rank_file(rank: int) -> str:
-    """The file rank `rank` writes its shards to."""
-    return f"rank-{rank:05d}.safetensors"
-
-
-def chunk_name(fqn: str, offsets: Any) -> str:
-    """The name a chunk of tensor `fqn` starting at `offsets` has in its rank's file."""
-    return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
 
 
 class SafeStorageWriter(StorageWriter):
@@ -202,18 +190,7 @@ class SafeStorageReader(StorageReader):
 
     def _read_layout(self) -> dict:
         if self._layout is None:
-            manifest_path = os.path.join(self.path, MANIFEST_FILE)
-            try:
-                with open(manifest_path, "rb") as f:
-                    self._manifest = decode_manifest(f.read(), manifest_path)
-                with open(os.path.join(self.path, DCP_FILE), "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError as exc:
-                raise errors.CheckpointError(f"is not a committed distributed checkpoint (no {os.path.basename(exc.filename)})",
-                                             path=self.path) from None
-            integrity.check_file(memoryview(raw), self._manifest["files"].get(DCP_FILE, {}), 
-                                 os.path.join(self.path, DCP_FILE))
-            self._layout = _decode_layout(raw, os.path.join(self.path, DCP_FILE))
+            self._layout, self._manifest = read_layout(self.path)
         return self._layout
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -412,37 +389,16 @@ def _encode_metadata(metadata: Metadata, storage: dict) -> dict:
             "tensors": tensors, "values": values, "planner_data": planner_document}
 
 
-def _decode_layout(raw: bytes, path: str) -> dict:
-    try:
-        layout = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.CheckpointError(f"is not JSON: {exc}", path=path) from None
-    if not isinstance(layout, dict) or layout.get("format") != DCP_FORMAT:
-        raise errors.CheckpointError(f"is not a {DCP_FORMAT} layout", path=path)
-    if layout.get("version") != DCP_VERSION:
-        raise errors.CheckpointError(f"has version {layout.get('version')!r}; this safeckpt reads "
-                                     f"{DCP_VERSION}", path=path)
-    storage = {}
-    for fqn, entry in _mapping(layout.get("tensors"), "tensors", path).items():
-        for chunk in _list(_mapping(entry, fqn, path).get("chunks"), f"{fqn}.chunks", path):
-            chunk = _mapping(chunk, fqn, path)
-            storage[chunk_name(fqn, _ints(chunk.get("offsets"), fqn, path))] = {
-                "file": str(chunk.get("file")), "name": str(chunk.get("name"))}
-    layout["storage"] = storage
-    _mapping(layout.get("values", {}), "values", path)
-    return layout
-
-
 def _metadata_from(layout: dict) -> Metadata:
     state: dict[str, Any] = {}
     for fqn, entry in layout["tensors"].items():
         dtype = getattr(torch, str(entry.get("dtype")), None)
         if not isinstance(dtype, torch.dtype):
             raise errors.CheckpointError(f"{fqn}: dtype {entry.get('dtype')!r} is not a torch dtype")
-        chunks = [ChunkStorageMetadata(offsets=torch.Size(_ints(c["offsets"], fqn, "")),
-                                       sizes=torch.Size(_ints(c["sizes"], fqn, ""))) for c in entry["chunks"]]
+        chunks = [ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"]))
+                  for c in entry["chunks"]]  # checked by read_layout
         state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype, requires_grad=bool(entry.get("requires_grad"))),
-                                           torch.Size(_ints(entry["size"], fqn, "")), chunks)
+                                           torch.Size(entry["size"]), chunks)
     for fqn in layout.get("values", {}):
         state[fqn] = BytesStorageMetadata()
     planner_data = join_state({}, layout["planner_data"]) if layout.get("planner_data") is not None else None
@@ -450,19 +406,15 @@ def _metadata_from(layout: dict) -> Metadata:
                     storage_data={})
 
 
-def _mapping(value: Any, what: str, path: str) -> dict:
-    if not isinstance(value, dict):
-        raise errors.CheckpointError(f"{what} is not an object", path=path)
-    return value
+def consolidate(path: PathLike, out: PathLike, *, shard_size: "int | str | None" = "5GB", **options: Any) -> Any:
+    """One Hugging Face-style model (``format: pt``; shards of `shard_size` + index when larger) from a
+    distributed checkpoint, each tensor assembled from its chunks; no process group needed.
 
+    `options` are `safeckpt.ops.convert.convert`'s (``dtype``, ``select``, ``overwrite``, ...);
+    ``safeckpt convert CKPT_DIR OUT/`` does the same.
 
-def _list(value: Any, what: str, path: str) -> list:
-    if not isinstance(value, list):
-        raise errors.CheckpointError(f"{what} is not a list", path=path)
-    return value
+    >>> consolidate("ckpt/step-100", "hf-model/")
+    """
+    from ..ops.convert import convert
 
-
-def _ints(value: Any, what: str, path: str) -> list[int]:
-    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
-        raise errors.CheckpointError(f"{what}: expected a list of non-negative integers", path=path or None)
-    return value
+    return convert(os.fspath(path), os.fspath(out), shard_size=shard_size, extract=None, **options)

@@ -47,6 +47,7 @@ from ...format.checkpoint_dir import (MANIFEST_FILE, STATE_FILE, TENSORS_FILE, i
 from ...format.integrity import RANGES
 from ...format.storage import check_regular, open_regular_file
 from ...sources.base import mapped
+from ...sources.dcp_dir import DCP_FILE, DCP_FORMAT
 from ...sources import open_source
 from ...sources.detect import sniff
 from ...sources.sharded import ShardedSource, find_index
@@ -220,7 +221,7 @@ def _verify_path(path: str, options: _Options) -> VerifyReport:
 def _verify_directory(path: str, options: _Options) -> VerifyReport:
     names = os.listdir(path)
     if MANIFEST_FILE in names and (step_from_name(os.path.basename(os.path.normpath(path))) is not None
-                                   or TENSORS_FILE in names or STATE_FILE in names):
+                                   or TENSORS_FILE in names or STATE_FILE in names or DCP_FILE in names):
         return _verify_checkpoint(path, None, options)
     if any(step_from_name(name) is not None and os.path.isdir(os.path.join(path, name)) for name in names):
         return _verify_manager_directory(path, options)
@@ -238,7 +239,8 @@ def _verify_loose(path: str, options: _Options) -> VerifyReport:
     checkpoints: list[str] = []
     for root, dirs, files in os.walk(path, followlinks=False):
         dirs.sort()
-        if root != path and MANIFEST_FILE in files and (TENSORS_FILE in files or STATE_FILE in files):
+        if root != path and MANIFEST_FILE in files and (TENSORS_FILE in files or STATE_FILE in files
+                                                        or DCP_FILE in files):
             checkpoints.append(root)
             dirs[:] = []
             continue
@@ -435,9 +437,11 @@ def _verify_checkpoint(path: str, manifest: Optional[dict], options: _Options) -
             with open_regular_file(manifest_file) as file:
                 manifest = integrity.decode_manifest(file.read(MAX_MANIFEST_BYTES + 1), manifest_file)
         files = manifest.get("files")
-        if not isinstance(files, dict) or not isinstance(files.get(TENSORS_FILE), dict):
-            raise errors.IntegrityError(f"records no {TENSORS_FILE}: move this directory away",
-                                        path=manifest_file)
+        if not isinstance(files, dict) or not isinstance(files.get(TENSORS_FILE, files.get(DCP_FILE)), dict):
+            raise errors.IntegrityError(f"records no {TENSORS_FILE} (nor a distributed checkpoint's {DCP_FILE}): "
+                                        "move this directory away", path=manifest_file)
+        if DCP_FILE in files:
+            report.format = DCP_FORMAT
         names = [name for name in files if "/" not in name and "\\" not in name and name not in ("", ".", "..")]
         if not all(isinstance(files[name], dict) and entry_ok(files[name]) for name in names):
             raise errors.IntegrityError("lacks what a manifest records (a size and hash for each file): move this "
