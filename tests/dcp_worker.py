@@ -8,14 +8,16 @@ group and call `task(rank, world_size, *args)`; each task returns something pick
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TIMEOUT_S = 120
+TIMEOUT_S = int(os.environ.get("DCP_WORKER_TIMEOUT", "120"))
 
 
 def _free_port() -> int:
@@ -46,9 +48,19 @@ def run(world_size: int, task, *args) -> list:
     for p in procs:
         p.start()
     results: dict = {}
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        for _ in procs:
-            rank, status, value = queue.get(timeout=TIMEOUT_S)
+        while len(results) < world_size:
+            try:
+                rank, status, value = queue.get(timeout=1)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise AssertionError(f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no answer from ranks {sorted(set(range(world_size)) - set(results))} "
+                                         f"in {TIMEOUT_S} s") from None
+                continue
             if status == "error":
                 raise AssertionError(f"rank {rank} failed: {value}")
             results[rank] = value
