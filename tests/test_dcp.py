@@ -223,3 +223,44 @@ def test_async_save_writes_the_same_checkpoint(tmp_path):
     loaded = empty_like(state)
     dcp.load(loaded, storage_reader=SafeStorageReader(tmp_path / "ckpt"))
     assert torch.equal(loaded["w"], state["w"]) and loaded["nested"]["betas"] == (0.9, 0.99)
+
+
+class FailingWriter(SafeStorageWriter):
+    """Rank 1 runs out of space halfway through its file."""
+
+    def write_data(self, plan, planner):
+        if plan.storage_data["rank"] == 1:
+            import errno
+
+            with open(os.path.join(plan.storage_data["staging"], "rank-00001.safetensors"), "wb") as f:
+                f.write(b"\\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write_data(plan, planner)
+
+
+def save_failing(rank: int, world_size: int, path: str) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {"w": distribute_tensor(full_tensor(7), mesh, [Shard(0)])}
+    try:
+        dcp.save(state, storage_writer=FailingWriter(path))
+    except BaseException as exc:  # noqa: BLE001 - every rank must see the failure
+        return type(exc).__name__ + ": " + str(exc)[:2000]
+    return "saved"
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = str(tmp_path / "ckpt")
+    dcp_worker.run(2, save_sharded, path)
+    outcomes = dcp_worker.run(2, save_failing, path)
+    assert all("No space left on device" in outcome for outcome in outcomes), outcomes  # every rank raises
+    alone = {"w": torch.zeros(ROWS, COLS), "v": torch.zeros(ROWS, 4), "plain": torch.zeros(3), "epoch": 0}
+    dcp.load(alone, storage_reader=SafeStorageReader(path))
+    assert torch.equal(alone["w"], full_tensor())  # the previous checkpoint, intact
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+    assert len(leftovers) == 1  # the failed save's staging: never listed as the checkpoint
+    dcp_worker.run(2, save_sharded, path)  # the next save clears it
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]

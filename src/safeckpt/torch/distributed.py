@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Optional, Union
 
@@ -50,6 +51,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from .. import errors
 from ..format import integrity
 from ..format.checkpoint_dir import MANIFEST_FILE, holder
+from ..format.checkpoint_storage import temporary_name
 from ..format.integrity import HASH, encode_manifest, hash_bytes
 from ..format.writer import prepare
 from ..sinks.safetensors import from_prepared, write_stream
@@ -93,6 +95,7 @@ class SafeStorageWriter(StorageWriter):
         if storage.remote:
             raise errors.CheckpointError("distributed checkpoints are written to local (or shared) file systems "
                                          "for now", path=self.path)
+        _remove_stale_temporaries(storage, name)
         self._staging = storage.begin(name)
         staging_dir = self._staging.temp
         return [_with_storage_data(plan, {"staging": staging_dir, "rank": rank}) for rank, plan in enumerate(plans)]
@@ -275,6 +278,22 @@ class SafeStorageReader(StorageReader):
 
 
 # --- helpers ------------------------------------------------------------------------
+
+def _remove_stale_temporaries(storage: Any, name: str) -> None:
+    """What a save of `name` left when a rank died (one save of a name runs at a time: DCP's
+    collectives order them): the rank files and layout in it are deleted, anything else stays."""
+    prefix = temporary_name(name, "")
+    for entry, is_dir in storage.entries().items():
+        if is_dir and entry.startswith(prefix) and _TOKEN.fullmatch(entry[len(prefix):]):
+            directory = os.path.join(storage.root, entry)
+            ours = tuple(f for f in os.listdir(directory) if _RANK_FILE.fullmatch(f) or f in (DCP_FILE, MANIFEST_FILE))
+            storage.remove_temporary(entry, ours)
+
+
+# The random part of a temporary name, and the rank files a save writes.
+_TOKEN = re.compile(r"[0-9a-f]{12}")
+_RANK_FILE = re.compile(r"rank-[0-9]{5,}\.safetensors")
+
 
 def _rank() -> int:
     import torch.distributed as dist
