@@ -264,3 +264,17 @@ def test_a_rank_that_fails_mid_save_leaves_the_previous_checkpoint_whole(tmp_pat
     assert len(leftovers) == 1  # the failed save's staging: never listed as the checkpoint
     dcp_worker.run(2, save_sharded, path)  # the next save clears it
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_dcp_s_own_metadata_pickle_reads_as_data_with_dtypes_and_storage(tmp_path):
+    state = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(2, dtype=torch.bfloat16), "step": 5}
+    dcp.save(state, checkpoint_id=str(tmp_path / "std"))  # DCP's own FileSystemWriter: a pickled .metadata
+    with safeckpt.open_source(tmp_path / "std" / ".metadata") as source:
+        tree = source.tree
+    assert safeckpt.scan(tmp_path / "std" / ".metadata").verdict == "safe"
+    properties = tree["state_dict_metadata"]["b"]["properties"]
+    assert properties["dtype"] == {"__torch__": "torch.bfloat16"} and properties["requires_grad"] is False
+    assert tree["state_dict_metadata"]["w"]["chunks"] == [{"offsets": [0, 0], "sizes": [3, 4]}]
+    storage = tree["storage_data"]
+    assert set(storage) == {"w,0,0", "b,0", "step,None"}  # MetadataIndex keys kept (hashable records)
+    assert all(entry["relative_path"].endswith(".distcp") for entry in storage.values())

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .pickle_records import (KeptDict, KeptList, PathText, PickleError, Placeholder, PlaceholderCall, StorageRef,
+from .pickle_records import (DcpIndex, KeptDict, KeptList, PathText, PickleError, Placeholder, PlaceholderCall, StorageRef,
                              TensorRef, TorchDevice, TorchDType, TorchSize, TorchStorageType, WindowsPathText, brief)
 
 __all__ = ["ALLOWLIST", "EXTENSION_TABLE", "Rebuild", "Pending"]
@@ -541,6 +541,35 @@ _DCP_RECORDS = tuple(f"torch.distributed.checkpoint.metadata.{name}" for name in
     "BytesStorageMetadata", "StorageMeta")) + ("torch.distributed.checkpoint.filesystem._StorageInfo",)
 
 
+class _PendingProperties(Pending):
+    """DCP's TensorProperties: its __setstate__ takes (dtype, layout, requires_grad, memory format, pin_memory)."""
+
+    def finish(self, state: Any) -> dict:
+        if isinstance(state, dict):
+            return dict(state)
+        if isinstance(state, tuple) and len(state) == 5:
+            return dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state))
+        raise PickleError("TensorProperties state is neither a dict nor its 5 fields")
+
+
+class _PendingIndex(Pending):
+    """DCP's MetadataIndex (a key of its storage_data): a hashable (fqn, offset) record once built."""
+
+    def finish(self, state: Any) -> DcpIndex:
+        if not isinstance(state, dict) or not isinstance(state.get("fqn"), str):
+            raise PickleError("MetadataIndex state is not a dict with an fqn")
+        offset = state.get("offset")
+        if offset is not None and not (isinstance(offset, (tuple, list)) and all(type(v) is int for v in offset)):
+            raise PickleError("MetadataIndex offset is not a tuple of ints")
+        return DcpIndex(state["fqn"], None if offset is None else tuple(offset))
+
+
+def _pending(kind: type) -> Callable:
+    def make(*args: Any, **kwargs: Any) -> Pending:
+        return kind()
+    return make
+
+
 def _enum_value(value: Any) -> Any:
     if value is None or type(value) in (int, str):
         return value
@@ -610,6 +639,8 @@ def _build_allowlist() -> dict:
     add("argparse.Namespace", _kept_dict("argparse.Namespace"))
     add("types.SimpleNamespace", _kept_dict("types.SimpleNamespace"))
     add(_DCP_RECORDS, _plain_dict)
+    add("torch.distributed.checkpoint.metadata.TensorProperties", _pending(_PendingProperties))
+    add("torch.distributed.checkpoint.metadata.MetadataIndex", _pending(_PendingIndex))
     add("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", _enum_value)
     add("torch.serialization._get_layout", _torch_layout)
     for kind in _DATE_CLASSES:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from safeckpt.errors import SafeckptError
 
 __all__ = ["PickleError", "brief", "Placeholder", "PlaceholderCall", "HugeInt", "TorchDType",
-           "TorchStorageType", "StorageRef", "TensorRef", "KeptDict", "KeptList", "TorchSize", "TorchDevice",
+           "TorchStorageType", "StorageRef", "TensorRef", "DcpIndex", "KeptDict", "KeptList", "TorchSize", "TorchDevice",
            "PathText"]
 
 
@@ -190,3 +190,11 @@ class PathText(str):
 
 class WindowsPathText(PathText):
     windows = True
+
+
+class DcpIndex(NamedTuple):
+    """torch.distributed.checkpoint's MetadataIndex (a dict key in its metadata): a tensor's fqn and
+    the offset of one of its chunks (None for a non-tensor value)."""
+
+    fqn: str
+    offset: Optional[tuple]

@@ -140,6 +140,8 @@ def _finish_directory(report: ScanReport, skipped: list[str], links: list[str]) 
     return report
 
 
+# Findings that name something a loader would import and call.
+_CALLING = frozenset({"dangerous-global", "unknown-global"})
 # Formats whose loading runs a pickle program (torch.load, pickle.load).
 PICKLED_FORMATS = frozenset({"torch-zip", "torch-legacy", "torch-tar", "pickle"})
 
@@ -152,10 +154,15 @@ def _pickles_explained(report: ScanReport) -> Optional[Finding]:
     name = lambda child: os.path.relpath(child.path, report.path)  # noqa: E731
     running = []
     for child in pickled:
-        named = sorted({f.what for f in child.findings if f.severity != INFO})
-        if child.verdict != SAFE:
-            running.append(f"{name(child)} would import and call {len(named)} ({', '.join(named[:2])}"
-                           f"{', ...' if len(named) > 2 else ''})")
+        if child.verdict == SAFE:
+            continue
+        called = sorted({f.what for f in child.findings if f.kind in _CALLING})
+        other = sorted({f.kind for f in child.findings if f.severity != INFO and f.kind not in _CALLING})
+        if called:
+            running.append(f"{name(child)} would import and call {len(called)} ({', '.join(called[:2])}"
+                           f"{', ...' if len(called) > 2 else ''})")
+        else:
+            running.append(f"{name(child)} is {child.verdict} ({', '.join(other[:2])})")
     code = "; ".join(running[:3]) + ("; ..." if len(running) > 3 else "") if running else "all name only data"
     shown = ", ".join(name(child) for child in pickled[:4]) + (", ..." if len(pickled) > 4 else "")
     return Finding(INFO, "pickled-files", f"{len(pickled)} pickles: {shown}",
