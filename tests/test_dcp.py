@@ -278,3 +278,42 @@ def test_dcp_s_own_metadata_pickle_reads_as_data_with_dtypes_and_storage(tmp_pat
     storage = tree["storage_data"]
     assert set(storage) == {"w,0,0", "b,0", "step,None"}  # MetadataIndex keys kept (hashable records)
     assert all(entry["relative_path"].endswith(".distcp") for entry in storage.values())
+
+
+def save_with_dcp_s_own_writer(rank: int, world_size: int, path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state = {"w": distribute_tensor(full_tensor(), mesh, [Shard(0)]), "b": torch.arange(5, dtype=torch.bfloat16),
+             "epoch": 3, "config": {"lr": 0.1, "betas": (0.9, 0.99)}}
+    dcp.save(state, checkpoint_id=path)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_dcp_s_own_format_is_read_scanned_and_converted_without_running_it(tmp_path):
+    from tests.cli.runner import invoke
+    from tests.ops.malicious_corpus import malicious_torch_file
+
+    path = str(tmp_path / "dcp")
+    dcp_worker.run(2, save_with_dcp_s_own_writer, path)
+    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    report = safeckpt.scan(path)
+    assert report.verdict == "safe", [(r.path, r.findings) for r in report.files]
+    with safeckpt.open_source(path) as source:
+        assert source.format == "torch-dcp" and sorted(source.keys()) == ["b", "w"]
+        assert np.array_equal(source.read("w"), full_tensor().numpy())
+        assert source.tree["values"] == {"epoch": 3, "config.lr": 0.1, "config.betas": [0.9, 0.99]}
+    result = invoke("convert", path, str(tmp_path / "out"), "--json")
+    assert result.exit_code == 0, result.output
+    model = safeckpt.torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(model["w"], full_tensor()) and torch.equal(model["b"], torch.arange(5, dtype=torch.bfloat16))
+    # a pickle that runs code, slipped in among the items of a .distcp file, is found
+    canary = tmp_path / "ran"
+    malicious_torch_file(tmp_path / "evil.pt", canary)
+    distcp = os.path.join(path, "__1_0.distcp")
+    with open(distcp, "rb") as f:
+        items = f.read()
+    with open(distcp, "wb") as f:
+        f.write((tmp_path / "evil.pt").read_bytes() + items)
+    assert safeckpt.scan(path).verdict == "malicious" and not canary.exists()

@@ -183,9 +183,12 @@ _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth
 
 def _open_directory(path: str) -> TensorSource:
     from .dcp_dir import DcpSource, is_dcp_directory
+    from .dcp_torch import TorchDcpSource, is_torch_dcp_directory
     from .sharded import ShardedSource, find_index
     if is_dcp_directory(path):
         return DcpSource(path)
+    if is_torch_dcp_directory(path):
+        return TorchDcpSource(path)
     index = find_index(path)
     if index is not None:
         return ShardedSource(index, open_source)

@@ -331,47 +331,54 @@ def open_torch_zip(path: str, readings: Optional[dict] = None) -> PickleSource:
     not run a second time."""
     mapping = map_file(path)
     try:
-        archive = ZipArchive(mapping, path)
-        names = archive.names()
-        if not names:
-            raise errors.SourceError("the zip archive is empty: not a PyTorch checkpoint", path=path)
-        prefix = names[0].split("/", 1)[0] if "/" in names[0] else ""
-        member = lambda rel: f"{prefix}/{rel}" if prefix else rel  # noqa: E731
-        pkl_names = [n for n in names if n == member(DATA_PKL)]
-        if not pkl_names:
-            raise errors.SourceError(
-                f"no {member(DATA_PKL)} in the zip archive: not a PyTorch checkpoint "
-                f"(members: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})", path=path)
-        byteorder = "little"
-        if member("byteorder") in names:
-            byteorder = bytes(archive.read(member("byteorder"), max_size=16)).decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise errors.SourceError(f"{member('byteorder')} says {byteorder!r}, not little or big",
-                                         path=path)
-        data_pkl = archive.read(member(DATA_PKL), max_size=MAX_PICKLE_BYTES)
-        result = readings.get(bytes(data_pkl)) if readings else None
-        if result is None:
-            result = _load_pickle(data_pkl, path, member(DATA_PKL))
-
-        def storage_bytes(key: str) -> memoryview:
-            name = member(f"data/{key}")
-            try:
-                record = archive.member(name)
-            except errors.SafeckptError:
-                raise errors.SourceError(f"the pickle names storage {key!r} but the archive has "
-                                         f"no member {name!r}", path=path) from None
-            if record.method != 0:
-                raise errors.SourceError(f"storage record {name!r} is compressed (method "
-                                         f"{record.method}); torch writes them stored", path=path)
-            return archive.read(record)
-
-        details = f"archive prefix {prefix!r}" + (f", {byteorder}-endian" if byteorder != "little" else "")
-        return PickleSource(path, format="torch-zip", result=result.value, globals=result.globals,
-                            findings=result.findings, storage_bytes=storage_bytes,
-                            byteorder=byteorder, mapping=mapping, details=details)
+        return torch_zip_in(mapping, path, readings, mapping=mapping)
     except BaseException:
         unmap(mapping)
         raise
+
+
+def torch_zip_in(data: Any, path: str, readings: Optional[dict] = None,
+                 mapping: Optional[mmap.mmap] = None) -> PickleSource:
+    """A ``torch.save`` zip held in `data` (the whole of a mapped file, or a part of one: an item
+    of a torch.distributed checkpoint's ``.distcp`` file); `path` names it in messages."""
+    archive = ZipArchive(data, path)
+    names = archive.names()
+    if not names:
+        raise errors.SourceError("the zip archive is empty: not a PyTorch checkpoint", path=path)
+    prefix = names[0].split("/", 1)[0] if "/" in names[0] else ""
+    member = lambda rel: f"{prefix}/{rel}" if prefix else rel  # noqa: E731
+    pkl_names = [n for n in names if n == member(DATA_PKL)]
+    if not pkl_names:
+        raise errors.SourceError(
+            f"no {member(DATA_PKL)} in the zip archive: not a PyTorch checkpoint "
+            f"(members: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})", path=path)
+    byteorder = "little"
+    if member("byteorder") in names:
+        byteorder = bytes(archive.read(member("byteorder"), max_size=16)).decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise errors.SourceError(f"{member('byteorder')} says {byteorder!r}, not little or big",
+                                     path=path)
+    data_pkl = archive.read(member(DATA_PKL), max_size=MAX_PICKLE_BYTES)
+    result = readings.get(bytes(data_pkl)) if readings else None
+    if result is None:
+        result = _load_pickle(data_pkl, path, member(DATA_PKL))
+
+    def storage_bytes(key: str) -> memoryview:
+        name = member(f"data/{key}")
+        try:
+            record = archive.member(name)
+        except errors.SafeckptError:
+            raise errors.SourceError(f"the pickle names storage {key!r} but the archive has "
+                                     f"no member {name!r}", path=path) from None
+        if record.method != 0:
+            raise errors.SourceError(f"storage record {name!r} is compressed (method "
+                                     f"{record.method}); torch writes them stored", path=path)
+        return archive.read(record)
+
+    details = f"archive prefix {prefix!r}" + (f", {byteorder}-endian" if byteorder != "little" else "")
+    return PickleSource(path, format="torch-zip", result=result.value, globals=result.globals,
+                        findings=result.findings, storage_bytes=storage_bytes,
+                        byteorder=byteorder, mapping=mapping, details=details)
 
 
 def open_pickle(path: str) -> PickleSource:

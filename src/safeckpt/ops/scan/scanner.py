@@ -77,6 +77,10 @@ MAX_CRC_BYTES = 16 << 20
 MAX_INFLATED_MEMBER = 64 << 20
 # Records torch's legacy tar format lists in its 'storages' and 'tensors' members.
 MAX_TAR_RECORDS = 1 << 20
+# Archives back to back in front of a zip's last one (a .distcp file's items), and EOCD
+# signatures tried for each (a stored tensor may hold those four bytes by chance).
+MAX_STACKED_ARCHIVES = 1 << 20
+MAX_EOCD_TRIES = 64
 # The largest data.pkl whose reading is kept for a reader that asked (`scan_bytes(keep=...)`).
 MAX_KEPT_PICKLE = 256 << 20
 # Set to see the traceback of an unexpected error instead of an error in the report.
@@ -324,13 +328,19 @@ class _Scanner:
         has_data_pkl = any(n.lower() == "data.pkl" or n.lower().endswith("/data.pkl") for n in names)
         fmt = "torch-zip" if torch or has_data_pkl else \
             "npz" if files and all(n.endswith(".npy") for n in files) else "zip"
-        if archive.start > 0:
+        stacked = _stacked_archives(view, archive.start, member or self.path) if archive.start > 0 else None
+        if archive.start > 0 and stacked is None:
             self.prefix(view[:archive.start], member)
         if has_data_pkl and names:
             self.torch_layout(names, member)
         archive.check_crcs(_crc_members(archive.members))
         for f in archive.findings:
-            self.zip_finding(f, member, view, depth, archive)
+            if not (stacked is not None and f.kind == "prepended-data"):
+                self.zip_finding(f, member, view, depth, archive)
+        for begin, end in stacked or ():
+            # a torch.distributed checkpoint's .distcp file: torch.save zips back to back, each one
+            # loaded by torch.load where the metadata points: each is scanned as a file of its own
+            self.data(view[begin:end], _join(member, f"<archive at {begin}>"), depth + 1)
         storages = names[0].split("/", 1)[0] + "/data/" if has_data_pkl and "/" in names[0] else None
         seen: set[tuple] = set()
         for record in archive.members:
@@ -798,6 +808,49 @@ def _compact(view: memoryview) -> memoryview:
 
 # Where zip readers look for the end record: the comment's maximum length and the record.
 _ZIP_TAIL = 0xFFFF + 22 + 4096
+
+
+def _stacked_archives(view: memoryview, end: int, label: str) -> Optional[list[tuple[int, int]]]:
+    """The spans of complete zip archives that fill `view[:end]` back to back (a .distcp file's
+    items before its last one), or None when those bytes are anything else."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while pos < end:
+        if len(spans) >= MAX_STACKED_ARCHIVES or bytes(view[pos:pos + 4]) != b"PK\x03\x04":
+            return None
+        found = None
+        for eocd in _signatures_from(view, pos, end, b"PK\x05\x06", MAX_EOCD_TRIES):
+            if eocd + 22 > end:
+                break
+            stop = eocd + 22 + int.from_bytes(view[eocd + 20:eocd + 22], "little")
+            if stop > end:
+                continue
+            try:
+                candidate = zip_archive.ZipArchive(view[pos:stop], label)
+            except (errors.SafeckptError, ValueError, struct.error):
+                continue
+            if candidate.start == 0 and not any(f.kind in ("prepended-data", "trailing-data")
+                                                for f in candidate.findings):
+                found = stop
+                break
+        if found is None:
+            return None
+        spans.append((pos, found))
+        pos = found
+    return spans
+
+
+def _signatures_from(view: memoryview, start: int, end: int, signature: bytes, limit: int):
+    """Offsets of `signature` in view[start:end], in order (at most `limit`), read a window at a time."""
+    window, count, pos = 1 << 20, 0, start
+    while pos < end and count < limit:
+        chunk = bytes(view[pos:min(end, pos + window + len(signature) - 1)])
+        at = chunk.find(signature)
+        while at != -1 and count < limit:
+            yield pos + at
+            count += 1
+            at = chunk.find(signature, at + 1)
+        pos += window
 
 
 def _ends_like_zip(view: memoryview) -> bool:
