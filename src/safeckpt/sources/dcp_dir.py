@@ -153,28 +153,16 @@ class DcpSource(TensorSource):
         return self._files[name]
 
     def read(self, name: str) -> np.ndarray:
-        info = self[name]
-        dtype = DTYPES[info.dtype]
-        out = np.zeros(info.shape, np.dtype(dtype.numpy))
-        covered = 0
-        for chunk in self.layout["tensors"][name]["chunks"]:
-            where = self.layout["storage"][chunk_name(name, chunk["offsets"])]
-            file = self._file(where["file"])
-            if where["name"] not in file.header.tensors:
-                raise errors.SourceError(f"its chunk {where['name']!r} is not in {where['file']}", path=self.path,
-                                         tensor=name)
-            if file.dtype(where["name"]).name != info.dtype or tuple(file.info(where["name"]).shape) != \
-                    tuple(chunk["sizes"]):
-                raise errors.SourceError(f"its chunk {where['name']!r} in {where['file']} is not "
-                                         f"{info.dtype}{list(chunk['sizes'])}", path=self.path, tensor=name)
-            region = tuple(slice(o, o + n) for o, n in zip(chunk["offsets"], chunk["sizes"]))
-            out[region] = file.array(where["name"])
-            covered += math.prod(chunk["sizes"])
-        if covered < out.size:
-            raise errors.SourceError(f"its chunks cover {covered} of its {out.size} elements", path=self.path,
+        return assemble(self, name, ((chunk["offsets"], chunk["sizes"], self._chunk)
+                                     for chunk in self.layout["tensors"][name]["chunks"]))
+
+    def _chunk(self, name: str, offsets: list, sizes: list) -> tuple[np.ndarray, str]:
+        where = self.layout["storage"][chunk_name(name, offsets)]
+        file = self._file(where["file"])
+        if where["name"] not in file.header.tensors:
+            raise errors.SourceError(f"its chunk {where['name']!r} is not in {where['file']}", path=self.path,
                                      tensor=name)
-        out.flags.writeable = False
-        return out
+        return file.array(where["name"]), f"{where['file']}: {where['name']}"
 
     def files(self) -> list[str]:
         return [os.path.join(self.path, name) for name in sorted(self.manifest.get("files", {}))]
@@ -187,6 +175,27 @@ class DcpSource(TensorSource):
         for file in self._files.values():
             file.close()
         self._files.clear()
+
+
+def assemble(source: TensorSource, name: str, chunks: Any) -> np.ndarray:
+    """Tensor `name` of `source` at its global shape, from ``(offsets, sizes, read)`` chunks, where
+    ``read(name, offsets, sizes)`` gives the chunk's array and a label for messages. Each must hold
+    the listed dtype and sizes, and together they must cover the tensor."""
+    info = source[name]
+    out = np.zeros(info.shape, np.dtype(DTYPES[info.dtype].numpy))
+    covered = 0
+    for offsets, sizes, read in chunks:
+        array, label = read(name, offsets, sizes)
+        if tuple(array.shape) != tuple(sizes) or array.dtype != out.dtype:
+            raise errors.SourceError(f"its chunk {label} holds {array.dtype}{list(array.shape)}, not "
+                                     f"{info.dtype}{list(sizes)}", path=source.path, tensor=name)
+        out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = array
+        covered += math.prod(sizes)
+    if covered < out.size:
+        raise errors.SourceError(f"its chunks cover {covered} of its {out.size} elements", path=source.path,
+                                 tensor=name)
+    out.flags.writeable = False
+    return out
 
 
 def _mapping(value: Any, what: str, path: str) -> dict:

@@ -29,6 +29,7 @@ import numpy as np
 from .. import errors
 from ..format.dtypes import DTYPES
 from .base import TensorInfo, TensorSource, map_file, unmap
+from .dcp_dir import assemble
 from .pickle_records import DcpIndex, TorchDType
 from .torch_file import TORCH_TO_SAFETENSORS, _load_pickle, torch_zip_in
 
@@ -130,28 +131,17 @@ class TorchDcpSource(TensorSource):
             item.close()
 
     def read(self, name: str) -> np.ndarray:
-        info = self[name]
-        out = np.zeros(info.shape, np.dtype(DTYPES[info.dtype].numpy))
-        covered = 0
-        for offsets, sizes in self._chunks[name]:
-            view, label = self._item(name, offsets)
-            item = torch_zip_in(view, label)
-            try:
-                if list(item.keys()) != ["tensor"]:
-                    raise errors.SourceError(f"{label}: not one tensor but {len(item)}", path=self.path)
-                chunk = item.read("tensor")
-                if chunk.shape != sizes or item["tensor"].dtype != info.dtype:
-                    raise errors.SourceError(f"{label}: holds {item['tensor'].dtype}{list(chunk.shape)}, not "
-                                             f"{info.dtype}{list(sizes)}", path=self.path, tensor=name)
-                out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = chunk
-            finally:
-                item.close()
-            covered += math.prod(sizes)
-        if covered < out.size:
-            raise errors.SourceError(f"its chunks cover {covered} of its {out.size} elements", path=self.path,
-                                     tensor=name)
-        out.flags.writeable = False
-        return out
+        return assemble(self, name, ((offsets, sizes, self._chunk) for offsets, sizes in self._chunks[name]))
+
+    def _chunk(self, name: str, offsets: tuple, sizes: tuple) -> tuple[np.ndarray, str]:
+        view, label = self._item(name, offsets)
+        item = torch_zip_in(view, label)
+        try:
+            if list(item.keys()) != ["tensor"]:
+                raise errors.SourceError(f"{label}: not one tensor but {len(item)}", path=self.path, tensor=name)
+            return item.read("tensor"), label  # a view of the .distcp file's map, open until close()
+        finally:
+            item.close()
 
     def files(self) -> list[str]:
         names = {info.get("relative_path") for info in self._storage.values() if isinstance(info, dict)}
