@@ -317,3 +317,41 @@ def test_a_checkpoint_of_dcp_s_own_format_is_read_scanned_and_converted_without_
     with open(distcp, "wb") as f:
         f.write((tmp_path / "evil.pt").read_bytes() + items)
     assert safeckpt.scan(path).verdict == "malicious" and not canary.exists()
+
+
+class DyingWriter(SafeStorageWriter):
+    """Rank 1 is SIGKILLed halfway through writing its file."""
+
+    def write_data(self, plan, planner):
+        if plan.storage_data["rank"] == 1:
+            import signal
+
+            with open(os.path.join(plan.storage_data["staging"], "rank-00001.safetensors"), "wb") as f:
+                f.write(b"half a file")
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().write_data(plan, planner)
+
+
+def save_dying(rank: int, world_size: int, path: str) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    try:
+        dcp.save({"w": distribute_tensor(full_tensor(9), mesh, [Shard(0)])}, storage_writer=DyingWriter(path))
+    except BaseException as exc:  # noqa: BLE001 - the surviving rank must see the failure
+        return type(exc).__name__
+    return "saved"
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_commits_nothing(tmp_path):
+    path = str(tmp_path / "ckpt")
+    dcp_worker.run(2, save_sharded, path)
+    outcomes = dcp_worker.run(2, save_dying, path, dies=(1,))
+    assert outcomes[1] is None and outcomes[0] != "saved", outcomes  # the survivor's save raised
+    alone = {"w": torch.zeros(ROWS, COLS), "v": torch.zeros(ROWS, 4), "plain": torch.zeros(3), "epoch": 0}
+    dcp.load(alone, storage_reader=SafeStorageReader(path))
+    assert torch.equal(alone["w"], full_tensor()) and safeckpt.verify(path).ok  # the previous one, whole
+    assert sorted(os.listdir(tmp_path))[0].startswith(".tmp-ckpt-")  # the dead save: never under the name
