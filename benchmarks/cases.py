@@ -598,6 +598,53 @@ def ckpt_async_ours(cfg: dict) -> Op:
     return op
 
 
+# --- torch.distributed.checkpoint: 2 ranks save, one process loads (a 2 -> 1 reshard) -------
+
+DCP_DIR = "dcp-checkpoint"
+
+
+def _dcp_save_case(kind: str) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        from .distributed import RankPool
+
+        pool = RankPool(cfg["size"])
+        directory = _fresh_directory(cfg, DCP_DIR)
+
+        def op():
+            pool.save(kind, directory)
+            return Measured(pool, {"bytes": spec_bytes(model_spec(cfg["size"]))["total"]})
+        return op
+    return prepare
+
+
+def _dcp_load_case(kind: str) -> Callable[[dict], Op]:
+    def prepare(cfg: dict) -> Op:
+        import torch.distributed.checkpoint as dcp
+
+        from safeckpt.torch.distributed import SafeStorageReader
+
+        from .distributed import RankPool, full_state_template
+
+        directory = _fresh_directory(cfg, DCP_DIR)
+        pool = RankPool(cfg["size"])
+        pool.save(kind, directory)
+        pool.close()
+        warm_tree(cfg, directory)
+        state = full_state_template(cfg["size"])
+
+        def op():
+            reader = SafeStorageReader(directory) if kind == "ours" else dcp.FileSystemReader(directory)
+            dcp.load(state, storage_reader=reader)
+            return state
+        return op
+    return prepare
+
+
+for _kind in ("ours", "dcp"):
+    case(f"dcp.save.{_kind}")(_dcp_save_case(_kind))
+    case(f"dcp.load.{_kind}")(_dcp_load_case(_kind))
+
+
 def _saved_checkpoint(cfg: dict):
     from safeckpt import CheckpointManager
 

@@ -41,6 +41,7 @@ ORDER = [
     "ckpt.save.ours", "ckpt.save.plain_write", "ckpt.save.torch_save", "ckpt.async.ours",
     "ckpt.restore.ours", "ckpt.restore_verify.ours", "ckpt.restore.torch_load",
     "lightning.save.ours", "lightning.save.torch_io", "lightning.load.ours", "lightning.load.torch_io",
+    "dcp.save.ours", "dcp.save.dcp", "dcp.load.ours", "dcp.load.dcp",
     "diff.ours", "diff.read", "merge.ours", "merge.io", "verify.ours", "verify.sha256",
 ]
 assert set(ORDER) == set(CASES) - {"setup"}, "every case is run"

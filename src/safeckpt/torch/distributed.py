@@ -209,67 +209,62 @@ class SafeStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        """Copy each piece this rank's plan asks for from the files, reading only its rows."""
+        """Copy each piece this rank's plan asks for straight from the mapped files into its tensor;
+        each chunk touched is checked against its hash first (``verify``), then only its piece is copied."""
+        from concurrent.futures import ThreadPoolExecutor
+
         layout = self._read_layout()
-        handles: dict[str, Any] = {}
+        files: dict[str, _RankFile] = {}
+        pieces = []
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                continue
+            where = layout["storage"].get(_index_key(item.storage_index))
+            if where is None:
+                raise errors.CheckpointError(f"{item.storage_index.fqn}: no chunk at "
+                                             f"{list(item.storage_index.offset or ())} in the checkpoint",
+                                             path=self.path)
+            pieces.append((item, self._file(files, where["file"]), where["name"]))
+        # chunk k+1 is hashed (blake3 and numpy release the GIL) while chunk k is copied
+        checks: dict = {}
         try:
+            with ThreadPoolExecutor(1, thread_name_prefix="safeckpt-verify") as pool:
+                for _, file, name in pieces:
+                    if (file.path, name) not in checks:
+                        checks[file.path, name] = pool.submit(file.check, name)
+                for item, file, name in pieces:
+                    checks[file.path, name].result()
+                    region = file.array(name)[tuple(slice(int(o), int(o) + int(n))
+                                                    for o, n in zip(item.storage_offsets, item.lengths))]
+                    target = planner.resolve_tensor(item).detach()
+                    _copy_into(target, region, item.dest_index.fqn, self.path)
+                    planner.commit_tensor(item, target)
+                    file.release(name)
             for item in plan.items:
                 if item.type == LoadItemType.BYTE_IO:
-                    value = self._value(item, layout, handles)
-                    _set_value(planner, item, value)
-                    continue
-                where = layout["storage"].get(_index_key(item.storage_index))
-                if where is None:
-                    raise errors.CheckpointError(f"{item.storage_index.fqn}: no chunk at "
-                                                 f"{list(item.storage_index.offset or ())} in the checkpoint",
-                                                 path=self.path)
-                handle, checker = self._open(handles, where["file"], "pt")
-                if checker is not None:
-                    checker.check(where["name"])
-                piece = handle.get_slice(where["name"])[tuple(slice(int(o), int(o) + int(n))
-                                                              for o, n in zip(item.storage_offsets, item.lengths))]
-                target = planner.resolve_tensor(item).detach()
-                if tuple(target.size()) != tuple(piece.size()):
-                    raise errors.CheckpointError(f"{item.dest_index.fqn}: a piece of {list(piece.size())} for a "
-                                                 f"destination of {list(target.size())}", path=self.path)
-                target.copy_(piece)
-                planner.commit_tensor(item, target)
+                    _set_value(planner, item, self._value(item, layout, files))
         finally:
-            for handle, _ in handles.values():
-                if handle is not None:
-                    handle.close()
+            for future in checks.values():
+                future.cancel()
+            for file in files.values():
+                file.close()
         future: Future = Future()
         future.set_result(None)
         return future
 
-    def _open(self, handles: dict, name: str, framework: str) -> tuple[Any, Optional[_RangeCheck]]:
-        """The file `name` of the checkpoint, opened once per framework, and its range checker."""
-        from ..api import safe_open
+    def _file(self, files: dict, name: str) -> "_RankFile":
+        if name not in files:
+            if os.path.basename(name) != name or name not in (self._manifest or {}).get("files", {}):
+                raise errors.CheckpointError(f"names a file {name!r} its manifest does not list", path=self.path)
+            files[name] = _RankFile(os.path.join(self.path, name), self._manifest["files"][name], self.verify)
+        return files[name]
 
-        if (name, framework) in handles:
-            return handles[name, framework]
-        if os.path.basename(name) != name or name not in (self._manifest or {}).get("files", {}):
-            raise errors.CheckpointError(f"names a file {name!r} its manifest does not list", path=self.path)
-        path = os.path.join(self.path, name)
-        checker = None
-        if self.verify:
-            checker = handles.setdefault((name, "check"), (None, _RangeCheck(path, self._manifest["files"][name])))[1]
-            checker.check(None)
-        handles[name, framework] = (safe_open(path, framework=framework), checker)
-        return handles[name, framework]
-
-    def _value(self, item: ReadItem, layout: dict, handles: dict) -> Any:
+    def _value(self, item: ReadItem, layout: dict, files: dict) -> Any:
         where = layout["values"].get(item.storage_index.fqn)
         if where is None:
             raise errors.CheckpointError(f"{item.storage_index.fqn}: no value in the checkpoint", path=self.path)
-        tensors = {}
         names = _document_tensors(where["document"])
-        if names:
-            handle, checker = self._open(handles, where["file"], "numpy")
-            for name in names:
-                if checker is not None:
-                    checker.check(where["prefix"] + name)
-                tensors[name] = np.array(handle.get_tensor(where["prefix"] + name))
+        tensors = {name: np.array(self._file(files, where["file"]).array(where["prefix"] + name)) for name in names}
         return join_state(tensors, where["document"])
 
     @classmethod
@@ -346,30 +341,73 @@ def _file_entry(written: Any) -> dict:
                         for (name, begin, end), digest in zip(written.ranges[1:], hashes[1:])}}
 
 
-class _RangeCheck:
-    """A rank file's manifest entry, checked range by range as they are first read: the header,
-    then each tensor (a chunk) whose rows are asked for, whole."""
+class _RankFile:
+    """A rank's file, mapped; with `verify`, its header and each tensor (a chunk) are checked against
+    the manifest's range hashes the first time they are read, hashed from the mapped pages."""
 
-    def __init__(self, path: str, entry: dict) -> None:
-        self.path, self.entry = path, entry
+    def __init__(self, path: str, entry: dict, verify: bool) -> None:
+        from ..format.reader import SafetensorsFile
+
+        self.path, self.entry, self.verify = path, entry, verify
         self.checked: set = set()
+        if verify:
+            recorded = self._recorded(None)
+            with open(path, "rb") as f:
+                header = f.read(recorded["range"][1])
+            self._check(None, memoryview(header)[recorded["range"][0]:])
+        self.file = SafetensorsFile(path)
 
-    def check(self, name: Optional[str]) -> None:
-        if name in self.checked:
-            return
+    def _recorded(self, name: Optional[str]) -> dict:
         recorded = self.entry.get("header") if name is None else self.entry.get("tensors", {}).get(name)
-        if not isinstance(recorded, dict) or not isinstance(recorded.get("range"), list):
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("range"), list) or \
+                len(recorded["range"]) != 2 or not all(type(v) is int for v in recorded["range"]):
             raise errors.IntegrityError(f"the manifest records no hash for {'the header' if name is None else name}",
                                         path=self.path)
+        return recorded
+
+    def _check(self, name: Optional[str], data: Any) -> None:
+        recorded = self._recorded(name)
         begin, end = recorded["range"]
-        with open(self.path, "rb") as f:
-            f.seek(begin)
-            data = f.read(end - begin)
         if len(data) != end - begin or hash_bytes(data) != recorded.get(HASH):
             raise errors.IntegrityError(f"{'the header' if name is None else name}: bytes {begin}-{end} do not "
                                         "match the manifest (the file was changed or damaged)", path=self.path,
                                         tensor=name)
-        self.checked.add(name)
+
+    def check(self, name: str) -> None:
+        """Tensor `name`'s bytes against the manifest (once; nothing without `verify`)."""
+        if name not in self.file.header.tensors:
+            raise errors.CheckpointError(f"holds no tensor {name!r}", path=self.path)
+        if self.verify and name not in self.checked:
+            self._check(name, memoryview(self.file.storage(name).reshape(-1).view(np.uint8)))
+            self.checked.add(name)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's values, a view of the mapped file (checked first)."""
+        self.check(name)
+        return self.file.array(name)
+
+    def release(self, name: str) -> None:
+        """Give back the mapped pages of a tensor already copied out."""
+        self.file.release(name)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# Integer types of each item size: pieces are copied as bits, whatever the dtype (bf16, fp8, bool).
+_BITS = {1: ("uint8", np.uint8), 2: ("int16", np.int16), 4: ("int32", np.int32), 8: ("int64", np.int64)}
+
+
+def _copy_into(target: torch.Tensor, region: np.ndarray, fqn: str, path: str) -> None:
+    """Copy a read-only numpy piece into the destination tensor (any strides), bit for bit."""
+    if tuple(target.size()) != tuple(region.shape) or target.element_size() != region.dtype.itemsize:
+        raise errors.CheckpointError(f"{fqn}: a piece of {region.dtype}{list(region.shape)} for a destination of "
+                                     f"{target.dtype}{list(target.size())}", path=path)
+    bits = _BITS.get(region.dtype.itemsize)
+    if target.device.type == "cpu" and bits is not None:
+        target.view(getattr(torch, bits[0])).numpy()[...] = region.view(bits[1])
+    else:
+        target.copy_(torch.from_numpy(np.ascontiguousarray(region)))
 
 
 def _index_key(index: MetadataIndex) -> str:
