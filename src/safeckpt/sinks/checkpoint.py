@@ -35,6 +35,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def manifest_entry(written: Any) -> dict:
+    """The manifest's entry for a safetensors file `write_stream(..., hashed=True)` wrote: its size and
+    BLAKE3, and the hash of its header and of each tensor's byte range."""
+    (_, _, header_end), hashes = written.ranges[0], written.range_hashes
+    return {"size": written.size, HASH: written.file_hash, "hashed": integrity.RANGES,
+            "header": {"range": [0, header_end], HASH: hashes[0]},
+            "tensors": {name: {"range": [begin, end], HASH: digest}
+                        for (name, begin, end), digest in zip(written.ranges[1:], hashes[1:])}}
+
+
 def write_checkpoint(staging: Staging, step: int, now: float, metrics: dict, tensors: Mapping[str, Any],
                      document: dict, monitor: Optional[str] = None, mode: str = "min") -> CheckpointInfo:
     """Write tensors.safetensors, state.json, then manifest.json into `staging` (not committed
@@ -49,13 +59,7 @@ def write_checkpoint(staging: Staging, step: int, now: float, metrics: dict, ten
     outputs = [from_prepared(prepare(name, array, where)) for name, array in tensors.items()]
     with staging.open(TENSORS_FILE) as out:
         written = write_stream(outputs, out, {"step": str(step)}, hashed=True, where=where)
-    (_, _, header_end), hashes = written.ranges[0], written.range_hashes
-    tensors_entry = {
-        "size": written.size, HASH: written.file_hash, "hashed": integrity.RANGES,
-        "header": {"range": [0, header_end], HASH: hashes[0]},
-        "tensors": {name: {"range": [begin, end], HASH: digest}
-                    for (name, begin, end), digest in zip(written.ranges[1:], hashes[1:])},
-    }
+    tensors_entry = manifest_entry(written)
     versions = library_versions()
     state_bytes = json.dumps({"format": STATE_FORMAT, "schema_version": STATE_SCHEMA_VERSION, "step": step,
                               "time": now, "metrics": metrics, "versions": versions, "state": document},
@@ -74,4 +78,4 @@ def write_checkpoint(staging: Staging, step: int, now: float, metrics: dict, ten
     return CheckpointInfo(step, now, decode_metrics(metrics), staging.final, size)
 
 
-__all__ = ["write_checkpoint", "library_versions"]
+__all__ = ["write_checkpoint", "library_versions", "manifest_entry"]

@@ -54,6 +54,7 @@ from ..format.checkpoint_dir import MANIFEST_FILE, holder
 from ..format.checkpoint_storage import temporary_name
 from ..format.integrity import HASH, encode_manifest, hash_bytes
 from ..format.writer import prepare
+from ..sinks.checkpoint import manifest_entry
 from ..sinks.safetensors import from_prepared, write_stream
 from ..sources.dcp_dir import DCP_FILE, DCP_FORMAT, DCP_VERSION, chunk_name, rank_file, read_layout
 from ..training.state import join_state, split_state
@@ -72,19 +73,15 @@ class SafeStorageWriter(StorageWriter):
     def __init__(self, path: PathLike) -> None:
         super().__init__()
         self.path = os.fspath(path)
-        self.rank = 0
-        self.is_coordinator = True
-        self._staging: Any = None
-        self._staging_dir: Optional[str] = None
+        self._staging: Any = None  # the coordinator's staging directory, from planning to finish
 
     def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
-        self._staging, self._staging_dir = None, None
+        self._staging = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.is_coordinator = is_coordinator
-        self.rank = int(kwargs.get("rank", _rank()))
+        """Nothing to set up: the coordinator names the staging directory when it plans."""
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -126,7 +123,7 @@ class SafeStorageWriter(StorageWriter):
             written = write_stream(outputs, out, {"format": "pt"}, hashed=True, where=path)
             out.flush()
             os.fsync(out.fileno())
-        entry = _file_entry(written)
+        entry = manifest_entry(written)
         results += [WriteResult(index=index, size_in_bytes=nbytes, storage_data=data) for index, data, nbytes in kept]
         # the file's manifest entry travels with the first result (every rank writes one file)
         results.insert(0, WriteResult(index=MetadataIndex(f"{file_name}@manifest"), size_in_bytes=0,
@@ -290,12 +287,6 @@ _TOKEN = re.compile(r"[0-9a-f]{12}")
 _RANK_FILE = re.compile(r"rank-[0-9]{5,}\.safetensors")
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _with_storage_data(plan: SavePlan, data: dict) -> SavePlan:
     import dataclasses
 
@@ -331,14 +322,6 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
     from ..frameworks.torch import to_numpy
 
     return to_numpy(tensor.cpu() if tensor.device.type != "cpu" else tensor)
-
-
-def _file_entry(written: Any) -> dict:
-    (_, _, header_end), hashes = written.ranges[0], written.range_hashes
-    return {"size": written.size, HASH: written.file_hash, "hashed": integrity.RANGES,
-            "header": {"range": [0, header_end], HASH: hashes[0]},
-            "tensors": {name: {"range": [begin, end], HASH: digest}
-                        for (name, begin, end), digest in zip(written.ranges[1:], hashes[1:])}}
 
 
 class _RankFile:
