@@ -93,6 +93,7 @@ def _placement(name: str):
 
 
 def save_sharded(rank: int, world_size: int, path: str) -> None:
+    """w and v as Shard(0) DTensors over the ranks, a plain tensor and an int."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -107,6 +108,17 @@ def load_sharded(rank: int, world_size: int, path: str, placement: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
+    from safeckpt.torch import distributed
+
+    read = []  # the bytes of every chunk this rank checks (and copies from): what it reads
+    check = distributed._RankFile.check
+
+    def counting(self, name):
+        if name not in self.checked:
+            read.append(self.file.info(name).nbytes)
+        return check(self, name)
+
+    distributed._RankFile.check = counting
     mesh = init_device_mesh("cpu", (world_size,))
     state = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [_placement(placement)]),
              "v": distribute_tensor(torch.zeros(ROWS, 4), mesh, [_placement(placement)]),
@@ -114,7 +126,7 @@ def load_sharded(rank: int, world_size: int, path: str, placement: str) -> dict:
     dcp.load(state, storage_reader=SafeStorageReader(path))
     # numpy copies: torch tensors would travel to the parent as shared memory of a process that exits
     return {"w": state["w"].full_tensor().numpy().copy(), "v": state["v"].full_tensor().numpy().copy(),
-            "plain": state["plain"].numpy().copy(), "epoch": state["epoch"]}
+            "plain": state["plain"].numpy().copy(), "epoch": state["epoch"], "read": sum(read)}
 
 
 @pytest.mark.slow
@@ -355,3 +367,23 @@ def test_a_rank_killed_mid_save_commits_nothing(tmp_path):
     dcp.load(alone, storage_reader=SafeStorageReader(path))
     assert torch.equal(alone["w"], full_tensor()) and safeckpt.verify(path).ok  # the previous one, whole
     assert sorted(os.listdir(tmp_path))[0].startswith(".tmp-ckpt-")  # the dead save: never under the name
+
+
+@pytest.mark.slow
+def test_saved_at_four_ranks_loads_at_one_two_and_four_in_every_placement(tmp_path):
+    path = str(tmp_path / "ckpt")
+    dcp_worker.run(4, save_sharded, path)
+    expected = {"w": full_tensor(), "v": full_tensor(1)[:, :4], "plain": torch.arange(3.0)}
+    shard_bytes = (ROWS * COLS + ROWS * 4) * 4 // 4  # one rank's quarter of w and v, as saved
+    for world_size in (2, 4):
+        for placement in ("shard0", "shard1", "replicate"):
+            for got in dcp_worker.run(world_size, load_sharded, path, placement):
+                for key, value in expected.items():
+                    assert np.array_equal(got[key], value.numpy()), (world_size, placement, key)
+                assert got["epoch"] == 4
+                if placement == "shard0":  # rows to rows: each rank reads the chunks it holds (and `plain`)
+                    own = shard_bytes * 4 // world_size
+                    assert own <= got["read"] <= 1.1 * own + 3 * 4, (world_size, got["read"])
+    alone = {"w": torch.zeros(ROWS, COLS), "v": torch.zeros(ROWS, 4), "plain": torch.zeros(3), "epoch": 0}
+    dcp.load(alone, storage_reader=SafeStorageReader(path))
+    assert torch.equal(alone["w"], expected["w"]) and alone["epoch"] == 4
