@@ -32,7 +32,6 @@ a resumed run draws what an uninterrupted one would have.
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -40,15 +39,12 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from . import errors
 from .format.checkpoint_dir import OUR_FILES, holder, is_checkpoint, open_checkpoint, read_checkpoint
-from .format.checkpoint_storage import is_url, temporary_name
+from .format.checkpoint_storage import is_url, stale_temporaries
 from .sinks.checkpoint import write_checkpoint
 from .training.state import join_state, split_state
 
 #: the key under which ``capture_rng=True`` keeps the random generators in a checkpoint
 RNG_KEY = "safeckpt_rng_state"
-
-# The random part of a temporary name (`checkpoint_storage.temporary_name`).
-_TOKEN = re.compile(r"[0-9a-f]{12}")
 
 MapLocation = Union[None, str, Any, dict, Callable]  # as torch.load's: a function takes (storage, location)
 
@@ -83,8 +79,9 @@ class SafeCheckpointIO(CheckpointIO):
         storage, name = holder(path, create=True)
         if storage.remote and storage.exists(name):
             storage.remove_checkpoint(name, OUR_FILES)  # object stores: un-commit the old one before rewriting
-        if not storage.remote:
-            _remove_stale_temporaries(storage, name)
+        if not storage.remote:  # what a killed save of this name left (Lightning saves a name at a time)
+            for stale in stale_temporaries(storage, name):
+                storage.remove_temporary(stale, OUR_FILES)
         staging = storage.begin(name)
         try:
             write_checkpoint(staging, step if isinstance(step, int) and not isinstance(step, bool) else 0,
@@ -142,15 +139,6 @@ class SafeCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Nothing is held between calls."""
-
-
-def _remove_stale_temporaries(storage: Any, name: str) -> None:
-    """The temporaries a save of `name` left when its process died (Lightning saves one name at a
-    time, from one process): our files in them are deleted, anything else stays."""
-    prefix = temporary_name(name, "")
-    for entry, is_dir in storage.entries().items():
-        if is_dir and entry.startswith(prefix) and _TOKEN.fullmatch(entry[len(prefix):]):
-            storage.remove_temporary(entry, OUR_FILES)
 
 
 def load_from_checkpoint(cls: type, checkpoint_path: "os.PathLike | str", map_location: MapLocation = None,

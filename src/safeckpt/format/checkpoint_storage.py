@@ -32,6 +32,7 @@ can follow a directory a writer owns.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -54,6 +55,18 @@ def temporary_name(name: str, token: str) -> str:
     (`token` is random hex): ``temporary_name("step-00001200", "0123456789ab") ==
     ".tmp-step-00001200-0123456789ab"``."""
     return f"{TEMP_PREFIX}{name}-{token}"
+
+
+# The random part of a temporary name: secrets.token_hex(6).
+_TOKEN = re.compile(r"[0-9a-f]{12}")
+
+
+def stale_temporaries(storage: "Storage", name: str) -> list[str]:
+    """The temporary directories of saves of `name` that never committed (their process died):
+    ``.tmp-<name>-<hex>``. Callers that save one name at a time remove them before saving it again."""
+    prefix = temporary_name(name, "")
+    return sorted(entry for entry, is_dir in storage.entries().items()
+                  if is_dir and entry.startswith(prefix) and _TOKEN.fullmatch(entry[len(prefix):]))
 
 
 def is_url(directory) -> bool:

@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from .. import errors
 from ..format import integrity
 from ..format.checkpoint_dir import MANIFEST_FILE, holder
-from ..format.checkpoint_storage import temporary_name
+from ..format.checkpoint_storage import stale_temporaries
 from ..format.integrity import HASH, encode_manifest, hash_bytes
 from ..format.writer import prepare
 from ..sinks.checkpoint import manifest_entry
@@ -272,18 +272,15 @@ class SafeStorageReader(StorageReader):
 # --- helpers ------------------------------------------------------------------------
 
 def _remove_stale_temporaries(storage: Any, name: str) -> None:
-    """What a save of `name` left when a rank died (one save of a name runs at a time: DCP's
-    collectives order them): the rank files and layout in it are deleted, anything else stays."""
-    prefix = temporary_name(name, "")
-    for entry, is_dir in storage.entries().items():
-        if is_dir and entry.startswith(prefix) and _TOKEN.fullmatch(entry[len(prefix):]):
-            directory = os.path.join(storage.root, entry)
-            ours = tuple(f for f in os.listdir(directory) if _RANK_FILE.fullmatch(f) or f in (DCP_FILE, MANIFEST_FILE))
-            storage.remove_temporary(entry, ours)
+    """What a save of `name` left when a rank died (DCP's collectives order the saves of a name):
+    the rank files and layout in it are deleted, anything else stays."""
+    for stale in stale_temporaries(storage, name):
+        files = os.listdir(os.path.join(storage.root, stale))
+        storage.remove_temporary(stale, tuple(f for f in files if _RANK_FILE.fullmatch(f)
+                                              or f in (DCP_FILE, MANIFEST_FILE)))
 
 
-# The random part of a temporary name, and the rank files a save writes.
-_TOKEN = re.compile(r"[0-9a-f]{12}")
+# The rank files a save writes.
 _RANK_FILE = re.compile(r"rank-[0-9]{5,}\.safetensors")
 
 
