@@ -108,17 +108,17 @@ def load_sharded(rank: int, world_size: int, path: str, placement: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
-    from safeckpt.torch import distributed
+    from safeckpt.training import dcp as storage
 
     read = []  # the bytes of every chunk this rank checks (and copies from): what it reads
-    check = distributed._RankFile.check
+    check = storage._RankFile.check
 
     def counting(self, name):
         if name not in self.checked:
             read.append(self.file.info(name).nbytes)
         return check(self, name)
 
-    distributed._RankFile.check = counting
+    storage._RankFile.check = counting
     mesh = init_device_mesh("cpu", (world_size,))
     state = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [_placement(placement)]),
              "v": distribute_tensor(torch.zeros(ROWS, 4), mesh, [_placement(placement)]),
@@ -387,3 +387,23 @@ def test_saved_at_four_ranks_loads_at_one_two_and_four_in_every_placement(tmp_pa
     alone = {"w": torch.zeros(ROWS, COLS), "v": torch.zeros(ROWS, 4), "plain": torch.zeros(3), "epoch": 0}
     dcp.load(alone, storage_reader=SafeStorageReader(path))
     assert torch.equal(alone["w"], expected["w"]) and alone["epoch"] == 4
+
+
+def test_a_rank_writes_several_files_at_once_with_thread_count(tmp_path):
+    torch.manual_seed(1)
+    state = {f"layer{k}": torch.randn(64 + k, 32) for k in range(7)}
+    state["value"] = {"step": 3, "array": np.arange(4)}
+    dcp.save(state, storage_writer=SafeStorageWriter(tmp_path / "ckpt", thread_count=3))
+    names = sorted(os.listdir(tmp_path / "ckpt"))
+    assert names == ["dcp.json", "manifest.json", "rank-00000-000.safetensors", "rank-00000-001.safetensors",
+                     "rank-00000-002.safetensors"], names
+    sizes = [os.path.getsize(tmp_path / "ckpt" / name) for name in names[2:]]
+    assert max(sizes) < 1.5 * min(sizes)  # balanced by bytes
+    loaded = {f"layer{k}": torch.zeros(64 + k, 32) for k in range(7)}
+    loaded["value"] = {"step": 0, "array": None}
+    dcp.load(loaded, storage_reader=SafeStorageReader(tmp_path / "ckpt"))
+    assert all(torch.equal(loaded[f"layer{k}"], state[f"layer{k}"]) for k in range(7))
+    assert loaded["value"]["step"] == 3 and np.array_equal(loaded["value"]["array"], np.arange(4))
+    assert safeckpt.verify(str(tmp_path / "ckpt")).ok
+    with pytest.raises(safeckpt.SafeckptError, match="thread_count must be an integer from 1 to 64"):
+        SafeStorageWriter(tmp_path / "other", thread_count=0)

@@ -195,6 +195,6 @@ def test_partials_are_ours_only_when_named_like_a_step_holding_only_our_files_an
         "step-final": ["tensors.safetensors"],                   # not a step name
         "backup": ["state.json"],
     }
-    assert partials_to_remove(partials, newest_committed_step=10, our_files=OUR_FILES) == \
+    assert partials_to_remove(partials, newest_committed_step=10, is_ours=OUR_FILES.__contains__) == \
         ["step-00000005", "step-00000006"]
-    assert partials_to_remove(partials, newest_committed_step=None, our_files=OUR_FILES) == []
+    assert partials_to_remove(partials, newest_committed_step=None, is_ours=OUR_FILES.__contains__) == []

@@ -9,6 +9,8 @@ A checkpoint directory (what `CheckpointManager` writes, ``safeckpt ls`` lists a
                               __metadata__ {"step": "1200"}
         state.json            the tree's skeleton and scalars, step, time, metrics, versions
         manifest.json         written last: sizes and BLAKE3 hashes (per file, per tensor)
+      step-00001300/          saved under a process group (`safeckpt.training.dcp`): each
+        rank-00000.safetensors   rank's chunks, dcp.json (the layout) and the same manifest.json
       .tmp-step-00001300-<hex>/   a save not yet committed (local directories; never listed)
       .safeckpt.lock              the writer's lock (local directories)
 
@@ -63,8 +65,13 @@ from .reader import parse_bytes_header, to_logical
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
+# The layout of a checkpoint saved by several ranks (see `safeckpt.training.dcp`).
+LAYOUT_FILE = "dcp.json"
 # The manifest first: removing it un-commits the checkpoint before its data goes.
 OUR_FILES = (MANIFEST_FILE, TENSORS_FILE, STATE_FILE)
+# The files each rank writes in a checkpoint saved by several ranks: rank-00003.safetensors,
+# or rank-00003-001.safetensors when a rank writes with several threads.
+_RANK_FILE = re.compile(r"rank-[0-9]{5,}(?:-[0-9]{3,})?\.safetensors")
 STATE_FORMAT = "safeckpt-state"
 STATE_SCHEMA_VERSION = 1
 CHECKPOINT_PREFIX = "step-"
@@ -101,6 +108,30 @@ def is_temporary_name(name: str) -> bool:
     (True, False)
     """
     return _TEMPORARY_NAME.fullmatch(name) is not None
+
+
+def rank_file(rank: int, part: Optional[int] = None) -> str:
+    """The file rank `rank` writes its chunks to (`part`: one of several a rank writes at once).
+
+    >>> rank_file(3), rank_file(3, 1)
+    ('rank-00003.safetensors', 'rank-00003-001.safetensors')
+    """
+    return f"rank-{rank:05d}.safetensors" if part is None else f"rank-{rank:05d}-{part:03d}.safetensors"
+
+
+def is_our_file(name: str) -> bool:
+    """Whether a file of a checkpoint directory is one a save writes (anything else is left alone)."""
+    return name in OUR_FILES or name == LAYOUT_FILE or _RANK_FILE.fullmatch(name) is not None
+
+
+def our_files(names: Iterable[str]) -> tuple[str, ...]:
+    """The files of `names` a save writes, the manifest first (the order removal goes in).
+
+    >>> our_files(["notes.txt", "rank-00000.safetensors", "dcp.json", "manifest.json"])
+    ('manifest.json', 'dcp.json', 'rank-00000.safetensors')
+    """
+    mine = sorted(name for name in names if is_our_file(name) and name != MANIFEST_FILE)
+    return (MANIFEST_FILE, *mine)
 
 
 def directory_name(path: str) -> str:
@@ -345,15 +376,24 @@ def _info_from_manifest(manifest: Mapping[str, Any], path: str, manifest_size: i
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step is {step!r}")
         files = manifest["files"]
-        size = manifest_size + sum(int(files[name]["size"]) for name in (TENSORS_FILE, STATE_FILE))
-        for name in (TENSORS_FILE, STATE_FILE):
-            if not isinstance(files[name][HASH], str):
-                raise TypeError(f"{name} has no hash")
+        if not (LAYOUT_FILE in files or (TENSORS_FILE in files and STATE_FILE in files)):
+            raise KeyError(f"{TENSORS_FILE} and {STATE_FILE}, or {LAYOUT_FILE}")
+        for name, entry in files.items():
+            if not is_our_file(name) or name == MANIFEST_FILE:
+                raise ValueError(f"a file {name[:80]!r} no save writes")
+            if not isinstance(entry[HASH], str) or type(entry["size"]) is not int:
+                raise TypeError(f"{name} has no size and hash")
+        size = manifest_size + sum(entry["size"] for entry in files.values())
         return CheckpointInfo(step, float(manifest["time"]), decode_metrics(manifest.get("metrics") or {}),
                               path, size)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise IntegrityError(f"lacks what a manifest records ({exc}); move this directory away",
                              path=manifest_path) from None
+
+
+def is_distributed(manifest: Mapping[str, Any]) -> bool:
+    """Whether a (listed) checkpoint was saved by several ranks: rank files and a layout."""
+    return LAYOUT_FILE in manifest["files"]
 
 
 # --- reading and checking -------------------------------------------------------------------
@@ -369,6 +409,9 @@ def read_checkpoint(storage: Storage, info: CheckpointInfo, manifest: Mapping[st
     """
     name = directory_name(info.path)
     files = manifest["files"]
+    if is_distributed(manifest):
+        raise CheckpointError("was saved by several ranks: read it with safeckpt.training.dcp.read_state",
+                              path=info.path)
     state_path, tensors_path = storage.display(name, STATE_FILE), storage.display(name, TENSORS_FILE)
     raw_state = _read(storage.read_bytes, name, STATE_FILE, state_path)
     if verify:
@@ -398,7 +441,7 @@ def check_checkpoint(storage: Storage, info: CheckpointInfo, manifest: Mapping[s
     """
     name = directory_name(info.path)
     try:
-        for filename in (STATE_FILE, TENSORS_FILE):
+        for filename in sorted(manifest["files"]):
             path = storage.display(name, filename)
             try:
                 with storage.mapped(name, filename) as data:
@@ -424,7 +467,8 @@ def _read(read, name: str, filename: str, path: str):
         raise missing_file(path) from None
 
 
-__all__ = ["TENSORS_FILE", "STATE_FILE", "MANIFEST_FILE", "OUR_FILES", "STATE_FORMAT", "STATE_SCHEMA_VERSION",
+__all__ = ["TENSORS_FILE", "STATE_FILE", "MANIFEST_FILE", "OUR_FILES", "LAYOUT_FILE", "rank_file", "is_our_file",
+           "our_files", "is_distributed", "STATE_FORMAT", "STATE_SCHEMA_VERSION",
            "CHECKPOINT_PREFIX", "STEP_DIGITS", "checkpoint_name", "step_from_name", "is_temporary_name",
            "directory_name", "CheckpointInfo", "by_step", "Damaged", "Listing", "CheckpointCheck", "clean_metrics",
            "decode_metrics", "ranked_best", "best", "list_directory", "inspect_directory",

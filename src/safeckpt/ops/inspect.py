@@ -112,7 +112,7 @@ def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
 
     with open_source(path, template=template) as source:
         if source.format != "safetensors":
-            report = _source_report(path, source, os.path.getsize(source.path))
+            report = _source_report(path, source, sum(os.path.getsize(file) for file in source.files()))
             if source.format not in _NOT_SCANNED:
                 report["scan"] = scan_summary([source.path])
             return report

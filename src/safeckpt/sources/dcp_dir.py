@@ -29,11 +29,12 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import errors
+from ..format.checkpoint_dir import LAYOUT_FILE, MANIFEST_FILE
 from ..format.dtypes import DTYPES
 from ..format.reader import SafetensorsFile
 from .base import TensorInfo, TensorSource
 
-DCP_FILE = "dcp.json"
+DCP_FILE = LAYOUT_FILE
 DCP_FORMAT = "safeckpt-dcp"
 DCP_VERSION = 1
 # The largest dcp.json read (a layout of a million chunks is about 200 MB).
@@ -45,11 +46,6 @@ TORCH_DTYPES = {
     "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
     "complex64": "C64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
-
-
-def rank_file(rank: int) -> str:
-    """The file rank `rank` writes its chunks to."""
-    return f"rank-{rank:05d}.safetensors"
 
 
 def chunk_name(fqn: str, offsets: Any) -> str:
@@ -101,7 +97,6 @@ def decode_layout(raw: bytes, path: str) -> dict:
 def read_layout(directory: str) -> tuple[dict, dict]:
     """(the checked layout, the manifest) of a distributed checkpoint; dcp.json is checked
     against the manifest first."""
-    from ..format.checkpoint_dir import MANIFEST_FILE
     from ..format.integrity import check_file, decode_manifest
 
     manifest_path, layout_path = os.path.join(directory, MANIFEST_FILE), os.path.join(directory, DCP_FILE)

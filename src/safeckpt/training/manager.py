@@ -13,6 +13,14 @@ document and back.
 Only a checkpoint whose manifest is complete and intact is listed; ordering
 is by the step inside the manifest, never by the name.
 
+Under an initialized torch process group (`torchrun`, FSDP) the manager is one
+per rank, created and called alike on every rank: each rank writes its own part of a
+save through ``torch.distributed.checkpoint`` with `safeckpt.training.dcp`'s storage
+(a step directory of rank files, a JSON layout and the manifest), rank 0 alone decides
+(the schedule, retention, pruning, which checkpoint a restore takes, what `list()`
+shows; `safeckpt.training.ranks`) and the others take its answer. Such a checkpoint
+restores at any world size, also in one process without a process group.
+
 A read-only manager (an evaluator beside the training run) follows a
 directory another process writes: it takes no lock and changes nothing, and
 as every commit is one atomic step (a rename, or an object store's manifest
@@ -37,13 +45,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from ..errors import CheckpointError, CheckpointNotFoundError, IntegrityError, SafeckptError
-from ..format.checkpoint_dir import (OUR_FILES, CheckpointCheck, CheckpointInfo, Listing, best, check_checkpoint,
-                                     checkpoint_name, clean_metrics, directory_name, is_committed, list_directory,
+from ..format.checkpoint_dir import (CheckpointCheck, CheckpointInfo, Listing, best, check_checkpoint,
+                                     checkpoint_name, clean_metrics, decode_metrics, directory_name, is_committed,
+                                     is_distributed, is_our_file, list_directory, open_checkpoint, our_files,
                                      read_checkpoint)
 from ..format.checkpoint_storage import open_directory
 from ..sinks.checkpoint import write_checkpoint
 from .policy import (Retention, Schedule, check_step, partials_to_remove, should_save,
                      temporaries_to_remove, to_delete)
+from .ranks import Ranks, failures_text, process_group_active
 from .state import join_state, snapshot, split_state
 
 # A restore whose checkpoint is pruned meanwhile chooses again; each retry means the writer
@@ -94,6 +104,15 @@ class CheckpointManager:
     the write happens on a background thread, one at a time, and its error
     surfaces at the next `save()`, `wait()` or `close()`.
 
+    Under an initialized torch process group, creating the manager, `save`,
+    `restore`, `list`, `wait` and `close` are collectives: call them on every
+    rank. `state` is then a dict as ``torch.distributed.checkpoint`` takes it
+    (DTensors, FSDP2's `get_state_dict`); each rank writes its shards, the step
+    is committed when every rank has finished, and rank 0 prunes. `restore()`
+    without `target` gives every rank the whole state; with `target` (this
+    rank's state dict, e.g. from `get_state_dict`) it loads each rank's part
+    in place, at whatever world size and sharding `target` has, and returns it.
+
     A local directory is locked (flock) for the manager's life: a second
     manager gets LockedError. Object stores have no locks: give each run its
     own prefix.
@@ -124,7 +143,7 @@ class CheckpointManager:
         self._storage = open_directory(directory, storage_options, create=not self.read_only,
                                        missing_ok=self.read_only)
         self.directory = self._storage.url
-        self._lock = None if self.read_only else self._storage.lock()
+        self._lock = None
         self._closed = False
         self._mutex = threading.Lock()
         self._protected: set[str] = set()  # restored from: never deleted by this manager
@@ -132,8 +151,20 @@ class CheckpointManager:
         self._last_saved_step: Optional[int] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None
+        self._ranks = Ranks(self.async_save) if not self.read_only and process_group_active() else None
         if self.read_only:
             return  # the leftovers belong to the writer, which may still be writing them
+        if self._ranks is not None and self._storage.remote:
+            raise CheckpointError("under a process group every rank writes its part to a local or shared file "
+                                  "system (object stores: not yet): give a directory path", path=self.directory)
+        if self._ranks is None:
+            self._take_directory()
+        else:
+            self._ranks.agree(self._take_directory)
+
+    def _take_directory(self) -> None:
+        """Lock the directory and remove what crashed saves left (rank 0 alone under a process group)."""
+        self._lock = self._storage.lock()
         try:
             self._remove_leftovers()
         except BaseException:
@@ -158,9 +189,11 @@ class CheckpointManager:
             raise CheckpointError(f"cannot save step {step}: this CheckpointManager is read-only; save from the "
                                   "training run's manager (read_only=False)", path=self.directory)
         step = check_step(step)
-        self._collect_finished()
         metrics = clean_metrics(metrics)
         now = time.time()
+        if self._ranks is not None:
+            return self._save_across_ranks(step, state, metrics, now, force)
+        self._collect_finished()
         if not should_save(self.schedule, step, now, self._last_save_time, self._last_saved_step, force):
             return False
         self.wait()  # at most one save in flight; raises the previous one's error
@@ -182,6 +215,79 @@ class CheckpointManager:
             job.run()
         return True
 
+    def _save_across_ranks(self, step: int, state: Any, metrics: dict, now: float, force: bool) -> bool:
+        """`save` under a process group: rank 0 decides, every rank writes its part through DCP."""
+        import torch.distributed.checkpoint as dcp
+
+        from .dcp import SafeStorageWriter
+
+        def decide() -> Optional[dict]:
+            if not should_save(self.schedule, step, now, self._last_save_time, self._last_saved_step, force):
+                return None
+            return {"time": now, "metrics": metrics}
+
+        decided = self._ranks.agree(decide)  # time and metrics as rank 0 has them
+        if decided is None:
+            return False
+        self.wait()  # the previous save's failure is every rank's (DCP gathers them)
+        self._ranks.agree(lambda: self._check_step_is_free(step))
+        metrics = decided["metrics"]
+        if self._ranks.decides:
+            self._warn_if_unmonitored(step, metrics)
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"cannot save step {step}: under a process group the state must be a dict (as "
+                                  f"torch.distributed.checkpoint saves), got {type(state).__name__}")
+        name = checkpoint_name(step)
+        writer = SafeStorageWriter(self._storage.path(name), step=step, metrics=metrics,
+                                   monitor=self.retention.monitor, mode=self.retention.mode, overwrite=False)
+        previous = self._last_saved_step
+        self._last_save_time, self._last_saved_step = decided["time"], step
+        where = self._storage.display(name)
+        if not self.async_save:
+            try:
+                dcp.save(dict(state), storage_writer=writer, process_group=self._ranks.saving)
+            except BaseException as exc:
+                raise self._failed_across_ranks(writer, step, previous, exc, where) from None
+            if self._ranks.decides:
+                self._prune(where)
+            return True
+        upload = dcp.async_save(dict(state), storage_writer=writer, process_group=self._ranks.saving)
+        done: Future = Future()
+
+        def finished(upload: Future) -> None:
+            try:
+                upload.result()
+            except BaseException as exc:  # noqa: BLE001 - raised at the next save(), wait() or close()
+                done.set_exception(self._failed_across_ranks(writer, step, previous, exc, where))
+                return
+            if self._ranks.decides:
+                self._prune(where)
+            done.set_result(None)
+
+        upload.add_done_callback(finished)
+        self._pending = done
+        return True
+
+    def _failed_across_ranks(self, writer: Any, step: int, previous: Optional[int], exc: BaseException,
+                             where: str) -> BaseException:
+        """What a failed save raises on every rank (rank 0 first deletes what it staged)."""
+        if self._ranks.decides:
+            writer.abort()
+        if self._last_saved_step == step:  # a retry of this step must save
+            self._last_saved_step = previous
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return exc
+        failures = getattr(exc, "failures", None) or {}
+        errnos = [f[0].errno for f in failures.values() if isinstance(f, tuple) and isinstance(f[0], OSError)]
+        if not failures:  # a collective failed: a rank died or left the group
+            fix = "a rank stopped during the save (see its log): restart the job and restore the latest step"
+        else:
+            fix = next((_WRITE_FIXES[code] for code in errnos if code in _WRITE_FIXES),
+                       "check that the directory is writable and has room on every rank's file system, then "
+                       "save again")
+        return CheckpointError(f"cannot save step {step}: {failures_text(exc)}; nothing was committed and "
+                               f"earlier checkpoints are untouched: {fix}", path=where)
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
         pending, self._pending = self._pending, None
@@ -189,6 +295,7 @@ class CheckpointManager:
             pending.result()
 
     def _collect_finished(self) -> None:
+        # (not under a process group: when a background save ends differs from rank to rank)
         if self._pending is not None and self._pending.done():
             self.wait()
 
@@ -202,8 +309,8 @@ class CheckpointManager:
             raise CheckpointError(f"step {step} is already saved; checkpoints are never overwritten: save under "
                                   "a new step, or delete this directory first", path=where)
         if self._storage.remote and name in listing.partials and \
-                set(listing.partials[name]) <= set(OUR_FILES):
-            self._storage.remove_checkpoint(name, OUR_FILES)  # a crashed save of this very step
+                all(is_our_file(file) for file in listing.partials[name]):
+            self._remove(name)  # a crashed save of this very step
             return
         raise CheckpointError(f"cannot save step {step}: something safeckpt did not commit is already at this "
                               "path; move it away, then save again", path=where)
@@ -234,15 +341,20 @@ class CheckpointManager:
             raise
         return info
 
-    def _prune(self, saved: CheckpointInfo) -> None:
+    def _prune(self, saved: str) -> None:
+        """Delete what retention no longer keeps, after checkpoint `saved` (a path) was committed."""
         with self._mutex:
-            protected = self._protected | {saved.path}
+            protected = self._protected | {saved}
         for victim in to_delete(list_directory(self._storage).checkpoints, self.retention, protected):
             try:
-                self._storage.remove_checkpoint(directory_name(victim.path), OUR_FILES)
+                self._remove(directory_name(victim.path))
             except OSError as exc:
                 warnings.warn(f"{victim.path}: could not delete this pruned checkpoint ({exc}); it stays on "
                               "disk: delete it by hand", stacklevel=2)
+
+    def _remove(self, name: str) -> None:
+        """Delete checkpoint `name`: the files a save writes (manifest first), anything else stays."""
+        self._storage.remove_checkpoint(name, our_files(self._storage.files(name)))
 
     # -- reading -----------------------------------------------------------------------
 
@@ -253,6 +365,12 @@ class CheckpointManager:
         >>> [info.step for info in mgr.list()]
         [9, 10, 100, 1000]
         """
+        if self._ranks is not None:
+            rows = self._ranks.agree(lambda: [
+                {"step": info.step, "time": info.time, "metrics": clean_metrics(info.metrics), "path": info.path,
+                 "size": info.size} for info in list_directory(self._storage).checkpoints])
+            return [CheckpointInfo(row["step"], row["time"], decode_metrics(row["metrics"]), row["path"], row["size"])
+                    for row in rows]
         return list_directory(self._storage).checkpoints
 
     def restore(self, which: Which = "latest", target: Any = None, verify: bool = True) -> Any:
@@ -277,13 +395,19 @@ class CheckpointManager:
         """
         self._check_open()
         which = _check_which(which)
+        if self._ranks is not None:  # one choice for every rank; only this manager's rank 0 prunes
+            path = self._ranks.agree(lambda: self._choose(list_directory(self._storage), which).path)
+            with self._mutex:
+                self._protected.add(path)
+            storage, info, manifest = open_checkpoint(path)
+            return self._read(storage, info, manifest, target, verify)
         for _ in range(RESTORE_ATTEMPTS):
             listing = list_directory(self._storage)
             info = self._choose(listing, which)
             with self._mutex:  # before reading: a background prune must not take it meanwhile
                 self._protected.add(info.path)
             try:
-                tensors, document = read_checkpoint(self._storage, info, listing.manifests[info.path], verify)
+                return self._read(self._storage, info, listing.manifests[info.path], target, verify)
             except (SafeckptError, OSError):
                 if not _vanished(self._storage, info.path):
                     raise
@@ -292,12 +416,47 @@ class CheckpointManager:
                                                   "by the run writing this directory): restore a newer step",
                                                   path=info.path) from None
                 continue
-            if target is not None:
-                _check_target(target, document, info.path)
-            return join_state(tensors, document)
         raise CheckpointError(f"restore({which!r}): {RESTORE_ATTEMPTS} checkpoints in a row were deleted while "
                               "being read, as the run writing this directory prunes faster than this reads: "
                               "raise its keep_last, then restore again", path=self.directory)
+
+    def _read(self, storage: Any, info: CheckpointInfo, manifest: Mapping[str, Any], target: Any,
+              verify: bool) -> Any:
+        """The state checkpoint `info` holds (into `target` for one saved by several ranks)."""
+        if is_distributed(manifest):
+            return self._read_across_ranks(info, target, verify)
+        tensors, document = read_checkpoint(storage, info, manifest, verify)
+        if target is not None:
+            _check_target(target, document, info.path)
+        return join_state(tensors, document)
+
+    def _read_across_ranks(self, info: CheckpointInfo, target: Any, verify: bool) -> Any:
+        """A checkpoint saved by several ranks: whole, or each rank's part into `target` through DCP."""
+        from .dcp import SafeStorageReader, read_state
+
+        if "://" in info.path:
+            raise CheckpointError("checkpoints saved by several ranks are read from local (or shared) file "
+                                  "systems for now", path=info.path)
+        if target is None:
+            return read_state(info.path, verify=verify)
+        if not isinstance(target, dict):
+            raise CheckpointError(f"target must be a dict (as torch.distributed.checkpoint loads), got "
+                                  f"{type(target).__name__}", path=info.path)
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            with warnings.catch_warnings():  # DCP's "assuming ... a single process": so we are
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(target, storage_reader=SafeStorageReader(info.path, verify=verify),
+                         process_group=self._ranks.control if self._ranks is not None else None,
+                         no_dist=self._ranks is None)
+        except BaseException as exc:
+            failures = [f[0] for f in (getattr(exc, "failures", None) or {}).values() if isinstance(f, tuple)]
+            if not failures:
+                raise
+            kind = IntegrityError if any(isinstance(f, IntegrityError) for f in failures) else CheckpointError
+            raise kind(f"cannot restore step {info.step}: {failures_text(exc)}", path=info.path) from None
+        return target
 
     def _choose(self, listing: Listing, which: Which) -> CheckpointInfo:
         monitor, mode = self.retention.monitor, self.retention.mode
@@ -373,12 +532,12 @@ class CheckpointManager:
         older than the newest committed one (object stores)."""
         names = self._storage.entries()
         for name in temporaries_to_remove(name for name, is_dir in names.items() if is_dir):
-            self._storage.remove_temporary(name, OUR_FILES)
+            self._storage.remove_temporary(name, our_files(self._storage.files(name)))
         if self._storage.remote:
             listing = list_directory(self._storage)
             newest = listing.checkpoints[-1].step if listing.checkpoints else None
-            for name in partials_to_remove(listing.partials, newest, OUR_FILES[1:]):
-                self._storage.remove_checkpoint(name, OUR_FILES)
+            for name in partials_to_remove(listing.partials, newest, is_our_file):
+                self._remove(name)
 
     def __repr__(self) -> str:
         if self.read_only:
@@ -407,7 +566,7 @@ class _SaveJob:
             raise
         finally:
             self.tensors = self.document = None  # a finished job holds no snapshot
-        self.manager._prune(saved)
+        self.manager._prune(saved.path)
 
 
 # --- helpers ----------------------------------------------------------------------------

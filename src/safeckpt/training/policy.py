@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Optional, Sequence
 
 from ..errors import CheckpointError
 from ..format.checkpoint_dir import CheckpointInfo, by_step, is_temporary_name, ranked_best, step_from_name
@@ -148,13 +148,14 @@ def temporaries_to_remove(names: Iterable[str]) -> list[str]:
 
 
 def partials_to_remove(partials: Mapping[str, Collection[str]], newest_committed_step: Optional[int],
-                       our_files: Collection[str]) -> list[str]:
+                       is_ours: Callable[[str], bool]) -> list[str]:
     """Checkpoint directories left without a manifest (a crashed save on an object
     store, or an interrupted delete) that are safe to remove: named like ours,
     holding only files we write, and older than the newest committed step (a
     newer one may be a save still in progress).
 
-    `partials` maps a directory name to the file names in it.
+    `partials` maps a directory name to the file names in it; `is_ours` tells the files a
+    save writes.
     """
     if newest_committed_step is None:
         return []
@@ -163,7 +164,7 @@ def partials_to_remove(partials: Mapping[str, Collection[str]], newest_committed
         step = step_from_name(name)
         if step is None or step >= newest_committed_step:
             continue
-        if files and set(files) <= set(our_files):
+        if files and all(is_ours(name) for name in files):
             chosen.append(name)
     return sorted(chosen)
 
