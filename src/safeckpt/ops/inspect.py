@@ -114,7 +114,7 @@ def _describe_source(path: str, template: Optional[str]) -> dict[str, Any]:
         if source.format != "safetensors":
             report = _source_report(path, source, sum(os.path.getsize(file) for file in source.files()))
             if source.format not in _NOT_SCANNED:
-                report["scan"] = scan_summary([source.path])
+                report["scan"] = scan_summary(source.files())
             return report
         model_file = source.path
     return _describe_safetensors(model_file)  # a model folder's single file: its header is enough

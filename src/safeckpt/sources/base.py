@@ -246,16 +246,10 @@ class _Walker:
         if len(name) > MAX_NAME_CHARS:  # keep the end (the most specific part), made unique
             digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
             name = f"~{digest}~{name[-(MAX_NAME_CHARS - 18):]}"
-        if name not in self.tensors:
-            return name
-        k = self.repeats.get(name, 1)
-        while True:  # counted per name: many tensors under one name cost linear time
-            k += 1
-            if f"{name}~{k}" not in self.tensors:
-                break
-        self.repeats[name] = k
-        self.note(f"two tensors are both named {name[:200]!r}; the second is ...~{k}")
-        return f"{name}~{k}"
+        unique = unique_name(name, self.tensors, self.repeats)
+        if unique != name:
+            self.note(f"two tensors are both named {name[:200]!r}; the second is {unique[-200:]}")
+        return unique
 
     def note(self, text: str) -> None:
         if len(self.notes) < MAX_NOTES:
@@ -312,6 +306,24 @@ class _Walker:
             return {k: self.walk(v, _join(path, k), depth + 1) if not k.startswith("__") else v
                     for k, v in parts.items()}
         return {"__repr__": brief(x)}
+
+
+def unique_name(name: str, taken: Any, repeats: dict[str, int]) -> str:
+    """`name`, or ``name~k`` with the least k >= 2 not in `taken` when it is. `repeats` remembers
+    the last k of each name, so that many tensors under one name cost linear time, not quadratic.
+
+    >>> unique_name("w", {"w", "w~2"}, {})
+    'w~3'
+    """
+    if name not in taken:
+        return name
+    k = repeats.get(name, 1)
+    while True:
+        k += 1
+        if f"{name}~{k}" not in taken:
+            break
+    repeats[name] = k
+    return f"{name}~{k}"
 
 
 def int_text(x: int) -> Any:

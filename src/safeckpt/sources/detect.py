@@ -2,8 +2,12 @@
 
 Formats are told apart by their first bytes (`sniff`), then by what is inside
 a container: a zip holding ``<prefix>/data.pkl`` is a PyTorch checkpoint, one
-holding ``.npy`` members is an npz; a pickle whose first value is torch's magic
-number is a legacy torch file, any other pickle is read as plain data.
+holding ``.npy`` members is an npz, one holding ``config.json``, ``metadata.json``
+and ``model.weights.h5`` is a Keras archive; a pickle whose first value is torch's
+magic number is a legacy torch file, any other pickle is read as plain data; GGUF
+and HDF5 (Keras weights) have their own magic bytes. A TensorFlow checkpoint is
+named by its prefix, its ``.index`` (a table with a magic number at its end), a
+data shard, its directory or a SavedModel, and is found before anything else.
 """
 
 from __future__ import annotations
@@ -44,10 +48,16 @@ def _looks_tar(head: bytes) -> bool:
 
 def sniff(head: bytes) -> Optional[str]:
     """The container kind `head` (a file's first bytes) shows, or None."""
+    from .gguf_file import is_gguf
+    from .hdf5_reader import is_hdf5
     from .npz import is_npy
     from .zip_archive import is_zip
     if _looks_safetensors(head):
         return "safetensors"
+    if is_gguf(head):
+        return "gguf"
+    if is_hdf5(head):
+        return "hdf5"
     if is_zip(head):
         return "zip"
     if is_npy(head):
@@ -75,10 +85,14 @@ def open_source(path: "os.PathLike | str", *, template: Optional[object] = None,
     >>> with open_source("pytorch_model.bin") as src:
     ...     print(src.describe(), src.keys()[:3])
     """
+    from .tf_checkpoint import TfCheckpointSource, tf_checkpoint_prefix
     path = os.fspath(path)
     if template is not None:
         from .raw import RawSource
         return RawSource(path, template)
+    prefix = tf_checkpoint_prefix(path)  # a prefix is no file, and a data shard has no header of its own
+    if prefix is not None:
+        return TfCheckpointSource(prefix)
     if os.path.isdir(path):
         return _open_directory(path)
     with open_regular_file(path) as f:  # a FIFO or device is refused unopened
@@ -97,7 +111,6 @@ _NOT_CHECKPOINTS = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"%PDF-", "PDF"), (b"\x7fELF", "an ELF executable"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
     (b"\x28\xb5\x2f\xfd", "zstd"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"), (b"Rar!\x1a\x07", "RAR"),
-    (b"\x89HDF\r\n\x1a\n", "HDF5, such as a Keras .h5"),
 )
 
 
@@ -115,7 +128,8 @@ def _refuse(path: str, head: bytes) -> None:
         detail = "the file is empty"
     raise errors.UnknownFormatError(
         "not a checkpoint format safeckpt reads (safetensors, PyTorch zip/legacy/tar, Lightning "
-        f"and SD .ckpt, plain pickles, Paddle .pdparams, npy/npz, sharded index JSON): {detail}",
+        "and SD .ckpt, plain pickles, Paddle .pdparams, npy/npz, GGUF, Keras .keras/.h5, TensorFlow "
+        f"checkpoints and SavedModels, sharded index JSON): {detail}",
         path=path)
 
 
@@ -125,6 +139,7 @@ def _open_safetensors(path: str, head: bytes) -> TensorSource:
 
 
 def _open_zip(path: str, head: bytes, readings: Optional[dict] = None) -> TensorSource:
+    from .keras_file import KerasSource, is_keras_zip
     from .npz import NpzSource
     from .base import map_file, unmap
     from .torch_file import open_torch_zip
@@ -138,8 +153,10 @@ def _open_zip(path: str, head: bytes, readings: Optional[dict] = None) -> Tensor
         return open_torch_zip(path, readings)
     if names and all(n.endswith(".npy") for n in names):
         return NpzSource(path)
+    if is_keras_zip(names):
+        return KerasSource(path)
     raise errors.UnknownFormatError(
-        "a zip archive that is neither a PyTorch checkpoint (no data.pkl) nor an npz "
+        "a zip archive that is neither a PyTorch checkpoint (no data.pkl), an npz nor a Keras archive "
         f"(members: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})", path=path)
 
 
@@ -165,6 +182,16 @@ def _open_pickle(path: str, head: bytes) -> TensorSource:
     return open_pickle(path)
 
 
+def _open_gguf(path: str, head: bytes) -> TensorSource:
+    from .gguf_file import GgufSource
+    return GgufSource(path)
+
+
+def _open_hdf5(path: str, head: bytes) -> TensorSource:
+    from .keras_file import KerasSource
+    return KerasSource(path)
+
+
 def _open_json(path: str, head: bytes) -> TensorSource:
     from .sharded import ShardedSource
     return ShardedSource(path, open_source)
@@ -172,7 +199,7 @@ def _open_json(path: str, head: bytes) -> TensorSource:
 
 _OPENERS: dict[str, Callable[[str, bytes], TensorSource]] = {
     "safetensors": _open_safetensors, "zip": _open_zip, "npy": _open_npy, "tar": _open_tar,
-    "pickle": _open_pickle, "json": _open_json,
+    "pickle": _open_pickle, "json": _open_json, "gguf": _open_gguf, "hdf5": _open_hdf5,
 }
 
 # Names a model folder's single checkpoint usually has, most preferred first.

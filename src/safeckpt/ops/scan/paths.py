@@ -20,6 +20,9 @@ from .report import VERDICT_RANK, Finding, ScanReport
 from .rules import INFO, SAFE, SUSPICIOUS
 from .scanner import NOT_A_CHECKPOINT, scan_bytes
 
+# The graph of a SavedModel directory, by the names tf.saved_model.load opens.
+SAVED_MODEL_GRAPHS = ("saved_model.pb", "saved_model.pbtxt")
+
 # Files scanned under one directory.
 MAX_DIRECTORY_FILES = 100_000
 
@@ -135,8 +138,15 @@ def _finish_directory(report: ScanReport, skipped: list[str], links: list[str]) 
     pickles = _pickles_explained(report)
     if pickles is not None:
         report.findings.append(pickles)
-    report.verdict = max((r.verdict for r in report.files), key=VERDICT_RANK.__getitem__,
-                         default=SAFE)
+    graphs = [name for name in skipped if os.path.basename(name) in SAVED_MODEL_GRAPHS]
+    if graphs:
+        report.findings.append(Finding(SUSPICIOUS, "saved-model-graph", ", ".join(graphs[:5]),
+                                       "a TensorFlow SavedModel's graph: tf.saved_model.load and Keras build and "
+                                       "run its functions, whose ops may read and write files (TensorFlow "
+                                       "treats a SavedModel as a program); its variables alone are data: "
+                                       "safeckpt convert DIR out.safetensors reads only those", None, -1))
+    verdicts = [r.verdict for r in report.files] + ([SUSPICIOUS] if graphs else [])
+    report.verdict = max(verdicts, key=VERDICT_RANK.__getitem__, default=SAFE)
     return report
 
 

@@ -48,8 +48,11 @@ from ... import errors
 from ...format.reader import parse_bytes_header
 from ...sources import npz, pickle_vm, torch_legacy, zip_archive
 from ...sources.detect import sniff
+from ...sources.hdf5_reader import is_hdf5
+from ...sources.keras_file import is_keras_zip
+from ...sources.tf_checkpoint import tf_checkpoint_prefix
 from ...sources.pickle_vm import GlobalUse, PickleError, PickleResult
-from . import loaders, zip_readers
+from . import keras_rules, loaders, zip_readers
 from .payloads import loader_calls, sweep
 from .report import SEVERITIES, Finding, ScanReport
 from .rules import INFO, MALICIOUS, NESTED_LOADERS, SAFE, SUSPICIOUS, grade_global
@@ -242,6 +245,10 @@ class _Scanner:
             formats.append(self.safetensors(view, member))
         if head[:4] == b"GGUF":
             formats.append(self.gguf(head, member))
+        if is_hdf5(head):
+            formats.append(self.hdf5(view, member))
+        if member is None and tf_checkpoint_prefix(self.path) is not None:
+            formats.append(self.tf_checkpoint())
         if npz.is_npy(head):
             formats.append(self.npy(view, member, depth))
         archive = _our_zip(view, self.path) if zip_archive.is_zip(head) or _ends_like_zip(view) else None
@@ -292,6 +299,18 @@ class _Scanner:
             self.fail(f"GGUF version {version} is not one of 1, 2, 3 (or the file is truncated)", member)
         return "gguf"
 
+    def hdf5(self, view: memoryview, member: Optional[str]) -> str:
+        """HDF5 holds no code; a legacy Keras model's config names what loading it would build."""
+        for f in keras_rules.hdf5_findings(view, self.path, member):
+            self.add(f.severity, f.kind, f.what, f.why, f.member, f.offset)
+        return "hdf5"
+
+    def tf_checkpoint(self) -> str:
+        """A TensorFlow checkpoint's index or data shard: a table and raw numbers, no code."""
+        self.add(INFO, "tf-checkpoint", "TensorFlow checkpoint file", "an index table or raw tensor bytes: "
+                 "tf.train.load_checkpoint reads them as numbers and runs nothing", None, 0)
+        return "tf-checkpoint"
+
     # -- npy: numpy.load reads the header, then unpickles an object array's data
     def npy(self, view: memoryview, member: Optional[str], depth: int) -> str:
         try:
@@ -326,8 +345,11 @@ class _Scanner:
         names = archive.names()
         files = [n for n in names if not n.endswith("/")]
         has_data_pkl = any(n.lower() == "data.pkl" or n.lower().endswith("/data.pkl") for n in names)
+        for f in keras_rules.archive_findings(archive, member):  # a .keras file's config: what loading builds
+            self.add(f.severity, f.kind, f.what, f.why, f.member, f.offset)
         fmt = "torch-zip" if torch or has_data_pkl else \
-            "npz" if files and all(n.endswith(".npy") for n in files) else "zip"
+            "npz" if files and all(n.endswith(".npy") for n in files) else \
+            "keras" if is_keras_zip(names) else "zip"
         stacked = _stacked_archives(view, archive.start, member or self.path) if archive.start > 0 else None
         if archive.start > 0 and stacked is None:
             self.prefix(view[:archive.start], member)
